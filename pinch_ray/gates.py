@@ -1,0 +1,434 @@
+"""Sparsity-aware self-pinching gates (SSPG) and the uniform-magnitude-pruning baseline.
+
+Pure PyTorch; works on any model built from ``nn.Linear`` / ``nn.Conv1d`` (Hugging Face wav2vec2,
+HuBERT, WavLM, ...). Method: Xu et al., Interspeech 2025, arXiv 2505.22608.
+
+Every gated weight matrix ``W_l`` gets ONE learnable scalar, its threshold. While training, the
+forward pass uses ``W_l * M_l`` with the soft mask
+
+    M_l = sigmoid((W_l^2 - t_l^2) / (2 tau_l))          (elementwise)
+
+so gradients reach both ``W_l`` and ``t_l``; weights under the threshold pinch themselves off while
+the rest keep learning. After training the hard mask is ``|W_l| > t_l``.
+
+Scale normalisation (our choice, documented here): weights of different layers live on different
+scales, so threshold and temperature are expressed relative to the layer's own scale
+``s_l = mean(W_l^2)`` (recomputed at every forward pass, treated as a constant for gradients):
+
+    t_l   = threshold_l * sqrt(s_l)      (``threshold_l`` is the learnable scalar, unitless)
+    tau_l = tau * s_l                    (``tau`` is global and annealed, see below)
+
+With that, one learning rate and one temperature fit every layer, and Adam moves each threshold in
+units of its layer's RMS weight. The temperature is annealed geometrically from
+``GateConfig.tau_start`` to ``GateConfig.tau_end`` (:func:`tau_at`), so the soft mask approaches
+the hard step the model is finally pruned with.
+
+Sparsity-aware objective: the parameter-weighted soft sparsity over all gated weights,
+``s_soft = 1 - sum_l sum(M_l) / sum_l numel(W_l)``, is driven to the target with
+``lambda_1 (s_soft - s*) + penalty (s_soft - s*)^2``: a Lagrange multiplier trained by gradient
+*ascent* (as in CoFi / DPHuBERT) plus a fixed quadratic penalty (:class:`SparsityLagrangian`). The
+target eases from the initial soft sparsity to ``s*`` over the first part of training
+(:func:`target_at`). Because the thresholds are per layer and the constraint is global, layers end
+with different sparsity.
+
+Gates are attached as ``torch.nn.utils.parametrize`` parametrizations of ``weight``: a module in
+``train()`` mode uses the soft mask, in ``eval()`` mode the hard mask (so evaluation always shows the
+pruned model); :func:`gate_mode` overrides that. :func:`fold` removes every gate and returns the same
+model class with masked weights zeroed — what ``save_pretrained`` then writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from pinch_ray.config import ConfigError, GateConfig
+
+GATEABLE_TYPES = (nn.Linear, nn.Conv1d)
+
+
+# ----------------------------------------------------------------------------------------------
+# The soft mask, fused: one pass computes W * M and sum(M), backward in closed form.
+# ----------------------------------------------------------------------------------------------
+
+
+class _SoftMaskedWeight(torch.autograd.Function):
+    """``(W * M, sum(M))`` with ``M = sigmoid((W^2/s - threshold^2) / (2 tau))``, ``s = mean(W^2)``.
+
+    Hand-written backward so the mask is computed once and the step costs a few elementwise passes
+    over ``W`` (autograd through the same expression stores several temporaries per layer).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, threshold, tau: float):
+        w2 = weight * weight
+        inv_scale = 1.0 / w2.mean().clamp_min(1e-30)  # 1/s, detached by construction
+        # z = (W^2/s - threshold^2) / (2 tau), computed in place in w2.
+        mask = w2.mul_(inv_scale / (2 * tau)).sub_(threshold * threshold / (2 * tau)).sigmoid_()
+        ctx.save_for_backward(weight, threshold, mask)
+        ctx.tau, ctx.inv_scale = tau, inv_scale
+        return weight * mask, mask.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mask_sum):
+        weight, threshold, mask = ctx.saved_tensors
+        # dz/dW = W / (tau s),  dz/dthreshold = -threshold / tau,  dM/dz = M (1 - M)
+        # upstream of z, per element: g * W (through W*M) + grad_mask_sum (through sum(M))
+        dz = grad_out * weight
+        if grad_mask_sum is not None:
+            dz.add_(grad_mask_sum)
+        dz.mul_(mask).mul_(1 - mask)
+        grad_threshold = -(threshold / ctx.tau) * dz.sum()
+        grad_weight = torch.addcmul(grad_out * mask, dz, weight, value=ctx.inv_scale / ctx.tau)
+        return grad_weight, grad_threshold, None
+
+
+def hard_mask(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``|W| > t`` with ``t = |threshold| * rms(W)``; bool tensor shaped like ``weight``."""
+    w2 = weight.detach().float().pow(2)
+    return w2 > threshold.detach().float().pow(2) * w2.mean()
+
+
+class ThresholdGate(nn.Module):
+    """Parametrization of one weight: soft mask in ``train()``, hard mask in ``eval()``.
+
+    ``threshold`` is the only parameter (a scalar, in units of the layer's RMS weight). ``tau`` is
+    the current relative temperature, set by the training loop through :func:`set_tau`.
+    """
+
+    def __init__(self, threshold_init: float, tau: float, numel: int):
+        super().__init__()
+        self.threshold = nn.Parameter(torch.tensor(float(threshold_init)))
+        self.numel = int(numel)  # entries of the gated weight
+        self.tau = float(tau)
+        self.mode: str | None = None  # None: follow self.training; "soft" / "hard": forced
+        self.last_mask_sum: torch.Tensor | None = None  # sum(M) of the latest soft forward
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        soft = self.training if self.mode is None else self.mode == "soft"
+        if not soft:
+            return weight * hard_mask(weight, self.threshold).to(weight.dtype)
+        masked, self.last_mask_sum = _SoftMaskedWeight.apply(weight, self.threshold, self.tau)
+        return masked
+
+    def soft_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        """The soft mask itself (no gradient), for inspection and tests."""
+        w2 = weight.detach().pow(2)
+        return torch.sigmoid((w2 / w2.mean() - self.threshold.detach() ** 2) / (2 * self.tau))
+
+
+class FixedMask(nn.Module):
+    """Parametrization with a fixed boolean mask (the ``ump`` baseline); no parameters."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask.bool())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask.to(weight.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing, attaching, inspecting
+# ----------------------------------------------------------------------------------------------
+
+
+def select_modules(model: nn.Module, patterns: list[str]) -> dict[str, nn.Module]:
+    """Modules (``nn.Linear`` / ``nn.Conv1d``) whose full dotted name matches a pattern.
+
+    Raises:
+        ConfigError: a pattern is not a valid regex or matches no gateable module, or nothing at
+            all is selected. Every problem is listed, each naming ``gates.patterns[i]``.
+    """
+    problems, selected = [], {}
+    for i, pattern in enumerate(patterns):
+        try:
+            regex = re.compile(pattern)
+        except re.error as err:
+            problems.append(f"gates.patterns[{i}]: {pattern!r} is not a regular expression ({err})")
+            continue
+        hits = {name: m for name, m in model.named_modules()
+                if regex.fullmatch(name) and isinstance(m, GATEABLE_TYPES)}
+        if not hits:
+            problems.append(f"gates.patterns[{i}]: {pattern!r} matches no nn.Linear/nn.Conv1d module "
+                            f"of {type(model).__name__}; check the module names (model.named_modules())")
+        selected.update(hits)
+    if not selected and not problems:
+        problems.append(f"gates.patterns: nothing to gate in {type(model).__name__}")
+    if problems:
+        raise ConfigError(problems, source="gate settings")
+    return selected
+
+
+def _check_not_gated(model: nn.Module) -> None:
+    if gated_modules(model):
+        raise ValueError("the model already carries gates or masks; fold() it before attaching new ones")
+
+
+def attach_gates(model: nn.Module, cfg: GateConfig) -> dict[str, ThresholdGate]:
+    """Give every selected weight a :class:`ThresholdGate`; returns them by module name."""
+    problems = cfg.problems()
+    if problems:
+        raise ConfigError(problems, source="gate settings")
+    _check_not_gated(model)
+    gates = {}
+    for name, module in select_modules(model, cfg.all_patterns()).items():
+        gate = ThresholdGate(cfg.threshold_init, cfg.tau_start, module.weight.numel()).to(module.weight.device)
+        parametrize.register_parametrization(module, "weight", gate, unsafe=True)
+        gates[name] = gate
+    return gates
+
+
+def attach_uniform_masks(model: nn.Module, cfg: GateConfig, target_sparsity: float) -> dict[str, FixedMask]:
+    """The ``ump`` baseline: prune every selected matrix to the same fraction by ``|W|``.
+
+    Exactly ``round(target_sparsity * numel)`` weights (the smallest in magnitude) are masked in
+    each matrix; the mask then stays fixed while the rest fine-tune.
+    """
+    _check_not_gated(model)
+    masks = {}
+    for name, module in select_modules(model, cfg.all_patterns()).items():
+        weight = module.weight.detach()
+        num_pruned = round(target_sparsity * weight.numel())
+        mask = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
+        mask[weight.abs().flatten().argsort()[:num_pruned]] = False
+        masks[name] = FixedMask(mask.view_as(weight))
+        parametrize.register_parametrization(module, "weight", masks[name], unsafe=True)
+    return masks
+
+
+def gated_modules(model: nn.Module) -> dict[str, tuple[nn.Module, ThresholdGate | FixedMask]]:
+    """Every module whose ``weight`` carries a gate or fixed mask: ``{name: (module, gate)}``."""
+    found = {}
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            last = module.parametrizations.weight[-1]
+            if isinstance(last, (ThresholdGate, FixedMask)):
+                found[name] = (module, last)
+    return found
+
+
+def gates_of(model: nn.Module) -> list[ThresholdGate]:
+    """The :class:`ThresholdGate` s of a model (DDP-wrapped or not), in module order."""
+    return [g for _, g in gated_modules(model).values() if isinstance(g, ThresholdGate)]
+
+
+def unmasked_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a gated module would have without its gate (other parametrizations applied)."""
+    plist = module.parametrizations.weight
+    if plist.is_tensor:
+        x, rest = plist.original, list(plist)[:-1]
+    else:  # e.g. weight_norm: several original tensors
+        x = plist[0](*(getattr(plist, f"original{i}") for i in range(plist.ntensors)))
+        rest = list(plist)[1:-1]
+    for parametrization in rest:
+        x = parametrization(x)
+    return x
+
+
+def module_hard_mask(module: nn.Module) -> torch.Tensor:
+    """The hard (final) mask of one gated module: bool, shaped like its weight."""
+    gate = module.parametrizations.weight[-1]
+    weight = unmasked_weight(module)
+    if isinstance(gate, FixedMask):
+        return gate.mask
+    return hard_mask(weight, gate.threshold)
+
+
+@contextlib.contextmanager
+def gate_mode(model: nn.Module, mode: str):
+    """Force every gate to ``"soft"`` or ``"hard"`` masks inside the block, whatever train/eval."""
+    if mode not in ("soft", "hard"):
+        raise ValueError(f"gate mode must be 'soft' or 'hard', not {mode!r}")
+    gates = gates_of(model)
+    previous = [g.mode for g in gates]
+    for g in gates:
+        g.mode = mode
+    try:
+        yield
+    finally:
+        for g, p in zip(gates, previous):
+            g.mode = p
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparsity: soft (differentiable), hard (measured), per layer
+# ----------------------------------------------------------------------------------------------
+
+
+def soft_sparsity(model: nn.Module) -> torch.Tensor:
+    """Differentiable parameter-weighted soft sparsity ``1 - sum(M) / N`` over all gated weights.
+
+    Uses the mask sums recorded by the latest soft forward pass (no extra pass over the weights);
+    a gate that was not used in that pass (e.g. layer drop) is evaluated on the spot. Each recorded
+    sum is consumed, so it is never reused across steps.
+    """
+    kept, total = 0.0, 0
+    for module, gate in gated_modules(model).values():
+        if not isinstance(gate, ThresholdGate):
+            continue
+        weight = unmasked_weight(module) if gate.last_mask_sum is None else None
+        if weight is not None:
+            _, gate.last_mask_sum = _SoftMaskedWeight.apply(weight, gate.threshold, gate.tau)
+        kept = kept + gate.last_mask_sum
+        total += gate.numel
+        gate.last_mask_sum = None
+    if total == 0:
+        raise ValueError("soft_sparsity: the model has no ThresholdGate; attach_gates() first")
+    return 1.0 - kept / total
+
+
+@dataclass
+class LayerSparsity:
+    name: str
+    numel: int
+    pruned: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / self.numel
+
+
+@torch.no_grad()
+def layer_sparsity(model: nn.Module) -> list[LayerSparsity]:
+    """Hard-mask sparsity of every gated matrix, measured (not the configured value)."""
+    out = []
+    for name, (module, _) in gated_modules(model).items():
+        mask = module_hard_mask(module)
+        out.append(LayerSparsity(name, mask.numel(), int(mask.numel() - mask.sum())))
+    return out
+
+
+def achieved_sparsity(model: nn.Module) -> float:
+    """Fraction of gated weights that the hard masks remove (parameter-weighted)."""
+    layers = layer_sparsity(model)
+    if not layers:
+        raise ValueError("achieved_sparsity: the model has no gates or masks")
+    return sum(l.pruned for l in layers) / sum(l.numel for l in layers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules and the objective
+# ----------------------------------------------------------------------------------------------
+
+
+def tau_at(step: int, max_steps: int, cfg: GateConfig) -> float:
+    """Relative temperature at ``step``: geometric from ``tau_start`` to ``tau_end``."""
+    progress = min(max(step / max(max_steps, 1), 0.0), 1.0)
+    return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** progress
+
+
+def target_at(step: int, max_steps: int, target_sparsity: float, cfg: GateConfig, start: float = 0.0) -> float:
+    """Sparsity target at ``step``: from ``start`` (the initial soft sparsity) to ``target_sparsity``
+    over ``target_warmup_fraction`` of training, easing out (a quarter sine), then constant.
+
+    Pruning is a ratchet (weights pushed under the threshold stop receiving CTC gradient), so the
+    target is approached from below and slowly at the end, leaving nothing to overshoot.
+    """
+    ramp_steps = cfg.target_warmup_fraction * max_steps
+    if ramp_steps <= 0 or start >= target_sparsity:
+        return target_sparsity
+    progress = min(1.0, step / ramp_steps)
+    return start + (target_sparsity - start) * math.sin(progress * math.pi / 2)
+
+
+def set_tau(model: nn.Module, tau: float) -> None:
+    for gate in gates_of(model):
+        gate.tau = float(tau)
+
+
+class SparsityLagrangian(nn.Module):
+    """``lambda_1 (s - s*) + penalty (s - s*)^2``; optimise ``lambda_1`` with ``maximize=True``.
+
+    ``lambda_1`` is a Lagrange multiplier trained by gradient ascent (integral action: it grows
+    while the constraint is violated); the fixed quadratic ``penalty`` reacts at once to a gap
+    (proportional action) and damps the oscillation a learned quadratic multiplier (CoFi) shows on
+    short runs. The multiplier is objective state, not a model parameter: it is identical on every
+    DDP rank because its gradient depends only on the (synchronised) thresholds and weights.
+    """
+
+    def __init__(self, penalty: float):
+        super().__init__()
+        self.lambda_1 = nn.Parameter(torch.zeros(()))
+        self.register_buffer("penalty", torch.tensor(float(penalty)))
+
+    def forward(self, soft_sparsity: torch.Tensor, target: float) -> torch.Tensor:
+        gap = soft_sparsity - target
+        return self.lambda_1 * gap + self.penalty * gap * gap
+
+
+# ----------------------------------------------------------------------------------------------
+# After training: calibrate, fold
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: nn.Module, target_sparsity: float, iterations: int = 60) -> tuple[float, float]:
+    """Rescale every threshold by one common factor so the hard sparsity meets the target.
+
+    Keeps the learned mixture of per-layer sparsities (all thresholds scale together) and finds the
+    factor by bisection. Returns ``(achieved_before, achieved_after)``, both measured.
+    """
+    items = [(module, gate) for module, gate in gated_modules(model).values() if isinstance(gate, ThresholdGate)]
+    if not items:
+        raise ValueError("calibrate_thresholds: the model has no ThresholdGate")
+    before = achieved_sparsity(model)
+    # |W| / rms(W), sorted, per layer: hard sparsity at factor a is #(|W|/rms <= a |threshold|).
+    relative = []
+    for module, gate in items:
+        w2 = unmasked_weight(module).float().pow(2)
+        relative.append(((w2 / w2.mean()).flatten().sort().values, gate.threshold.abs().item()))
+    total = sum(r.numel() for r, _ in relative)
+
+    def sparsity_at(factor: float) -> float:
+        pruned = 0
+        for values, threshold in relative:
+            # hard mask keeps w2/s > threshold^2; pruned are those <= (factor*threshold)^2
+            pruned += int(torch.searchsorted(values, torch.tensor((factor * threshold) ** 2), right=True))
+        return pruned / total
+
+    low, high = 0.0, 1.0
+    while sparsity_at(high) < target_sparsity and high < 1e6:
+        high *= 2
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        low, high = (mid, high) if sparsity_at(mid) < target_sparsity else (low, mid)
+    factor = high if abs(sparsity_at(high) - target_sparsity) <= abs(sparsity_at(low) - target_sparsity) else low
+    for _, gate in items:
+        gate.threshold.mul_(factor)
+    return before, achieved_sparsity(model)
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """Apply the hard masks and remove every gate/mask, in place; returns ``model``.
+
+    The result is the same class with the same parameter names (``save_pretrained`` /
+    ``from_pretrained`` compatible) and no gate parameters. Weight-normalised convolutions
+    (wav2vec2's positional conv) are re-normalised from the masked weight, so they keep their
+    ``weight_g`` / ``weight_v`` form.
+    """
+    for module, _ in gated_modules(model).values():
+        with torch.no_grad():
+            masked = unmasked_weight(module) * module_hard_mask(module).to(module.weight.dtype)
+        plist = module.parametrizations.weight
+        if plist.is_tensor:  # the original Parameter stays (same object, same requires_grad)
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            with torch.no_grad():
+                module.weight.copy_(masked)
+            continue
+        weight_norm_dim = getattr(plist[0], "dim", None)  # weight_norm underneath the gate
+        if weight_norm_dim is None:
+            raise ValueError(f"fold: unsupported parametrization {type(plist[0]).__name__} "
+                             f"under a gate in {type(module).__name__}")
+        # Outside no_grad, so the weight comes back as a Parameter that weight_norm can split again.
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        with torch.no_grad():
+            module.weight.copy_(masked)
+        nn.utils.parametrizations.weight_norm(module, name="weight", dim=weight_norm_dim)
+    return model

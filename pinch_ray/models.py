@@ -1,0 +1,200 @@
+"""Speech CTC models: loading (hub id, local path or tiny preset), processors, parameter accounting.
+
+Any Hugging Face ``*ForCTC`` speech model loads through ``AutoModelForCTC``: a pre-trained SSL
+checkpoint (``facebook/wav2vec2-base``, ``facebook/hubert-large-ll60k``; its CTC head is created
+fresh for our character vocabulary), a fine-tuned CTC model, or a pinch_ray artifact's ``model/``.
+Tiny presets (random weights, a few hundred thousand parameters) serve tests and the demo.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModelForCTC,
+    HubertConfig,
+    PreTrainedModel,
+    Wav2Vec2Config,
+    Wav2Vec2CTCTokenizer,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2Processor,
+    WavLMConfig,
+)
+
+from pinch_ray import gates as gates_lib
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000  # Hz, what every model here expects
+
+# Character vocabulary, the HF wav2vec2 CTC convention: <pad> is also the CTC blank, "|" the word
+# delimiter (a space in a transcript), then apostrophe and the upper-case letters.
+CHAR_VOCAB: dict[str, int] = {
+    tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>", "|", "'"] + [chr(c) for c in range(65, 91)])
+}
+
+# Tiny presets: the fast front end measured in shared/FEASIBILITY.md (four convs, 50 Hz frames,
+# group norm, ReLU) with a 3-layer, 144-wide transformer: ~0.86M parameters.
+TINY_PRESETS = {"tiny": Wav2Vec2Config, "tiny-wav2vec2": Wav2Vec2Config,
+                "tiny-hubert": HubertConfig, "tiny-wavlm": WavLMConfig}
+TINY_CONFIG = dict(
+    conv_dim=(48, 48, 48, 48),  # channels of each conv layer
+    conv_kernel=(20, 8, 4, 4),  # samples/frames
+    conv_stride=(10, 4, 4, 2),  # total stride 320 samples = 20 ms = 50 Hz frames
+    feat_extract_norm="group",
+    feat_extract_activation="relu",
+    conv_bias=False,
+    hidden_size=144,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=576,
+    num_conv_pos_embeddings=32,  # positional conv kernel, frames
+    num_conv_pos_embedding_groups=16,
+    hidden_dropout=0.05,
+    attention_dropout=0.05,
+    activation_dropout=0.05,
+    feat_proj_dropout=0.05,
+    final_dropout=0.05,
+    layerdrop=0.0,
+    mask_time_prob=0.05,  # SpecAugment: fraction of frames starting a time mask
+    mask_time_length=5,  # frames per time mask
+    num_buckets=32,  # WavLM relative position buckets
+    max_bucket_distance=200,
+)
+
+
+def make_processor(vocab: dict[str, int] | None = None,
+                   feature_extractor: Wav2Vec2FeatureExtractor | None = None) -> Wav2Vec2Processor:
+    """A character CTC processor: feature extractor (16 kHz, normalised) + tokenizer over ``vocab``."""
+    vocab = dict(vocab or CHAR_VOCAB)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file = Path(tmp) / "vocab.json"
+        vocab_file.write_text(json.dumps(vocab))
+        tokenizer = Wav2Vec2CTCTokenizer(str(vocab_file), unk_token="<unk>", pad_token="<pad>",
+                                         bos_token="<s>", eos_token="</s>", word_delimiter_token="|")
+    if feature_extractor is None:
+        feature_extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
+                                                     do_normalize=True, return_attention_mask=True)
+    return Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+
+
+def tiny_config(preset: str = "tiny", vocab_size: int = len(CHAR_VOCAB), **overrides):
+    """The HF config of a tiny preset (``tiny``/``tiny-wav2vec2``, ``tiny-hubert``, ``tiny-wavlm``)."""
+    if preset not in TINY_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(TINY_PRESETS)}")
+    settings = {**TINY_CONFIG, "vocab_size": vocab_size, "pad_token_id": CHAR_VOCAB["<pad>"],
+                "ctc_loss_reduction": "mean", "ctc_zero_infinity": True, **overrides}
+    return TINY_PRESETS[preset](**settings)
+
+
+def load_model(init_from: str, seed: int = 0, trust_remote_code: bool = False,
+               **config_overrides) -> tuple[PreTrainedModel, Wav2Vec2Processor]:
+    """Load a CTC model and its processor from a preset name, a local path or a hub id.
+
+    ``init_from``: ``tiny`` / ``tiny-hubert`` / ``tiny-wavlm`` (random weights from ``seed``), a
+    directory, or a hub id such as ``facebook/wav2vec2-base``. A checkpoint without a tokenizer
+    (a pre-trained SSL model) gets the character vocabulary :data:`CHAR_VOCAB` and a fresh CTC head;
+    one with a tokenizer keeps its vocabulary. ``config_overrides`` go to the model config
+    (e.g. ``layerdrop=0.0``).
+
+    Raises:
+        ValueError: the checkpoint is not a model ``AutoModelForCTC`` can build, or its vocabulary
+            has no ``<pad>`` / ``|`` tokens.
+    """
+    if init_from in TINY_PRESETS:
+        torch.manual_seed(seed)
+        processor = make_processor()
+        model = AutoModelForCTC.from_config(tiny_config(init_from, **config_overrides))
+        return model, processor
+
+    processor = _load_or_make_processor(init_from, trust_remote_code)
+    vocab = processor.tokenizer.get_vocab()
+    config = AutoConfig.from_pretrained(init_from, trust_remote_code=trust_remote_code)
+    settings = {"vocab_size": len(vocab), "pad_token_id": processor.tokenizer.pad_token_id,
+                "ctc_loss_reduction": "mean", "ctc_zero_infinity": True, **config_overrides}
+    if getattr(config, "vocab_size", None) == len(vocab):
+        settings.pop("vocab_size")
+    try:
+        model = AutoModelForCTC.from_pretrained(init_from, trust_remote_code=trust_remote_code, **settings)
+    except ValueError as err:
+        raise ValueError(f"init_from={init_from!r}: AutoModelForCTC cannot build a CTC model from this "
+                         f"checkpoint ({err}); point init_from at a wav2vec2/HuBERT/WavLM checkpoint") from err
+    torch.manual_seed(seed)
+    return model, processor
+
+
+def _load_or_make_processor(init_from: str, trust_remote_code: bool) -> Wav2Vec2Processor:
+    """The checkpoint's own processor if it has a tokenizer, else the character vocabulary."""
+    try:
+        tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(init_from)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    try:
+        feature_extractor = AutoFeatureExtractor.from_pretrained(init_from, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        feature_extractor = None
+    if tokenizer is None or not tokenizer.get_vocab():
+        log.info("%s has no tokenizer: using the %d-character vocabulary", init_from, len(CHAR_VOCAB))
+        return make_processor(feature_extractor=feature_extractor)
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in ("<pad>", "|") if t not in vocab]
+    if missing:
+        raise ValueError(f"init_from={init_from!r}: its tokenizer lacks {missing}; pinch_ray needs a character "
+                         "CTC vocabulary with <pad> (blank) and | (word delimiter)")
+    return make_processor(vocab, feature_extractor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter accounting
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ParameterCounts:
+    """Counts of model parameters (gate thresholds excluded: they are not part of the model)."""
+
+    total: int  # every parameter of the plain model
+    gated: int  # entries of gated weight matrices
+    nonzero: int  # total minus the entries the hard masks remove (or exact zeros, once folded)
+
+    @property
+    def reduction(self) -> float:
+        """Fraction of all parameters removed: 1 - nonzero / total."""
+        return 1.0 - self.nonzero / self.total
+
+
+@torch.no_grad()
+def count_parameters(model: nn.Module) -> ParameterCounts:
+    """Total, gated and nonzero parameters, measured on the hard-masked (or folded) model.
+
+    For a gated model ``nonzero`` counts what the hard masks keep; for a plain model it counts the
+    entries of weight matrices (``dim >= 2``) that are not exactly zero, plus every vector parameter,
+    so a folded model gives the same ``nonzero`` as before folding.
+    """
+    gated = gates_lib.gated_modules(model)
+    total = gated_numel = nonzero = 0
+    skip = set()
+    for module, gate in gated.values():
+        originals = list(module.parametrizations.weight.parameters(recurse=False))
+        skip.update(id(p) for p in originals)
+        numel_originals = sum(p.numel() for p in originals)
+        mask = gates_lib.module_hard_mask(module)
+        total += numel_originals
+        gated_numel += mask.numel()
+        nonzero += numel_originals - int(mask.numel() - mask.sum())
+    thresholds = {id(g.threshold) for _, g in gated.values() if isinstance(g, gates_lib.ThresholdGate)}
+    for p in model.parameters():
+        if id(p) in skip or id(p) in thresholds:
+            continue
+        total += p.numel()
+        # Exact zeros count as removed only in weight matrices: zero biases are a normal init.
+        nonzero += int(torch.count_nonzero(p)) if p.dim() >= 2 else p.numel()
+    return ParameterCounts(total=total, gated=gated_numel, nonzero=nonzero)

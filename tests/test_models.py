@@ -1,0 +1,88 @@
+"""Model loading (presets, local paths in the hub layout) and parameter accounting."""
+
+import pytest
+import torch
+from transformers import AutoModelForCTC, Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining
+
+from pinch_ray import gates
+from pinch_ray.config import GateConfig
+from pinch_ray.models import CHAR_VOCAB, count_parameters, load_model, make_processor, tiny_config
+
+
+@pytest.mark.parametrize("preset,cls", [("tiny", "Wav2Vec2ForCTC"), ("tiny-hubert", "HubertForCTC"),
+                                        ("tiny-wavlm", "WavLMForCTC")])
+def test_presets_build_small_ctc_models(preset, cls):
+    model, processor = load_model(preset)
+    assert type(model).__name__ == cls
+    assert 0.7e6 < count_parameters(model).total < 1.0e6
+    assert model.config.vocab_size == len(CHAR_VOCAB) == len(processor.tokenizer)
+    assert processor.tokenizer.pad_token_id == model.config.pad_token_id == 0
+    # 50 Hz frames: one second of audio gives 49-50 frames
+    with torch.no_grad():
+        frames = model(torch.zeros(1, 16_000)).logits.shape[1]
+    assert 48 <= frames <= 50
+
+
+def test_processor_round_trips_text():
+    processor = make_processor()
+    ids = processor.tokenizer("IT'S A TEST").input_ids
+    assert processor.tokenizer.decode(ids) == "IT'S A TEST"
+    assert CHAR_VOCAB["|"] in ids
+
+
+def test_load_fine_tuned_model_from_local_path(tmp_path):
+    model, processor = load_model("tiny", mask_time_prob=0.0)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_model(str(tmp_path))
+    assert loaded_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    x = torch.randn(1, 8000)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x).logits, model.eval()(x).logits)
+
+
+def test_load_pretrained_ssl_checkpoint_gets_char_vocab_and_fresh_head(tmp_path):
+    """The paper's one-pass setting: a pre-trained (not fine-tuned) checkpoint without tokenizer."""
+    config = tiny_config("tiny", vocab_size=None)
+    ssl = Wav2Vec2ForPreTraining(config)
+    ssl.save_pretrained(tmp_path)
+    Wav2Vec2FeatureExtractor(return_attention_mask=False, do_normalize=True).save_pretrained(tmp_path)
+
+    model, processor = load_model(str(tmp_path), layerdrop=0.0)
+    assert type(model).__name__ == "Wav2Vec2ForCTC"
+    assert model.config.vocab_size == len(CHAR_VOCAB) and model.lm_head.out_features == len(CHAR_VOCAB)
+    assert processor.tokenizer.get_vocab() == CHAR_VOCAB
+    assert processor.feature_extractor.return_attention_mask is False  # the checkpoint's own
+    torch.testing.assert_close(model.wav2vec2.encoder.layers[0].attention.q_proj.weight,
+                               ssl.wav2vec2.encoder.layers[0].attention.q_proj.weight)
+
+
+def test_load_rejects_a_non_ctc_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises((ValueError, OSError), match="init_from|bert|Unrecognized"):
+        load_model(str(tmp_path))
+
+
+def test_parameter_counts_measure_hard_masks():
+    model, _ = load_model("tiny")
+    dense = count_parameters(model)
+    assert dense.gated == 0 and dense.nonzero == dense.total and dense.reduction == 0
+    gates.attach_uniform_masks(model, GateConfig(), 0.5)
+    counts = count_parameters(model)
+    pruned = sum(l.pruned for l in gates.layer_sparsity(model))
+    assert counts.total == dense.total
+    assert counts.gated == sum(l.numel for l in gates.layer_sparsity(model))
+    assert counts.nonzero == dense.total - pruned
+    assert counts.reduction == pytest.approx(pruned / dense.total)
+    assert 0.4 < counts.reduction < 0.5  # gated weights are most, not all, of the model
+    gates.fold(model)
+    assert count_parameters(model).nonzero == counts.nonzero
+
+
+def test_saved_folded_model_loads_with_stock_auto_class(tmp_path):
+    model, processor = load_model("tiny-hubert")
+    gates.attach_gates(model, GateConfig(threshold_init=1.0))
+    gates.fold(model)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCTC.from_pretrained(tmp_path)
+    assert count_parameters(reloaded).nonzero == count_parameters(model).nonzero

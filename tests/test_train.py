@@ -1,0 +1,130 @@
+"""The core training step: sspg hits its target, the three methods, accumulation, resume."""
+
+import pytest
+import torch
+
+from pinch_ray import gates
+from pinch_ray.config import ConfigError, GateConfig, TrainConfig
+from pinch_ray.models import load_model
+from pinch_ray.train import Compressor, lr_multiplier
+
+NO_RANDOMNESS = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                     feat_proj_dropout=0.0, final_dropout=0.0, mask_time_prob=0.0)
+
+
+def random_batches(n, batch=4, seconds=1.0, seed=0):
+    """Random audio with random transcripts: enough for a CTC gradient, no corpus needed."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        yield {"input_values": torch.randn(batch, int(seconds * 16_000), generator=generator),
+               "labels": torch.randint(5, 32, (batch, 12), generator=generator)}
+
+
+def compressor(method, target, steps, preset="tiny", seed=0, **train):
+    model, _ = load_model(preset, seed=seed, **NO_RANDOMNESS)
+    train_cfg = TrainConfig(max_steps=steps, warmup_steps=20, lr=1e-3, **train)
+    return Compressor.create(model, method, target, train_cfg, GateConfig(calibrate=False))
+
+
+@pytest.mark.slow
+def test_sspg_reaches_target_with_mixed_per_layer_sparsity():
+    run = compressor("sspg", 0.65, steps=300)
+    history = [run.step([batch]) for batch in random_batches(300)]
+    achieved = gates.achieved_sparsity(run.model)  # measured from hard masks, no calibration
+    assert abs(achieved - 0.65) <= 0.005, achieved
+    per_layer = [layer.sparsity for layer in gates.layer_sparsity(run.model)]
+    assert max(per_layer) - min(per_layer) > 0.05, per_layer
+    # the run followed the ramp: halfway through it had pruned a fair part, not all, of the target
+    assert 0.3 < history[75]["soft_sparsity"] < 0.6
+    assert history[-1]["tau"] == pytest.approx(GateConfig().tau_end, rel=0.05)
+    assert run.finish() == {"achieved_sparsity_trained": achieved, "achieved_sparsity": achieved,
+                            "calibrated": False}
+
+
+def test_finish_calibrates_a_missed_target_and_reports_both():
+    run = compressor("sspg", 0.65, steps=10)
+    run.gate_cfg.calibrate = True
+    for batch in random_batches(3):
+        run.step([batch])
+    result = run.finish()
+    assert result["calibrated"] and result["achieved_sparsity_trained"] < 0.3
+    assert abs(result["achieved_sparsity"] - 0.65) < 1e-3
+
+
+@pytest.mark.parametrize("method,target", [("dense", 0.0), ("ump", 0.65), ("sspg", 0.5)])
+def test_every_method_runs_through_the_same_step(method, target):
+    run = compressor(method, target, steps=6)
+    before = [p.detach().clone() for p in run.model.parameters()]
+    metrics = [run.step([batch]) for batch in random_batches(6)]
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert all(torch.isfinite(torch.tensor(m["ctc_loss"])) for m in metrics)
+    assert any(not torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
+    if method == "ump":  # the mask stays fixed while the rest fine-tunes
+        assert run.hard_sparsity() == pytest.approx(0.65, abs=1e-4)
+    if method == "sspg":
+        assert {"soft_sparsity", "sparsity_loss", "target_now", "tau", "lambda_1"} <= set(metrics[-1])
+    if method == "dense":
+        assert run.hard_sparsity() == 0.0 and "soft_sparsity" not in metrics[-1]
+
+
+def test_optimizer_groups_and_lr_schedule():
+    run = compressor("sspg", 0.65, steps=100)
+    groups = {g["name"]: g for g in run.optimizer.param_groups}
+    assert set(groups) == {"weights", "no_decay", "thresholds", "lagrangian"}
+    assert len(groups["thresholds"]["params"]) == 19
+    assert groups["thresholds"]["lr"] == pytest.approx(4.0 / 100) and groups["thresholds"]["weight_decay"] == 0
+    assert groups["lagrangian"]["maximize"] is True
+    assert all(p.dim() < 2 for p in groups["no_decay"]["params"])
+
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, decay_fraction=0.3)
+    values = [lr_multiplier(s, cfg) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == 1.0 and values[69] == 1.0
+    assert values[70:] == sorted(values[70:], reverse=True) and values[-1] < 0.01
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    big = next(random_batches(1, batch=4))
+    halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
+    runs = [compressor("sspg", 0.5, steps=10, grad_accum_steps=g) for g in (1, 2)]
+    runs[0].step([big])
+    runs[1].step(halves)
+    for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_resume_from_state_dict_continues_exactly():
+    batches = list(random_batches(8))
+    straight = compressor("sspg", 0.65, steps=8)
+    for batch in batches:
+        straight.step([batch])
+
+    first = compressor("sspg", 0.65, steps=8)
+    for batch in batches[:4]:
+        first.step([batch])
+    state = first.state_dict()
+    resumed = compressor("sspg", 0.65, steps=8, seed=123)  # different init, overwritten by the state
+    resumed.load_state_dict(state)
+    assert resumed.step_count == 4
+    for batch in batches[4:]:
+        resumed.step([batch])
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert resumed.lagrangian.lambda_1.item() == pytest.approx(straight.lagrangian.lambda_1.item())
+
+    with pytest.raises(ValueError, match="sspg@0.65"):
+        compressor("sspg", 0.5, steps=8).load_state_dict(state)
+
+
+@pytest.mark.parametrize("method,target,key", [("sspg", 1.2, "target_sparsity"), ("sspg", -0.1, "target_sparsity"),
+                                               ("prune", 0.5, "method"), ("dense", 0.5, "target_sparsity")])
+def test_bad_method_settings_are_named(method, target, key):
+    with pytest.raises(ConfigError, match=key):
+        compressor(method, target, steps=5)
+
+
+def test_bad_training_settings_are_all_listed():
+    model, _ = load_model("tiny")
+    with pytest.raises(ConfigError) as err:
+        Compressor.create(model, "sspg", 0.5, TrainConfig(max_steps=0, lr=-1.0, threshold_lr=0.0), GateConfig())
+    assert len(err.value.problems) == 3
+    assert all(k in str(err.value) for k in ("training.max_steps", "training.lr", "training.threshold_lr"))
