@@ -154,7 +154,7 @@ class Compressor:
         started = time.perf_counter()
         self.model.train()
         now = self._set_schedules()
-        ctc_total = sparsity_total = soft_total = 0.0
+        sums = {}  # metric name -> running sum over micro-batches (tensors: one device sync at the end)
         n = len(micro_batches)
         for i, batch in enumerate(micro_batches):
             last = i == n - 1
@@ -169,20 +169,20 @@ class Compressor:
                     soft = gates_lib.soft_sparsity(self.unwrapped)
                     sparsity_loss = self.lagrangian(soft, now["target_now"])
                     loss = loss + sparsity_loss
-                    sparsity_total += sparsity_loss.item()
-                    soft_total += soft.item()
+                    for name, value in (("sparsity_loss", sparsity_loss), ("soft_sparsity", soft)):
+                        sums[name] = sums.get(name, 0) + value.detach()
                 (loss / n).backward()
-                ctc_total += ctc_loss.item()
+                sums["ctc_loss"] = sums.get("ctc_loss", 0) + ctc_loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
-        metrics = {"step": self.step_count, "ctc_loss": ctc_total / n, **now,
-                   "grad_norm": float(grad_norm), "seconds": time.perf_counter() - started}
+        sums["grad_norm"] = grad_norm * n
         if self.lagrangian is not None:
-            metrics.update(sparsity_loss=sparsity_total / n, soft_sparsity=soft_total / n,
-                           lambda_1=self.lagrangian.lambda_1.item())
-        return metrics
+            sums["lambda_1"] = self.lagrangian.lambda_1.detach() * n
+        values = torch.stack([v.float() for v in sums.values()]).div(n).tolist()
+        return {"step": self.step_count, **dict(zip(sums, values)), **now,
+                "seconds": time.perf_counter() - started}
 
     def hard_sparsity(self) -> float:
         """Measured hard-mask sparsity of the gated weights (0.0 for dense)."""

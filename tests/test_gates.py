@@ -55,7 +55,7 @@ def test_fused_soft_mask_matches_autograd_reference():
         return w * mask, mask.sum()
 
     results = []
-    for fn in (gates._SoftMaskedWeight.apply, reference):
+    for fn in (lambda w, t, tau: gates._SoftMaskedWeight.apply(w, t, torch.tensor(tau, dtype=w.dtype)), reference):
         weight = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
         threshold = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
         masked, mask_sum = fn(weight, threshold, tau)
@@ -199,3 +199,20 @@ def test_bad_settings_name_the_setting():
     gates.attach_gates(model, GateConfig())
     with pytest.raises(ValueError, match="already carries gates"):
         gates.attach_gates(model, GateConfig())
+
+
+@pytest.mark.slow
+def test_compiled_gate_kernels_equal_eager():
+    """GPUs run the two kernels through torch.compile; the math must not change (checked on CPU)."""
+    generator = torch.Generator().manual_seed(0)
+    weight, grad_out = torch.randn(48, 144, generator=generator), torch.randn(48, 144, generator=generator)
+    threshold, tau, grad_sum = torch.tensor(0.8), torch.tensor(0.02), torch.tensor(0.3)
+    forward = torch.compile(gates._soft_mask_forward, dynamic=False, fullgraph=True)
+    backward = torch.compile(gates._soft_mask_backward, dynamic=False, fullgraph=True)
+    eager_fwd, compiled_fwd = gates._soft_mask_forward(weight, threshold, tau), forward(weight, threshold, tau)
+    for a, b in zip(eager_fwd, compiled_fwd):
+        torch.testing.assert_close(a, b)
+    mask, inv_scale = eager_fwd[2], eager_fwd[3]
+    for a, b in zip(gates._soft_mask_backward(grad_out, grad_sum, weight, threshold, mask, inv_scale, tau),
+                    backward(grad_out, grad_sum, weight, threshold, mask, inv_scale, tau)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
