@@ -219,8 +219,9 @@ class DataConfig:
     max_duration_s: float = 20.0  # utterances longer than this (seconds) are skipped (too_long)
     # Zero mean / unit variance per utterance (the wav2vec2 feature extractor's do_normalize=True).
     normalize: bool = True
-    # Utterances per Ray Data map_batches call of the prepare stage (decode -> features).
-    prepare_batch_size: int = 32
+    # Utterances per Ray Data map_batches call of the prepare stage (decode -> features). Larger
+    # calls amortise Ray's per-batch overhead (32 was ~30% slower than 256 on 2 cores).
+    prepare_batch_size: int = 256
     # Utterances per prepare task = per parquet shard file. A task holds its whole shard in
     # memory before writing (~200 MB at 256 LibriSpeech utterances of ~12 s).
     rows_per_shard: int = 256

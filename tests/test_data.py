@@ -1,0 +1,249 @@
+"""The Ray Data prepare stage (bad input, cache, HF parquet) and training / evaluation batches."""
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile
+import torch
+import torchaudio
+
+from pinch_ray.config import DataConfig
+from pinch_ray.corpus import generate_corpus, write_hf_parquet
+from pinch_ray.data import (
+    COMPLETE_MARKER,
+    REPORT_FILE,
+    SKIP_KINDS,
+    PrepareError,
+    batches_per_epoch,
+    collate,
+    iter_eval_batches,
+    iter_train_batches,
+    prepare_split,
+    read_prepared_rows,
+    tokenize,
+)
+
+VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "'": 5,
+         **{chr(ord("A") + i): 6 + i for i in range(26)}}
+ID_TO_CHAR = {i: c for c, i in VOCAB.items()}
+NUM_TRAIN = 48  # of 60 utterances
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data_corpus") / "synth"
+    generate_corpus(root, 60, seed=1, num_workers=2, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("prepared")
+
+
+@pytest.fixture(scope="module")
+def prepared_train(ray_cluster, corpus, cache_dir):
+    return prepare_split(corpus, "train", VOCAB, DataConfig(), cache_dir=cache_dir)
+
+
+def _rows_by_id(path) -> dict:
+    return {row["id"]: row for row in read_prepared_rows(path)}
+
+
+def _decode(labels) -> str:
+    return "".join(ID_TO_CHAR[int(i)] for i in labels if i >= 0).replace("|", " ")
+
+
+def test_tokenize_uses_the_word_delimiter_and_flags_unknown_characters():
+    ids, missing = tokenize("IT'S A DOG", VOCAB)
+    assert _decode(ids) == "IT'S A DOG" and not missing and ids[4] == VOCAB["|"]
+    assert tokenize("ROOM 101", VOCAB)[1] == {"1", "0"}
+
+
+def test_collate_pads_audio_masks_and_labels():
+    rows = [{"id": "a", "text": "AB", "audio": np.ones(5, np.float32), "labels": [6, 7]},
+            {"id": "b", "text": "A", "audio": np.full(3, 2.0, np.float32), "labels": [6]}]
+    batch = collate(rows)
+    assert batch["input_values"].dtype == torch.float32 and batch["attention_mask"].dtype == torch.int64
+    assert batch["input_values"].tolist() == [[1.0] * 5, [2.0, 2.0, 2.0, 0.0, 0.0]]
+    assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[6, 7], [6, -100]] and batch["ids"] == ["a", "b"]
+
+
+def test_prepare_writes_normalised_features_for_every_utterance(prepared_train, corpus):
+    report = prepared_train.report
+    assert prepared_train.num_utterances == report["kept"] == NUM_TRAIN
+    assert sum(report["skipped_by_kind"].values()) == 0 and not report["skipped"]
+    assert report["hours"] == pytest.approx(NUM_TRAIN * 1.9 / 3600, rel=0.4)
+    assert (Path(prepared_train.path) / COMPLETE_MARKER).exists()
+    schema = pq.read_schema(prepared_train.files[0])
+    assert str(schema.field("audio").type) == "list<element: float>"
+    assert str(schema.field("labels").type) == "list<element: int32>"
+    transcripts = {line.split(" ", 1)[0]: line.split(" ", 1)[1]
+                   for t in corpus.glob("train/*/*/*.trans.txt") for line in t.read_text().splitlines()}
+    rows = _rows_by_id(prepared_train.path)
+    assert rows.keys() == transcripts.keys()
+    for utterance_id, row in rows.items():
+        assert row["text"] == transcripts[utterance_id] == _decode(row["labels"])
+        assert abs(float(row["audio"].mean())) < 1e-4 and float(row["audio"].std()) == pytest.approx(1.0, abs=1e-3)
+        flac = next(corpus.glob(f"train/*/*/{utterance_id}.flac"))
+        assert len(row["audio"]) == soundfile.info(flac).frames
+
+
+def test_prepare_skips_and_counts_bad_input(ray_cluster, corpus, tmp_path):
+    root = tmp_path / "bad"
+    shutil.copytree(corpus / "dev", root / "dev")
+    flacs = sorted((root / "dev").rglob("*.flac"))  # 6 utterances
+    assert len(flacs) == 6
+    chapter = flacs[0].parent
+    speaker, chapter_id = chapter.parent.name, chapter.name
+    trans = chapter / f"{speaker}-{chapter_id}.trans.txt"
+    lines = trans.read_text().splitlines()
+    prefix = f"{speaker}-{chapter_id}"
+
+    flacs[1].write_bytes(b"this is not a flac file" * 50)  # unreadable_audio
+    audio, rate = soundfile.read(flacs[2], dtype="float32")
+    soundfile.write(flacs[2], np.stack([audio, 0.5 * audio], axis=1), rate, format="FLAC")  # stereo
+    resampled = torchaudio.functional.resample(torch.from_numpy(audio), 16000, 22050).numpy()
+    soundfile.write(flacs[3], resampled, 22050, format="FLAC")  # 22.05 kHz mono
+
+    def plant(number: str, text: str, samples: np.ndarray | None = None, rate: int = 16000, raw: bytes | None = None):
+        path = chapter / f"{prefix}-{number}.flac"
+        if raw is not None:
+            path.write_bytes(raw)
+        elif samples is not None:
+            soundfile.write(path, samples, rate, format="FLAC")
+        if text:
+            lines.append(f"{prefix}-{number} {text}")
+
+    noise = np.random.default_rng(0).normal(0, 0.1, size=(16000 * 21,)).astype(np.float32)
+    plant("9001", "NO AUDIO FOR THIS LINE")  # missing_audio
+    plant("9002", "", samples=noise[:32000])  # missing_transcript (audio without a line)
+    plant("9003", "AN EMPTY FILE", raw=b"")  # empty_audio (0 bytes)
+    plant("9004", "ROOM 101 IS OPEN", samples=noise[:32000])  # out_of_vocabulary
+    plant("9005", "MUCH TOO SHORT", samples=noise[:3200])  # too_short (0.2 s)
+    plant("9006", "MUCH TOO LONG", samples=noise)  # too_long (21 s)
+    plant("9007", "stereo at forty four kHz", samples=np.stack([noise[:44100], noise[:44100]], 1), rate=44100)
+    trans.write_text("\n".join(lines) + "\n")
+
+    prepared = prepare_split(root, "dev", VOCAB, DataConfig(), cache_dir=tmp_path / "cache")
+    report = json.loads((Path(prepared.path) / REPORT_FILE).read_text())
+    assert report["skipped_by_kind"] == {"unreadable_audio": 1, "missing_audio": 1, "missing_transcript": 1,
+                                         "empty_audio": 1, "out_of_vocabulary": 1, "too_short": 1, "too_long": 1}
+    assert report["converted_by_kind"] == {"converted_channels": 2, "resampled": 2}
+    assert {(item["id"], item["kind"]) for item in report["skipped"]} == {
+        (flacs[1].stem, "unreadable_audio"), (f"{prefix}-9001", "missing_audio"),
+        (f"{prefix}-9002", "missing_transcript"), (f"{prefix}-9003", "empty_audio"),
+        (f"{prefix}-9004", "out_of_vocabulary"), (f"{prefix}-9005", "too_short"), (f"{prefix}-9006", "too_long")}
+    assert all(item["reason"] and item["path"] for item in report["skipped"])
+    rows = _rows_by_id(prepared.path)
+    kept = {f.stem for f in flacs} - {flacs[1].stem} | {f"{prefix}-9007"}
+    assert rows.keys() == kept and report["kept"] == len(kept) == 6
+    assert rows[f"{prefix}-9007"]["text"] == "STEREO AT FORTY FOUR KHZ"  # upper-cased, not out of vocabulary
+    assert len(rows[f"{prefix}-9007"]["audio"]) == 16000
+    assert abs(len(rows[flacs[3].stem]["audio"]) - len(audio)) <= 1  # 22.05 kHz -> 16 kHz
+    assert len(rows[flacs[2].stem]["audio"]) == len(audio)
+
+
+def test_prepare_fails_clearly_without_usable_utterances(ray_cluster, corpus, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare_split(tmp_path / "missing", "dev", VOCAB, DataConfig(), cache_dir=tmp_path / "cache")
+    shutil.copytree(corpus / "test", tmp_path / "c" / "test")
+    for flac in (tmp_path / "c" / "test").rglob("*.flac"):
+        flac.write_bytes(b"garbage")
+    with pytest.raises(PrepareError, match="no usable utterance.*unreadable_audio=6"):
+        prepare_split(tmp_path / "c", "test", VOCAB, DataConfig(), cache_dir=tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").iterdir()]  # no half-written output left behind
+
+
+def test_second_prepare_reuses_the_cache(prepared_train, corpus, cache_dir):
+    shard_mtimes = {f: os.stat(f).st_mtime_ns for f in prepared_train.files}
+    started = time.perf_counter()
+    again = prepare_split(corpus, "train", VOCAB, DataConfig(), cache_dir=cache_dir)
+    cached_seconds = time.perf_counter() - started
+    assert again.from_cache and not prepared_train.from_cache and again.path == prepared_train.path
+    assert {f: os.stat(f).st_mtime_ns for f in again.files} == shard_mtimes  # nothing rewritten
+    assert cached_seconds < 0.25 * prepared_train.report["seconds"], (cached_seconds, prepared_train.report)
+    # other settings -> another key, a fresh run
+    other = prepare_split(corpus, "train", VOCAB, DataConfig(max_duration_s=2.0), cache_dir=cache_dir)
+    assert not other.from_cache and other.path != prepared_train.path
+    assert other.report["skipped_by_kind"]["too_long"] == NUM_TRAIN - other.num_utterances > 0
+
+
+def test_hf_parquet_layout_prepares_identical_features(prepared_train, corpus, tmp_path):
+    write_hf_parquet(corpus, "train", tmp_path / "hf", rows_per_file=20)
+    from_hf = prepare_split(f"file://{tmp_path / 'hf'}", "train", VOCAB, DataConfig(), cache_dir=tmp_path / "cache")
+    assert from_hf.report["layout"] == "hf_parquet" and from_hf.num_utterances == NUM_TRAIN
+    flac_rows, hf_rows = _rows_by_id(prepared_train.path), _rows_by_id(from_hf.path)
+    assert flac_rows.keys() == hf_rows.keys()
+    for utterance_id, row in flac_rows.items():
+        other = hf_rows[utterance_id]
+        assert (row["text"], row["speaker"], row["split"]) == (other["text"], other["speaker"], other["split"])
+        np.testing.assert_array_equal(row["audio"], other["audio"])
+        np.testing.assert_array_equal(row["labels"], other["labels"])
+
+
+def test_two_ranks_get_equal_batch_counts_with_correct_padding(prepared_train):
+    batch_size = 5
+    dataset = prepared_train.dataset()
+    num_batches = batches_per_epoch(dataset.count(), 2, batch_size)
+    assert num_batches == 4  # 24 rows per rank -> 4 full batches
+    shards = dataset.streaming_split(2, equal=True)
+    results: dict[int, list] = {}
+
+    def consume(rank: int) -> None:
+        results[rank] = [batch for epoch in range(2) for batch in iter_train_batches(
+            shards[rank], batch_size, num_batches=num_batches, seed=0, epoch=epoch, bucket_window_batches=2)]
+
+    threads = [threading.Thread(target=consume, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a rank hung"
+    assert len(results[0]) == len(results[1]) == 2 * num_batches
+
+    rows = _rows_by_id(prepared_train.path)
+    for epoch in range(2):
+        ids = [i for rank in (0, 1) for b in results[rank][epoch * num_batches:(epoch + 1) * num_batches]
+               for i in b["ids"]]
+        assert len(ids) == len(set(ids)) == 2 * num_batches * batch_size
+    for batch in results[0] + results[1]:
+        assert batch["input_values"].shape[0] == batch_size
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        assert max(lengths) == batch["input_values"].shape[1]
+        for i, utterance_id in enumerate(batch["ids"]):
+            row, n = rows[utterance_id], lengths[i]
+            assert n == len(row["audio"])
+            assert torch.equal(batch["input_values"][i, :n], torch.tensor(row["audio"]))
+            assert not batch["input_values"][i, n:].any() and not batch["attention_mask"][i, n:].any()
+            label_length = len(row["labels"])
+            assert batch["labels"][i, :label_length].tolist() == row["labels"].tolist()
+            assert (batch["labels"][i, label_length:] == -100).all()
+
+
+def test_train_batches_fail_loudly_when_a_rank_runs_short():
+    rows = [{"id": str(i), "text": "A", "audio": np.ones(10 + i, np.float32), "labels": [6]} for i in range(7)]
+    assert len(list(iter_train_batches(rows, 3, num_batches=2))) == 2
+    with pytest.raises(RuntimeError, match="fewer than num_batches=3"):
+        list(iter_train_batches(rows, 3, num_batches=3))
+
+
+def test_eval_batches_cover_every_utterance_once(prepared_train):
+    batches = list(iter_eval_batches(prepared_train.dataset(), 5, bucket_window_batches=3))
+    ids = [i for batch in batches for i in batch["ids"]]
+    assert sorted(ids) == sorted(_rows_by_id(prepared_train.path)) and len(ids) == NUM_TRAIN
+    assert [len(b["ids"]) for b in batches].count(5) >= NUM_TRAIN // 5 - 1  # partial only at window ends
+    assert all(b["texts"][0] for b in batches)
+
+
+def test_skip_kinds_are_the_documented_names():
+    assert SKIP_KINDS == ("unreadable_audio", "missing_audio", "missing_transcript", "empty_audio",
+                          "out_of_vocabulary", "too_short", "too_long")
