@@ -4,12 +4,22 @@ Each stage reads one section (a dataclass). Sections validate themselves with ``
 which returns *all* problems as ``"key: what is wrong; how to fix it"`` strings, and
 ``raise_if_problems`` turns them into one :class:`ConfigError`, so a user fixes everything in one go.
 
-Later stages (pipeline YAML, overrides) build on these sections; nothing here reads files or argv.
+The pipeline config (:class:`PipelineConfig`, at the end) composes the sections;
+:func:`load_pipeline` reads it from a YAML file plus ``key=value`` overrides. Nothing here reads argv.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import yaml
 
 METHODS = ("dense", "ump", "sspg")
 MAX_TARGET_SPARSITY = 0.99
@@ -116,6 +126,34 @@ def target_sparsity_problems(method: str, target_sparsity: float, key: str = "ta
 
 
 # --------------------------------------------------------------------------------------------
+# Resources (Ray Train / Tune)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResourcesConfig:
+    """Where training runs: workers per trial and what each gets."""
+
+    num_workers: int = 1  # Ray Train workers (DDP ranks) per training run
+    use_gpu: bool = False  # one (or gpus_per_worker) GPU per worker; nccl instead of gloo
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # may be fractional, so small trials share a GPU (with use_gpu)
+    max_failures: int = 2  # worker crashes a run survives (restarts from the last checkpoint)
+
+    def problems(self, prefix: str = "resources") -> list[str]:
+        out = []
+        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+            out.append(f"{prefix}.num_workers: must be a positive integer (got {self.num_workers!r})")
+        if not self.cpus_per_worker > 0:
+            out.append(f"{prefix}.cpus_per_worker: must be > 0 (got {self.cpus_per_worker!r})")
+        if self.use_gpu and not 0 < self.gpus_per_worker:
+            out.append(f"{prefix}.gpus_per_worker: must be > 0 with use_gpu (got {self.gpus_per_worker!r})")
+        if not isinstance(self.max_failures, int) or self.max_failures < -1:
+            out.append(f"{prefix}.max_failures: must be an integer >= -1 (-1: unlimited), got {self.max_failures!r}")
+        return out
+
+
+# --------------------------------------------------------------------------------------------
 # Optimisation
 # --------------------------------------------------------------------------------------------
 
@@ -138,6 +176,10 @@ class TrainConfig:
     decay_fraction: float = 0.3  # cosine decay to 0 over this final fraction of max_steps
     max_grad_norm: float = 1.0  # gradient clipping (L2 norm over all parameters)
     freeze_feature_encoder: bool = False  # keep the conv feature encoder fixed (wav2vec2 recipe)
+    report_every: int = 10  # optimizer steps between metric reports (ray.train.report, TensorBoard)
+    checkpoint_every: int = 200  # optimizer steps between checkpoints (and one at the end)
+    eval_every: int = 500  # optimizer steps between dev-set WER/CER evaluations (and one at the end)
+    eval_batch_size: int = 16  # utterances per dev-evaluation batch
     bf16_autocast: bool = True  # bf16 autocast when running on a CUDA GPU (ignored on CPU)
     seed: int = 0
 
@@ -147,7 +189,8 @@ class TrainConfig:
 
     def problems(self, prefix: str = "training") -> list[str]:
         out = []
-        for key in ("max_steps", "batch_size", "grad_accum_steps"):
+        for key in ("max_steps", "batch_size", "grad_accum_steps", "report_every", "checkpoint_every",
+                    "eval_every", "eval_batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 out.append(f"{prefix}.{key}: must be a positive integer (got {value!r})")
@@ -246,3 +289,427 @@ class DataConfig:
         if not self.cache_dir:
             out.append(f"{prefix}.cache_dir: empty; set a directory for prepared shards, e.g. .cache/prepared")
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation and finalize (see ``pinch_ray.evaluate`` and ``pinch_ray.report``)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    """Batch inference over the evaluation splits when a trial is finalized."""
+
+    batch_size: int = 16  # utterances per inference batch (padded to the longest in the batch)
+    num_actors: int = 1  # Ray Data actors transcribing in parallel, each holding one model copy
+    # GPUs per actor; None: 1 when the Ray cluster has GPUs, else 0 (CPU inference).
+    gpus_per_actor: float | None = None
+
+    def problems(self, prefix: str = "eval") -> list[str]:
+        out = []
+        for key in ("batch_size", "num_actors"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                out.append(f"{prefix}.{key}: must be a positive integer (got {value!r})")
+        if self.gpus_per_actor is not None and not self.gpus_per_actor >= 0:
+            out.append(f"{prefix}.gpus_per_actor: must be >= 0, or unset for automatic (got {self.gpus_per_actor!r})")
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline: every section, loaded from a YAML file plus key=value overrides
+# --------------------------------------------------------------------------------------------
+
+COMPRESSION_METHODS = tuple(method for method in METHODS if method != "dense")  # what a sweep trial runs
+# Splits the synthetic corpus generator writes (``pinch_ray.corpus.synth.DEFAULT_SPLITS``; not
+# imported, because that module pulls in the audio stack).
+SYNTH_SPLITS = ("train", "dev", "test")
+# Utterances of the synthetic corpus the default pipeline generates when corpus.root is missing
+# (about 45 s on 2 cores; the `pinch-ray corpus synth` default too).
+DEFAULT_SYNTH_UTTERANCES = 6000
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a directory name and a Ray run name
+
+
+@dataclass
+class ModelConfig:
+    """The model to fine-tune and compress (see ``pinch_ray.models.load_model``)."""
+
+    # A tiny preset (tiny, tiny-hubert, tiny-wavlm: random weights, for tests and the demo), a
+    # checkpoint directory or a hub id such as facebook/wav2vec2-base. Used as written: it is not
+    # resolved against the working directory (from_pretrained looks for a local directory first).
+    init_from: str = "tiny"
+    trust_remote_code: bool = False  # let transformers run code shipped with the checkpoint
+    # Hugging Face config overrides, e.g. {layerdrop: 0.0, mask_time_prob: 0.05}.
+    overrides: dict = field(default_factory=dict)
+
+    def problems(self, prefix: str = "model") -> list[str]:
+        out = []
+        if not self.init_from:
+            out.append(f"{prefix}.init_from: empty; name a preset (tiny), a checkpoint directory or a hub id")
+        bad_keys = [key for key in self.overrides if not (isinstance(key, str) and key.isidentifier())]
+        if bad_keys:
+            out.append(f"{prefix}.overrides: {bad_keys} are not config attribute names; write e.g. layerdrop: 0.0")
+        return out
+
+
+@dataclass
+class SweepConfig:
+    """The compression trials (Ray Tune): every method at each of its target sparsities."""
+
+    methods: list[str] = field(default_factory=lambda: ["sspg", "ump"])  # sspg / ump; dense: dense_baseline
+    # Fractions of the gated weights to remove; one trial per (method, target).
+    target_sparsities: list[float] = field(default_factory=lambda: [0.5, 0.65, 0.75])
+    # Per-method target lists replacing target_sparsities for that method: {ump: [0.65]} runs ump
+    # at 0.65 only, while sspg runs every target_sparsities entry.
+    method_targets: dict[str, list[float]] = field(default_factory=dict)
+    max_concurrent_trials: int = 0  # trials running at once; 0: as many as the cluster's resources allow
+    # Compression trials start from the dense baseline's fine-tuned weights (needs dense_baseline)
+    # instead of model.init_from. The offline demo needs this: its tiny model starts from random
+    # weights, so there is nothing worth pruning yet. Runs from a pre-trained checkpoint set it to
+    # false: compression and fine-tuning in one pass, as in the paper.
+    init_from_dense: bool = True
+
+    def targets(self, method: str) -> list[float]:
+        return self.method_targets.get(method, self.target_sparsities)
+
+    def trials(self) -> list[tuple[str, float]]:
+        """(method, target_sparsity) of every compression trial, in order."""
+        return [(method, target) for method in self.methods for target in self.targets(method)]
+
+    def problems(self, prefix: str = "sweep") -> list[str]:
+        out = []
+        for method in self.methods:
+            if method == "dense":
+                out.append(f"{prefix}.methods: 'dense' is the baseline, not a sweep method; remove it "
+                           "and set dense_baseline: true")
+            elif method not in COMPRESSION_METHODS:
+                out.append(f"{prefix}.methods: unknown method {method!r}; use {' and/or '.join(COMPRESSION_METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            out.append(f"{prefix}.methods: {self.methods} lists a method twice; list each once")
+        for method in self.method_targets:
+            if method not in self.methods:
+                out.append(f"{prefix}.method_targets.{method}: {method!r} is not in {prefix}.methods; "
+                           "add it there or remove this entry")
+        target_lists = {f"{prefix}.method_targets.{method}": targets for method, targets in self.method_targets.items()}
+        if any(method not in self.method_targets for method in self.methods):
+            target_lists[f"{prefix}.target_sparsities"] = self.target_sparsities
+        for key, targets in target_lists.items():
+            if not targets:
+                out.append(f"{key}: empty; list at least one target sparsity, e.g. [0.65]")
+            if len(set(targets)) != len(targets):
+                out.append(f"{key}: {targets} repeats a target; list each once")
+            for i, target in enumerate(targets):  # the range check ("sspg" stands for any compression method)
+                out += target_sparsity_problems("sspg", target, key=f"{key}[{i}]")
+        if not isinstance(self.max_concurrent_trials, int) or self.max_concurrent_trials < 0:
+            out.append(f"{prefix}.max_concurrent_trials: must be an integer >= 0 (0: as many as resources "
+                       f"allow), got {self.max_concurrent_trials!r}")
+        return out
+
+
+@dataclass
+class PipelineConfig:
+    """A whole run, as a pipeline YAML describes it (read with :func:`load_pipeline`).
+
+    The defaults are the offline demo: the ``tiny`` model on a synthetic corpus generated at
+    ``corpus.root`` when missing, on CPU workers. A YAML lists only what differs.
+    """
+
+    name: str = "tiny-synth"  # run name: Ray Train/Tune run names and the default output directory
+    output_dir: str = ""  # where artifacts go (see DESIGN.md); "": runs/<name> in the working directory
+    # The default pipeline generates the synthetic corpus (CorpusConfig alone never does: a real
+    # corpus path that is missing must stay an error, so YAMLs for real corpora set synth_utterances: 0).
+    corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(synth_utterances=DEFAULT_SYNTH_UTTERANCES))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainConfig = field(default_factory=TrainConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
+    dense_baseline: bool = True  # also fine-tune the uncompressed model (trial "dense"): reference WER and size
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)  # per training run (trial)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+    def problems(self) -> list[str]:
+        """Every problem of the settings themselves (paths on disk: :func:`check_paths`)."""
+        out = []
+        if not isinstance(self.name, str) or not RUN_NAME.fullmatch(self.name):
+            out.append(f"name: {self.name!r} is not a valid run name; use letters, digits, '.', '_' and '-'")
+        out += self.corpus.problems("corpus") + self.data.problems("data") + self.model.problems("model")
+        out += self.training.problems("training") + self.gates.problems("gates") + self.sweep.problems("sweep")
+        out += self.resources.problems("resources") + self.evaluation.problems("evaluation")
+        if self.sweep.init_from_dense and not self.dense_baseline and self.sweep.methods:
+            out.append("sweep.init_from_dense: needs the dense baseline; set dense_baseline: true, "
+                       "or sweep.init_from_dense: false to start from model.init_from")
+        if not self.sweep.methods and not self.dense_baseline:
+            out.append("sweep.methods: empty and dense_baseline is false: nothing to run; list a method or "
+                       "set dense_baseline: true")
+        if self.corpus.synth_utterances:
+            why = "set corpus.synth_utterances=0 for a real corpus"
+            if _local_path(self.corpus.root) is None:
+                out.append(f"corpus.synth_utterances: the synthetic corpus is generated on a local disk, not "
+                           f"at {self.corpus.root}; {why}, or point corpus.root at a local directory")
+            if self.corpus.layout == "hf_parquet":
+                out.append(f"corpus.layout: the synthetic corpus is in the librispeech layout; {why}, "
+                           "or set corpus.layout=auto")
+            missing = [split for split in self.corpus.splits() if split not in SYNTH_SPLITS]
+            if missing:
+                out.append(f"corpus.train_split/eval_splits: {missing} are not splits of the synthetic corpus "
+                           f"({', '.join(SYNTH_SPLITS)}); {why}")
+        return out
+
+
+def _local_path(path: str) -> str | None:
+    """The local filesystem path of ``path`` (a path or file:// URI); None for object stores."""
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    return None if "://" in path else path
+
+
+def _resolve_path(path: str) -> str:
+    """A local path made absolute against the working directory; URIs (s3://, gs://) unchanged."""
+    return path if not path or "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 and 5E-5 as strings (it needs a dot: 1.0e-3). Float fields accept
+# strings of this form (YAML 1.2 floats), so `lr: 5e-5` and `training.lr=3e-4` mean what they say.
+_FLOAT_TEXT = re.compile(r"[-+]?(\.\d+|\d+(\.\d*)?)([eE][-+]?\d+)?")
+
+
+def _type_name(annotation) -> str:
+    return annotation.__name__ if isinstance(annotation, type) and not typing.get_args(annotation) else str(annotation)
+
+
+def _check_value(value, annotation, key: str) -> tuple[object, str | None]:
+    """``value`` converted to ``annotation`` (a field's type), or ``(value, problem naming key)``.
+
+    bool fields take only true/false; int fields only integers (not bools, not 2.0); float fields
+    ints, floats and float-like strings (:data:`_FLOAT_TEXT`); tuples come from YAML lists.
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    wrong = (value, f"{key}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})")
+    if annotation is typing.Any:
+        return value, None
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None, None
+        for option in args:
+            converted, problem = _check_value(value, option, key)
+            if option is not type(None) and problem is None:
+                return converted, None
+        return wrong
+    if annotation is bool or annotation is str:
+        return (value, None) if isinstance(value, annotation) else wrong
+    if annotation is int:
+        return (value, None) if isinstance(value, int) and not isinstance(value, bool) else wrong
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value), None
+        return wrong
+    if list in (annotation, origin) or origin is tuple:
+        if not isinstance(value, (list, tuple)) or (origin is tuple and len(value) != len(args)):
+            return wrong
+        item_types = args if origin is tuple else args * len(value)
+        items = []
+        for i, item in enumerate(value):
+            converted, problem = _check_value(item, item_types[i], f"{key}[{i}]") if args else (item, None)
+            if problem:
+                return value, problem
+            items.append(converted)
+        return (tuple(items) if origin is tuple else items), None
+    if dict in (annotation, origin):
+        if not isinstance(value, dict):
+            return wrong
+        entries = {}
+        for name, item in value.items():
+            if args:
+                _, problem = _check_value(name, args[0], f"{key} (the key {name!r})")
+                item, problem = (item, problem) if problem else _check_value(item, args[1], f"{key}.{name}")
+                if problem:
+                    return value, problem
+            entries[name] = item
+        return entries, None
+    raise TypeError(f"{key}: no type check for {annotation!r}")  # a field type this loader lacks
+
+
+def _unknown_key(dotted: str, key, known: Sequence[str]) -> str:
+    """The problem of an unknown key, suggesting a close name here or the section that has it."""
+    match = difflib.get_close_matches(str(key), known, n=1)
+    prefix = dotted[: len(dotted) - len(str(key))]
+    elsewhere = [f"{name}.{key}" for name, section in typing.get_type_hints(PipelineConfig).items()
+                 if dataclasses.is_dataclass(section) and key in {f.name for f in dataclasses.fields(section)}]
+    if match:
+        hint = f"did you mean {prefix}{match[0]}?"
+    elif elsewhere:
+        hint = f"did you mean {' or '.join(elsewhere)}?"
+    else:
+        hint = f"known keys here: {', '.join(known)}"
+    return f"{dotted}: unknown key; {hint}"
+
+
+def _build(base, data: dict, prefix: str, problems: list[str]):
+    """``base`` (a dataclass) with the entries of ``data`` set; bad entries are added to
+    ``problems`` (each naming its dotted key) and keep their value from ``base``."""
+    hints = typing.get_type_hints(type(base))
+    names = [f.name for f in dataclasses.fields(base)]
+    changes = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            problems.append(_unknown_key(dotted, key, names))
+        elif dataclasses.is_dataclass(hints[key]):
+            if value is not None and not isinstance(value, dict):
+                problems.append(f"{dotted}: expected a section of key: value lines, got {value!r}")
+            else:
+                changes[key] = _build(getattr(base, key), value or {}, f"{dotted}.", problems)
+        else:
+            converted, problem = _check_value(value, hints[key], dotted)
+            if problem:
+                problems.append(problem)
+            else:
+                changes[key] = converted
+    return dataclasses.replace(base, **changes)
+
+
+def _apply_override(raw: dict, text: str) -> str | None:
+    """Set one ``dotted.key=value`` override in ``raw`` (the YAML's mapping) after checking it
+    against :class:`PipelineConfig`; returns the problem instead when it is bad."""
+    key, sep, value_text = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        return f"override {text!r}: expected key=value, e.g. training.max_steps=500"
+    parts = key.split(".")
+    owner, annotation = PipelineConfig, PipelineConfig
+    for depth, part in enumerate(parts):
+        if dataclasses.is_dataclass(annotation):
+            owner, names = annotation, [f.name for f in dataclasses.fields(annotation)]
+            if part not in names:
+                return f"override {text}: {_unknown_key('.'.join(parts[:depth + 1]), part, names)}"
+            annotation = typing.get_type_hints(owner)[part]
+        elif dict in (annotation, typing.get_origin(annotation)):  # an entry of a dict field
+            annotation = typing.get_args(annotation)[1] if typing.get_args(annotation) else typing.Any
+        else:
+            return f"override {text}: {'.'.join(parts[:depth])} has no keys below it"
+    if dataclasses.is_dataclass(annotation):
+        return f"override {text}: {key} is a section; set a key inside it, e.g. {key}.<key>=<value>"
+    try:
+        value = yaml.safe_load(value_text)
+    except yaml.YAMLError:
+        value = value_text
+    if annotation is str and not isinstance(value, str):  # name=2024, corpus.train_split=on
+        value = value_text
+    value, problem = _check_value(value, annotation, key)
+    if problem:
+        return f"override {text}: {problem}"
+    section = raw
+    for part in parts[:-1]:
+        if not isinstance(section.get(part), dict):
+            section[part] = {}
+        section = section[part]
+    section[parts[-1]] = value
+    return None
+
+
+def load_pipeline(path: str | os.PathLike | None, overrides: Sequence[str] = (), *,
+                  check_paths: bool = True) -> PipelineConfig:
+    """The pipeline config of a YAML file (None: all defaults) with ``key=value`` overrides applied.
+
+    Overrides use dotted keys and YAML values: ``training.max_steps=500``, ``training.lr=3e-4``,
+    ``sweep.target_sparsities=[0.5,0.6]``, ``model.overrides.layerdrop=0.0``. Values are checked
+    against the field types (ints are accepted for floats, not bools for ints; float fields also
+    take strings such as ``1e-3``, which YAML 1.1 leaves as text). Relative local paths
+    (``corpus.root``, ``output_dir``, ``data.cache_dir``) are made absolute against the working
+    directory, the one ``ray job submit --working-dir .`` runs in; URIs (s3://, gs://) are kept.
+    An empty ``output_dir`` becomes ``runs/<name>``. ``model.init_from`` is kept as written.
+    ``check_paths``: also report :func:`check_paths` problems (a missing corpus, an unwritable
+    output directory). Nothing is created or written.
+
+    Raises:
+        ConfigError: every problem at once (unknown keys with a suggestion, wrong types, impossible
+            combinations, paths), each naming its dotted key; ``source`` is the YAML file, and
+            problems of an override start with ``override <key=value>``.
+    """
+    source = os.fspath(path) if path is not None else "the default pipeline"
+    raw = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as file:
+                raw = yaml.safe_load(file)
+        except OSError as error:
+            raise ConfigError([f"cannot read the pipeline file: {error.strerror}"], source) from error
+        except yaml.YAMLError as error:
+            raise ConfigError([f"not valid YAML: {error}"], source) from error
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise ConfigError([f"expected key: value lines at the top level, got {type(raw).__name__}"], source)
+    problems = []
+    override_problems = [problem for text in overrides if (problem := _apply_override(raw, text))]
+    cfg = _build(PipelineConfig(), raw, "", problems)
+    cfg.output_dir = _resolve_path(cfg.output_dir or os.path.join("runs", cfg.name))
+    cfg.corpus.root = _resolve_path(cfg.corpus.root)
+    cfg.data.cache_dir = _resolve_path(cfg.data.cache_dir)
+    problems += override_problems + cfg.problems()
+    if check_paths:
+        problems += _path_problems(cfg)
+    raise_if_problems(problems, source)
+    return cfg
+
+
+def check_paths(cfg: PipelineConfig) -> list[str]:
+    """Problems a run of ``cfg`` would hit on disk before starting; nothing is created.
+
+    A local ``corpus.root`` must be a directory, unless the synthetic corpus is to be generated
+    there (``corpus.synth_utterances`` > 0), when it must be creatable. ``output_dir`` and
+    ``data.cache_dir`` must be writable directories or creatable: their nearest existing ancestor
+    is a writable directory. Object-store URIs are not checked.
+    """
+    return _path_problems(cfg)
+
+
+def _path_problems(cfg: PipelineConfig) -> list[str]:
+    out = []
+    root = _local_path(cfg.corpus.root)
+    if root and not os.path.isdir(root):
+        if os.path.exists(root):
+            out.append(f"corpus.root: {root} is a file, not a corpus directory")
+        elif not cfg.corpus.synth_utterances:
+            out.append(f"corpus.root: directory {root} does not exist; point it at the corpus "
+                       "(corpus.root=/path/to/LibriSpeech), or set corpus.synth_utterances to generate "
+                       "the synthetic corpus there")
+        else:
+            out += _writable_problems("corpus.root", root)
+    for key, path in (("output_dir", cfg.output_dir), ("data.cache_dir", cfg.data.cache_dir)):
+        local = _local_path(path)
+        if local:
+            out += _writable_problems(key, local)
+    return out
+
+
+def _writable_problems(key: str, path: str) -> list[str]:
+    """Whether directory ``path`` is writable or creatable (nothing is created)."""
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)  # nearest existing ancestor
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        return [f"{key}: {path} {where}, not a directory; choose another path"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{key}: {path} cannot be written ({existing} is not writable); choose another path"]
+    return []
+
+
+def _plain(value):
+    """Tuples as lists, recursively (safe YAML has no tuples)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def dump_pipeline(cfg: PipelineConfig) -> str:
+    """``cfg`` as YAML with every key (the ``pipeline.yaml`` beside a run's outputs);
+    :func:`load_pipeline` reads it back to an equal config."""
+    header = "# Resolved pinch_ray pipeline config: every setting of the run.\n"
+    return header + yaml.safe_dump(_plain(dataclasses.asdict(cfg)), sort_keys=False, default_flow_style=False)
