@@ -1,0 +1,190 @@
+"""finalize_trial (artifact directory, metrics, reports, resumability) and the pipeline summary."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jiwer
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoModelForCTC
+
+from pinch_ray import evaluate, gates, report
+from pinch_ray.config import EvalConfig, GateConfig
+from pinch_ray.data import SHARD_SCHEMA
+from pinch_ray.models import CHAR_VOCAB, count_parameters, load_model
+
+NO_RANDOMNESS = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                     feat_proj_dropout=0.0, final_dropout=0.0, mask_time_prob=0.0)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+WORDS = "THE CAT SAT ON A MAT WITH ITS HAT".split()
+
+
+def eval_rows(split, num_rows=5, seed=0):
+    """Shard rows of one split: random audio of 0.5-1 s, three-word references."""
+    rng = np.random.default_rng([seed, len(split)])
+    rows = []
+    for i in range(num_rows):
+        text = " ".join(rng.choice(WORDS, size=3))
+        samples = int(rng.uniform(0.5, 1.0) * 16_000)
+        rows.append({"id": f"{split}-{i:02d}", "speaker": "s", "split": split, "num_samples": samples,
+                     "audio": rng.standard_normal(samples).astype(np.float32), "text": text,
+                     "labels": np.array([CHAR_VOCAB[c] for c in text.replace(" ", "|")], dtype=np.int32)})
+    return rows
+
+
+def ump_trial():
+    """A tiny ump model at 65% and its TrialInfo (what the pipeline hands to finalize)."""
+    model, processor = load_model("tiny", **NO_RANDOMNESS)
+    gates.attach_uniform_masks(model, GateConfig(), 0.65)
+    info = report.TrialInfo(trial="ump-0.65", method="ump", target_sparsity=0.65, compression_seconds=12.5,
+                            achieved_sparsity_trained=0.65, calibrated=False)
+    return model, processor, info
+
+
+def finalize_ump(output_dir):
+    """The finalize run the kill test interrupts (also run by a subprocess, hence a function)."""
+    model, processor, info = ump_trial()
+    splits = {"dev": eval_rows("dev"), "test": eval_rows("test")}
+    return report.finalize_trial(model, processor, info, output_dir, splits, eval_cfg=EvalConfig(batch_size=2))
+
+
+def test_finalize_writes_a_complete_self_describing_trial(tmp_path):
+    model, processor, info = ump_trial()
+    layers = gates.layer_sparsity(model)
+    counts = count_parameters(model)
+    dense = {split: [evaluate.Utterance(r["id"], r["text"], r["text"]) for r in eval_rows(split)]
+             for split in ("dev", "test")}  # a perfect "dense" system
+    metrics = report.finalize_trial(model, processor, info, tmp_path,
+                                    {"dev": eval_rows("dev"), "test": eval_rows("test")},
+                                    dense_hypotheses=dense, eval_cfg=EvalConfig(batch_size=2))
+    trial = tmp_path / "ump-0.65"
+    assert sorted(os.listdir(trial)) == ["compact", "hypotheses", "metrics.json", "model",
+                                         "per_layer_sparsity.csv", "per_layer_sparsity.png"]
+    assert json.loads((trial / "metrics.json").read_text()) == metrics
+    assert AutoModelForCTC.from_pretrained(trial / "model") is not None
+
+    assert metrics["method"] == "ump" and metrics["target_sparsity"] == 0.65
+    assert metrics["achieved_sparsity"] == pytest.approx(gates.achieved_sparsity(model))
+    assert (metrics["params_total"], metrics["params_nonzero"]) == (counts.total, counts.nonzero)
+    assert metrics["param_reduction"] == pytest.approx(counts.reduction)
+    assert metrics["compression_ratio"] == pytest.approx(counts.total / counts.nonzero)
+    assert metrics["compression_seconds"] == 12.5 and metrics["calibrated"] is False
+    assert metrics["artifact_bytes"]["compact"] < 0.21 * metrics["artifact_bytes"]["model"]
+    assert set(metrics["versions"]) == {"pinch_ray", "torch", "transformers", "ray"}
+    assert all(metrics["versions"].values())
+
+    for split in ("dev", "test"):  # reported numbers = jiwer on the saved hypotheses
+        saved = evaluate.read_hypotheses(trial / "hypotheses" / f"{split}.txt")
+        references, hypotheses = [u.reference for u in saved], [u.hypothesis for u in saved]
+        assert [u.reference for u in saved] == [r["text"] for r in sorted(eval_rows(split), key=lambda r: r["id"])]
+        assert metrics["wer"][split] == pytest.approx(jiwer.wer(references, hypotheses))
+        assert metrics["cer"][split] == pytest.approx(jiwer.cer(references, hypotheses))
+        assert metrics["per_split"][split]["num_utterances"] == 5
+        assert metrics["p_value_vs_dense"][split] == pytest.approx(evaluate.compare(saved, dense[split]).p_value)
+
+    with open(trial / "per_layer_sparsity.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["layer"], int(r["numel"]), int(r["pruned"])) for r in rows] == \
+        [(layer.name, layer.numel, layer.pruned) for layer in layers]
+    assert (trial / "per_layer_sparsity.png").read_bytes()[:8] == PNG_MAGIC
+
+    # complete: a rerun keeps it as it is
+    mtime = (trial / "metrics.json").stat().st_mtime_ns
+    assert report.finalize_trial(model, processor, info, tmp_path, {}) == metrics
+    assert (trial / "metrics.json").stat().st_mtime_ns == mtime
+
+
+def test_finalize_killed_mid_write_leaves_nothing_complete_and_a_rerun_finishes(tmp_path):
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import test_report
+from pinch_ray import evaluate
+write = evaluate.write_hypotheses
+def write_then_die(path, utterances):
+    write(path, utterances)
+    os._exit(9)  # a hard kill: no cleanup code runs
+evaluate.write_hypotheses = write_then_die
+test_report.finalize_ump({str(tmp_path)!r})
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 9, result.stderr[-3000:]
+    leftovers = os.listdir(tmp_path)
+    assert len(leftovers) == 1 and leftovers[0].startswith("ump-0.65.tmp-")  # killed after model/, compact/
+    assert (tmp_path / leftovers[0] / "model" / "model.safetensors").is_file()
+    assert not report.is_complete(tmp_path / leftovers[0])
+    assert report.collect_trials(tmp_path) == []
+
+    metrics = finalize_ump(tmp_path)
+    assert os.listdir(tmp_path) == ["ump-0.65"]
+    assert report.is_complete(tmp_path / "ump-0.65")
+    assert set(metrics["wer"]) == {"dev", "test"} and metrics["p_value_vs_dense"] == {"dev": None, "test": None}
+    assert AutoModelForCTC.from_pretrained(tmp_path / "ump-0.65" / "model") is not None
+
+
+def test_finalize_replaces_an_incomplete_trial_directory(tmp_path):
+    (tmp_path / "ump-0.65").mkdir()
+    (tmp_path / "ump-0.65" / "junk.txt").write_text("from an older, broken run")
+    finalize_ump(tmp_path)
+    assert "junk.txt" not in os.listdir(tmp_path / "ump-0.65")
+    assert report.is_complete(tmp_path / "ump-0.65")
+
+
+def test_finalize_dense_on_ray_data(tmp_path, ray_cluster):
+    model, processor = load_model("tiny", **NO_RANDOMNESS)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rows = eval_rows("test")
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), shards / "part-0.parquet")
+    info = report.TrialInfo(trial="dense", method="dense", target_sparsity=0.0)
+    splits = {"test": ray_cluster.data.read_parquet(str(shards))}
+    metrics = report.finalize_trial(model, processor, info, tmp_path / "out", splits, eval_cfg=EvalConfig(batch_size=2))
+    assert metrics["achieved_sparsity"] == 0.0 and metrics["p_value_vs_dense"] == {"test": None}
+    saved = report.read_trial_hypotheses(tmp_path / "out" / "dense")
+    assert sorted(u.id for u in saved["test"]) == [r["id"] for r in rows]
+    assert metrics["wer"]["test"] == pytest.approx(evaluate.score(saved["test"]).wer)
+    with open(tmp_path / "out" / "dense" / "per_layer_sparsity.csv") as f:
+        layers = list(csv.DictReader(f))
+    assert len(layers) == 3 * 6 + 1 and all(int(r["pruned"]) == 0 for r in layers)  # default patterns
+
+
+def fake_metrics(trial, method, target, nonzero, wer_test, p):
+    return {"trial": trial, "method": method, "target_sparsity": target, "achieved_sparsity": target,
+            "params_total": 1_000_000, "params_nonzero": nonzero, "wer": {"dev": wer_test - 0.01, "test": wer_test},
+            "p_value_vs_dense": {"dev": p, "test": p}, "compression_seconds": 60.0}
+
+
+def test_summary_lists_complete_trials_in_one_table_and_plots(tmp_path):
+    trials = [fake_metrics("sspg-0.65", "sspg", 0.65, 400_000, 0.081, 0.21),
+              fake_metrics("dense", "dense", 0.0, 1_000_000, 0.078, None),
+              fake_metrics("ump-0.65", "ump", 0.65, 400_000, 0.095, 0.001),
+              fake_metrics("sspg-0.5", "sspg", 0.5, 550_000, 0.079, 0.6)]
+    for m in trials:
+        (tmp_path / m["trial"]).mkdir()
+        (tmp_path / m["trial"] / "metrics.json").write_text(json.dumps(m))
+    (tmp_path / "sspg-0.8").mkdir()  # incomplete: no metrics.json
+    (tmp_path / "sspg-0.9.tmp-0123").mkdir()  # killed mid-write
+    (tmp_path / "sspg-0.9.tmp-0123" / "metrics.json").write_text(json.dumps(trials[0]))
+
+    summary = report.write_summary(tmp_path)
+    assert [m["trial"] for m in summary["trials"]] == ["dense", "ump-0.65", "sspg-0.5", "sspg-0.65"]
+    assert summary["plot_split"] == "test"
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    table = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 4  # header, separator, one row per complete trial
+    assert "WER test (%)" in table[0] and "p vs dense test" in table[0]
+    assert "| sspg-0.65 | sspg | 0.65 | 0.650 | 0.400 / 1.000 | 7.10 | 8.10 | 0.21 | 0.21 | 60 |" in table
+    assert (tmp_path / "wer_vs_params.png").read_bytes()[:8] == PNG_MAGIC
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary files left
+
+
+def test_summary_without_trials_says_so(tmp_path):
+    with pytest.raises(ValueError, match="no complete trial"):
+        report.write_summary(tmp_path)
