@@ -11,15 +11,22 @@ A micro-batch is a dict of tensors: ``input_values`` [B, T] float32 (16 kHz audi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from pinch_ray import gates as gates_lib
-from pinch_ray.config import GateConfig, TrainConfig, raise_if_problems, target_sparsity_problems
+from pinch_ray.config import GateConfig, ResourcesConfig, TrainConfig, raise_if_problems, target_sparsity_problems
+
+log = logging.getLogger(__name__)
 
 MODEL_KEYS = ("input_values", "attention_mask", "labels")
 
@@ -100,10 +107,12 @@ class Compressor:
     sparsity_start: float = 0.0  # soft sparsity before training (sspg): where the target ramp starts
     step_count: int = 0  # optimizer steps done
     autocast_dtype: torch.dtype | None = None
+    use_attention_mask: bool = True  # pass attention_mask to the model (False for group-norm wav2vec2-base)
 
     @classmethod
     def create(cls, model: nn.Module, method: str, target_sparsity: float, train_cfg: TrainConfig,
-               gate_cfg: GateConfig, device: torch.device | str = "cpu") -> "Compressor":
+               gate_cfg: GateConfig, device: torch.device | str = "cpu",
+               use_attention_mask: bool = True) -> "Compressor":
         raise_if_problems(train_cfg.problems() + gate_cfg.problems(), source="training settings")
         device = torch.device(device)
         if train_cfg.freeze_feature_encoder and hasattr(model, "freeze_feature_encoder"):
@@ -119,7 +128,7 @@ class Compressor:
         use_bf16 = device.type == "cuda" and train_cfg.bf16_autocast
         return cls(model=model, method=method, target_sparsity=target_sparsity, train_cfg=train_cfg,
                    gate_cfg=gate_cfg, optimizer=optimizer, lagrangian=lagrangian, sparsity_start=sparsity_start,
-                   autocast_dtype=torch.bfloat16 if use_bf16 else None)
+                   autocast_dtype=torch.bfloat16 if use_bf16 else None, use_attention_mask=use_attention_mask)
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -160,7 +169,8 @@ class Compressor:
             last = i == n - 1
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
-                inputs = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_KEYS if k in batch}
+                keys = MODEL_KEYS if self.use_attention_mask else ("input_values", "labels")
+                inputs = {k: batch[k].to(self.device, non_blocking=True) for k in keys if k in batch}
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                     enabled=self.autocast_dtype is not None):
                     ctc_loss = self.model(**inputs).loss
@@ -217,3 +227,244 @@ class Compressor:
             self.lagrangian.load_state_dict(state["lagrangian"])
         self.step_count = int(state["step"])
         self.sparsity_start = float(state["sparsity_start"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Train: the per-worker training function and the driver that runs it
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT_STATE = "state.pt"  # Compressor.state_dict() + data progress (torch.save, tensors only)
+CHECKPOINT_MODEL = "model"  # final checkpoint only: the folded HF model + processor
+TRAIN_RESULT = "train_result.json"  # final checkpoint only: what the run achieved
+
+
+def worker_config(init_from: str, method: str, target_sparsity: float, train_cfg: TrainConfig,
+                  gate_cfg: GateConfig, *, train_rows: int, dev_path: str | None = None,
+                  tensorboard_dir: str | None = None, model_overrides: dict | None = None,
+                  trust_remote_code: bool = False, fail_at: dict | None = None) -> dict:
+    """The plain dict :func:`train_loop_per_worker` takes (validated here, before Ray starts).
+
+    ``train_rows``: utterances of the prepared train split (fixes the batches per epoch per rank);
+    ``dev_path``: prepared dev shards, evaluated on rank 0 every ``eval_every`` steps.
+    ``fail_at``: fault injection, ``{"step": k, "rank": r, "marker": path}``: worker ``r`` exits
+    just before step ``k`` if ``marker`` does not exist yet (it creates it), so it fails once.
+    """
+    raise_if_problems(train_cfg.problems() + gate_cfg.problems() + target_sparsity_problems(method, target_sparsity),
+                      source="training settings")
+    return {"init_from": str(init_from), "method": method, "target_sparsity": float(target_sparsity),
+            "training": dataclasses.asdict(train_cfg), "gates": dataclasses.asdict(gate_cfg),
+            "train_rows": int(train_rows), "dev_path": str(dev_path) if dev_path else None,
+            "tensorboard_dir": str(tensorboard_dir) if tensorboard_dir else None,
+            "model_overrides": dict(model_overrides or {}), "trust_remote_code": bool(trust_remote_code),
+            "fail_at": dict(fail_at) if fail_at else None}
+
+
+def _maybe_fail(fail_at: dict | None, step: int, rank: int) -> None:
+    """Fault injection (see :func:`worker_config`): kill this worker process once."""
+    if not fail_at or step != fail_at["step"] or rank != fail_at["rank"] or os.path.exists(fail_at["marker"]):
+        return
+    Path(fail_at["marker"]).write_text(f"worker {rank} killed before step {step}\n")
+    log.warning("fault injection: worker %d exits before step %d", rank, step)
+    # Ray Train's controller registers reports when it polls the workers (every 2 s): wait for the
+    # reports already made to be registered, so the last checkpoint before the crash is known.
+    time.sleep(5)
+    os._exit(1)
+
+
+def _threshold_rank_spread(run: Compressor) -> float:
+    """Largest difference of any gate threshold between DDP ranks (0.0: in sync, as it must be)."""
+    thresholds = [g.threshold.detach() for g in gates_lib.gates_of(run.unwrapped)]
+    if not thresholds or not torch.distributed.is_initialized():
+        return 0.0
+    high = torch.stack(thresholds).float()
+    low = high.clone()
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    return float((high - low).max())
+
+
+def _save_checkpoint(directory: Path, run: Compressor, progress: dict) -> None:
+    torch.save({"compressor": run.state_dict(), "progress": dict(progress)}, directory / CHECKPOINT_STATE)
+
+
+def load_checkpoint_state(directory: str | os.PathLike, map_location="cpu") -> dict:
+    """A checkpoint's saved state (``compressor`` state dict and data ``progress``), tensors only."""
+    return torch.load(Path(directory) / CHECKPOINT_STATE, map_location=map_location, weights_only=True)
+
+
+def _dev_scores(run: Compressor, processor, dev_path: str, batch_size: int) -> dict:
+    from pinch_ray.data import read_prepared_rows
+    from pinch_ray.evaluate import score, transcribe_rows
+
+    with torch.no_grad():
+        scores = score(transcribe_rows(run.unwrapped, processor, read_prepared_rows(dev_path), batch_size))
+    return {"dev_wer": scores.wer, "dev_cer": scores.cer}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: train ``config["method"]`` on this rank's shard of the ``train`` dataset.
+
+    DDP across ranks (gloo on CPU, nccl on GPU, set up by ``TorchTrainer``); every rank reports
+    metrics every ``report_every`` steps, rank 0 attaches a checkpoint every ``checkpoint_every``
+    steps and at the end, where it also calibrates (sspg), evaluates the dev set and saves the
+    folded model. Resumes from ``ray.train.get_checkpoint()`` (a restarted worker group or a rerun
+    under the same run name): the step counter, optimizer, thresholds, multiplier and data epoch
+    continue where the checkpoint left them.
+    """
+    import tempfile
+
+    import ray.train
+    import ray.train.torch
+
+    from pinch_ray.data import batches_per_epoch, iter_train_batches
+    from pinch_ray.export import export_model, pruned_copy
+    from pinch_ray.models import load_model
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    train_cfg, gate_cfg = TrainConfig(**config["training"]), GateConfig(**config["gates"])
+    overrides = dict(config["model_overrides"])
+    if world > 1:
+        overrides["layerdrop"] = 0.0  # skipped layers differ across ranks: DDP would hang
+    model, processor = load_model(config["init_from"], seed=train_cfg.seed,
+                                  trust_remote_code=config["trust_remote_code"], **overrides)
+    run = Compressor.create(model, config["method"], config["target_sparsity"], train_cfg, gate_cfg,
+                            device=ray.train.torch.get_device(),
+                            use_attention_mask=processor.feature_extractor.return_attention_mask)
+    progress = {"epoch": 0, "batch_in_epoch": 0, "elapsed_s": 0.0, "resumed_at": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint_state(directory, map_location=run.device)
+        run.load_state_dict(state["compressor"])
+        progress = state["progress"]
+        progress["resumed_at"] = progress["resumed_at"] + [run.step_count]
+        log.info("rank %d resumes at step %d (epoch %d)", rank, run.step_count, progress["epoch"])
+    if world > 1:
+        run.model = ray.train.torch.prepare_model(run.model, move_to_device=False)
+
+    per_epoch = batches_per_epoch(config["train_rows"], world, train_cfg.batch_size)
+    if per_epoch < train_cfg.grad_accum_steps:
+        raise ValueError(f"{config['train_rows']} training utterances give {per_epoch} batches of "
+                         f"{train_cfg.batch_size} per worker, fewer than grad_accum_steps="
+                         f"{train_cfg.grad_accum_steps}; lower training.batch_size or resources.num_workers")
+    writer = None
+    if rank == 0 and config["tensorboard_dir"]:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(config["tensorboard_dir"])
+    shard = ray.train.get_dataset_shard("train")
+    resumed_at = time.perf_counter() - progress["elapsed_s"]
+
+    def report(metrics: dict, final: bool = False) -> None:
+        progress["elapsed_s"] = time.perf_counter() - resumed_at
+        metrics = {**metrics, "hard_sparsity": run.hard_sparsity(), "elapsed_s": progress["elapsed_s"],
+                   "epoch": progress["epoch"], "resumed_at": list(progress["resumed_at"]),
+                   "threshold_rank_spread": _threshold_rank_spread(run)}
+        step = run.step_count
+        if rank == 0 and config["dev_path"] and (final or step % train_cfg.eval_every == 0):
+            metrics.update(_dev_scores(run, processor, config["dev_path"], train_cfg.eval_batch_size))
+        if writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    writer.add_scalar(f"train/{key}", value, step)
+            writer.flush()
+        if rank != 0 or not (final or step % train_cfg.checkpoint_every == 0):
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            directory = Path(directory)
+            if final:
+                metrics.update(run.finish())
+                export_model(pruned_copy(run.model), processor, directory / CHECKPOINT_MODEL)
+                (directory / TRAIN_RESULT).write_text(json.dumps(
+                    {"method": run.method, "target_sparsity": run.target_sparsity, "steps": step,
+                     "compression_seconds": progress["elapsed_s"], **metrics}, indent=2, default=float))
+            _save_checkpoint(directory, run, progress)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=f"step-{step:07d}")
+
+    metrics: dict = {}
+    while run.step_count < train_cfg.max_steps:
+        micro_batches = []
+        batches = iter_train_batches(shard, train_cfg.batch_size, num_batches=per_epoch,
+                                     seed=train_cfg.seed, epoch=progress["epoch"])
+        for index, batch in enumerate(batches):
+            if index < progress["batch_in_epoch"]:
+                continue  # resumed inside this epoch: these batches were trained on already
+            micro_batches.append(batch)
+            if len(micro_batches) < train_cfg.grad_accum_steps:
+                continue
+            _maybe_fail(config["fail_at"], run.step_count + 1, rank)
+            metrics = run.step(micro_batches)
+            micro_batches = []
+            progress["batch_in_epoch"] = index + 1
+            last = run.step_count >= train_cfg.max_steps
+            if last or run.step_count % train_cfg.report_every == 0 or run.step_count % train_cfg.checkpoint_every == 0:
+                report(metrics, final=last)
+            if last:
+                break
+        else:
+            progress["epoch"] += 1
+            progress["batch_in_epoch"] = 0
+    if writer is not None:
+        writer.close()
+
+
+def metrics_log_callback(path: str | os.PathLike):
+    """A Ray Train callback appending rank 0's metrics of every report to ``path`` (JSON lines).
+
+    It runs in the Ray Train controller, so ``path`` must be writable there (the driver's machine
+    for local runs; shared storage on a cluster).
+    """
+    from ray.train import UserCallback
+
+    class MetricsLog(UserCallback):
+        def __init__(self, log_path: str):
+            self.log_path = log_path
+
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(metrics[0], default=float) + "\n")
+
+    return MetricsLog(str(path))
+
+
+def run_training(config: dict, train_dataset, resources: ResourcesConfig, *, name: str,
+                 storage_path: str, callbacks: list | None = None):
+    """Run :func:`train_loop_per_worker` as a Ray Train ``TorchTrainer`` job; returns its Result.
+
+    ``name`` + ``storage_path`` identify the run: rerunning the same pair resumes from its latest
+    checkpoint. Ray must already be initialised (``ray.init()`` or a cluster address).
+
+    Raises:
+        ConfigError: bad resources.
+        ray.train.TrainingFailedError: the run failed more than ``resources.max_failures`` times.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    import ray
+
+    problems = resources.problems()
+    cluster_cpus = ray.cluster_resources().get("CPU", 0)
+    if resources.num_workers * resources.cpus_per_worker >= cluster_cpus:
+        problems.append(f"resources: {resources.num_workers} workers x {resources.cpus_per_worker} CPUs take every "
+                        f"CPU of the cluster ({cluster_cpus:g}), leaving none for Ray Data to stream the training "
+                        "data (the run would hang); lower resources.cpus_per_worker (e.g. 0.5) or num_workers")
+    raise_if_problems(problems, source="resources")
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+        datasets={"train": train_dataset},
+        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
+                             failure_config=FailureConfig(max_failures=resources.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    return trainer.fit()

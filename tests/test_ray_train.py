@@ -1,0 +1,112 @@
+"""One-pass compression on Ray Train: DDP workers, checkpoints, fault tolerance, resume (CPU)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pinch_ray import gates
+from pinch_ray.config import ConfigError, DataConfig, GateConfig, ResourcesConfig, TrainConfig
+from pinch_ray.corpus import generate_corpus
+from pinch_ray.data import prepare_split
+from pinch_ray.models import CHAR_VOCAB, count_parameters, load_model
+from pinch_ray.train import (CHECKPOINT_MODEL, TRAIN_RESULT, Compressor, load_checkpoint_state, run_training,
+                             worker_config)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray_train_corpus") / "synth"
+    generate_corpus(root, 120, seed=3, num_workers=2, progress=False)
+    cache = tmp_path_factory.mktemp("ray_train_prepared")
+    return {split: prepare_split(root, split, CHAR_VOCAB, DataConfig(), cache_dir=cache) for split in ("train", "dev")}
+
+
+def run(prepared, tmp_path, name, method="sspg", target=0.5, steps=12, workers=1, fail_at=None, max_failures=0,
+        checkpoint_every=4):
+    train_cfg = TrainConfig(max_steps=steps, batch_size=4, warmup_steps=2, report_every=2,
+                            checkpoint_every=checkpoint_every, eval_every=1000)
+    config = worker_config("tiny", method, target, train_cfg, GateConfig(calibrate=False),
+                           train_rows=prepared["train"].num_utterances, dev_path=prepared["dev"].path,
+                           tensorboard_dir=tmp_path / name / "tensorboard", fail_at=fail_at)
+    resources = ResourcesConfig(num_workers=workers, cpus_per_worker=0.5, max_failures=max_failures)
+    return run_training(config, prepared["train"].dataset(), resources, name=name, storage_path=str(tmp_path))
+
+
+def gated_model_from_checkpoint(directory, method, target):
+    model, _ = load_model("tiny")
+    compressor = Compressor.create(model, method, target, TrainConfig(max_steps=12), GateConfig(calibrate=False))
+    compressor.load_state_dict(load_checkpoint_state(directory)["compressor"])
+    return compressor
+
+
+def test_two_workers_train_sspg_in_sync_and_checkpoint_matches(prepared, tmp_path):
+    result = run(prepared, tmp_path, "ddp", workers=2, steps=16)
+    assert result.error is None
+    metrics = result.metrics
+    assert metrics["step"] == 16 and metrics["threshold_rank_spread"] == 0.0
+    assert 0 <= metrics["dev_wer"] and 0 <= metrics["dev_cer"]
+    with result.checkpoint.as_directory() as directory:
+        compressor = gated_model_from_checkpoint(directory, "sspg", 0.5)
+        assert compressor.step_count == 16
+        recomputed = gates.achieved_sparsity(compressor.model)
+        assert recomputed == pytest.approx(metrics["hard_sparsity"], abs=1e-12)
+        folded = __import__("transformers").AutoModelForCTC.from_pretrained(Path(directory) / CHECKPOINT_MODEL)
+        assert count_parameters(folded).nonzero == count_parameters(compressor.model).nonzero
+        train_result = json.loads((Path(directory) / TRAIN_RESULT).read_text())
+    assert train_result["steps"] == 16 and train_result["achieved_sparsity"] == recomputed
+    assert train_result["compression_seconds"] > 0
+    assert list((tmp_path / "ddp" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_worker_crash_resumes_from_last_checkpoint(prepared, tmp_path):
+    marker = tmp_path / "crashed"
+    result = run(prepared, tmp_path, "crash", workers=2, steps=12, max_failures=1,
+                 fail_at={"step": 7, "rank": 1, "marker": str(marker)})
+    assert marker.exists(), "the fault was not injected"
+    assert result.error is None
+    assert result.metrics["step"] == 12
+    assert result.metrics["resumed_at"] == [4]  # last checkpoint before step 7: nothing lost beyond it
+    with result.checkpoint.as_directory() as directory:
+        state = load_checkpoint_state(directory)
+    assert state["compressor"]["step"] == 12
+    # 12 optimizer steps in all: Adam's step counter equals the planned steps (none repeated)
+    adam_steps = {int(s["step"]) for s in state["compressor"]["optimizer"]["state"].values()}
+    assert adam_steps == {12}
+
+
+def test_interrupted_run_continues_under_the_same_name(prepared, tmp_path):
+    marker = tmp_path / "interrupted"
+    failed = None
+    try:
+        run(prepared, tmp_path, "resume", steps=12, fail_at={"step": 10, "rank": 0, "marker": str(marker)})
+    except Exception as err:  # noqa: BLE001 - Ray raises its TrainingFailedError
+        failed = err
+    assert failed is not None and marker.exists()
+    result = run(prepared, tmp_path, "resume", steps=12)
+    assert result.error is None and result.metrics["step"] == 12
+    assert result.metrics["resumed_at"] == [8]
+
+
+def test_resources_that_starve_the_data_stream_are_refused(prepared, tmp_path):
+    config = worker_config("tiny", "dense", 0.0, TrainConfig(max_steps=2), GateConfig(),
+                           train_rows=prepared["train"].num_utterances)
+    with pytest.raises(ConfigError, match="leaving none for Ray Data"):
+        run_training(config, prepared["train"].dataset(), ResourcesConfig(num_workers=2, cpus_per_worker=1),
+                     name="starved", storage_path=str(tmp_path))
+
+
+@pytest.mark.parametrize("method,target", [("dense", 0.0), ("ump", 0.5)])
+def test_dense_and_ump_run_through_the_same_worker(prepared, tmp_path, method, target):
+    result = run(prepared, tmp_path, method, method=method, target=target, steps=6)
+    assert result.error is None and result.metrics["step"] == 6
+    assert result.metrics["hard_sparsity"] == pytest.approx(target, abs=1e-3)
+    with result.checkpoint.as_directory() as directory:
+        compressor = gated_model_from_checkpoint(directory, method, target)
+        assert compressor.step_count == 6
+        before = {n: p for n, p in load_model("tiny")[0].named_parameters()}
+        changed = [n for n, p in compressor.model.named_parameters() if n in before and not torch.equal(p, before[n])]
+        assert changed  # the weights trained
