@@ -262,11 +262,10 @@ class DataConfig:
     max_duration_s: float = 20.0  # utterances longer than this (seconds) are skipped (too_long)
     # Zero mean / unit variance per utterance (the wav2vec2 feature extractor's do_normalize=True).
     normalize: bool = True
-    # Utterances per Ray Data map_batches call of the prepare stage (decode -> features). Larger
-    # calls amortise Ray's per-batch overhead (32 was ~30% slower than 256 on 2 cores).
+    # Utterances per parquet row group written by a prepare task: a task holds one row group of
+    # features in memory at a time (~200 MB at 256 LibriSpeech utterances of ~12 s).
     prepare_batch_size: int = 256
-    # Utterances per prepare task = per parquet shard file. A task holds its whole shard in
-    # memory before writing (~200 MB at 256 LibriSpeech utterances of ~12 s).
+    # At most this many utterances per parquet shard file (a task writes up to 4 shards).
     rows_per_shard: int = 256
     # Prepared shards are cached here under a key of corpus + settings (rerun = cache hit).
     cache_dir: str = ".cache/prepared"

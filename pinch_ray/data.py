@@ -2,16 +2,18 @@
 
 Prepare, per split::
 
-    list utterances (driver: names, sizes, transcripts)  ->  Ray Data, streaming, per task:
-    decode (soundfile) -> downmix -> resample to 16 kHz (torchaudio) -> normalise
-    -> tokenise characters -> filter by duration  ->  parquet shards (write_parquet)
+    list utterances (driver: names, sizes, transcripts)  ->  Ray Data, streaming, one task per
+    shard: decode (soundfile) -> downmix -> resample to 16 kHz (torchaudio) -> normalise
+    -> tokenise characters -> filter by duration -> write the parquet shard (pyarrow)
+    ->  the driver collects one small summary row per shard (counts, skips) for the report
 
 Shard rows: ``id`` str, ``speaker`` str, ``split`` str, ``audio`` list<float32> (16 kHz mono,
 zero mean / unit variance), ``num_samples`` int64, ``labels`` list<int32> (character ids),
 ``text`` str (normalised transcript).
 
 Output: ``<cache_dir>/<split>-<key>/`` with ``*.parquet``, ``prepare_report.json`` and the
-completion marker ``_COMPLETE`` (written last, then the directory is renamed into place). The key
+completion marker ``_COMPLETE`` (written last, then the directory is renamed into place); a shard
+file appears only complete (written under a temporary name, then renamed). The key
 hashes the corpus URI, the split, every listed file's size and mtime, the settings and the vocab,
 so a rerun with the same inputs reuses the shards. Bad input is skipped and counted by kind
 (:data:`SKIP_KINDS`), never fatal, unless no usable utterance is left.
@@ -24,7 +26,6 @@ Example (Ray already initialised by the caller)::
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -51,6 +52,7 @@ from pinch_ray.corpus.librispeech import (
     hf_rows,
     list_split,
     read_bytes,
+    resampler,
     resolve_filesystem,
 )
 
@@ -62,7 +64,6 @@ SKIP_KINDS = ("unreadable_audio", "missing_audio", "missing_transcript", "empty_
 CONVERSION_KINDS = ("converted_channels", "resampled")  # counted, the utterance is kept
 REPORT_FILE = "prepare_report.json"
 COMPLETE_MARKER = "_COMPLETE"
-_REPORT_PARTS = "_report_parts"
 WORD_DELIMITER = "|"  # a space in the transcript, as in HF wav2vec2 CTC vocabularies
 LABEL_PAD = -100  # padded label positions (ignored by the HF CTC loss)
 
@@ -74,6 +75,21 @@ SHARD_SCHEMA = pa.schema([
     ("num_samples", pa.int64()),
     ("labels", pa.list_(pa.int32())),
     ("text", pa.string()),
+])
+
+
+# Dictionary encoding for every column but ``audio``: float samples hardly repeat, so trying a
+# dictionary on them only costs time (~30% of a shard's write time).
+PARQUET_WRITE_OPTIONS = {"use_dictionary": ["id", "speaker", "split", "labels.list.element", "text"]}
+SHARDS_PER_TASK = 4  # LibriSpeech layout: most shards one prepare task writes, one after another
+TASKS_PER_CPU = 2  # LibriSpeech layout: fewest prepare tasks per cluster CPU
+# What a prepare task returns per written shard (the driver builds the report from these rows).
+SUMMARY_SCHEMA = pa.schema([
+    ("file", pa.string()),  # shard file name, null when nothing was kept
+    ("kept", pa.int64()),
+    ("num_samples", pa.int64()),
+    ("skipped", pa.string()),  # JSON list of {id, path, kind, reason}
+    ("conversions", pa.string()),  # JSON {kind: count}
 ])
 
 
@@ -101,13 +117,6 @@ def tokenize(text: str, vocab: Mapping[str, int]) -> tuple[list[int], set[str]]:
     return ([] if missing else [vocab[c] for c in chars]), missing
 
 
-@functools.lru_cache(maxsize=8)
-def _resampler(orig_freq: int, new_freq: int):
-    import torchaudio
-
-    return torchaudio.transforms.Resample(orig_freq, new_freq)  # caches its sinc kernel
-
-
 def to_model_audio(audio: np.ndarray, sample_rate: int, target_rate: int = 16000,
                    normalize: bool = True) -> tuple[np.ndarray, list[str]]:
     """[T, C] float audio at ``sample_rate`` Hz -> ([T'] float32 mono at ``target_rate`` Hz,
@@ -125,7 +134,7 @@ def to_model_audio(audio: np.ndarray, sample_rate: int, target_rate: int = 16000
         import torch  # only here: importing torch costs a worker ~2 s
 
         with torch.no_grad():
-            audio = _resampler(sample_rate, target_rate)(torch.from_numpy(audio)).numpy()
+            audio = resampler(sample_rate, target_rate)(torch.from_numpy(audio)).numpy()
         conversions.append("resampled")
     if normalize:
         audio = (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
@@ -219,25 +228,64 @@ def _shard_table(kept: dict[str, list]) -> pa.Table:
                     schema=SHARD_SCHEMA)
 
 
+def write_shard(records: Sequence[dict], path: str | os.PathLike, vocab: Mapping[str, int],
+                settings: PrepareSettings, rows_per_group: int) -> dict:
+    """Featurize ``records`` (see :func:`featurize_records`) ``rows_per_group`` at a time and
+    write the kept rows to the parquet file ``path`` (SHARD_SCHEMA, one row group per
+    featurized group, so at most one group of features is in memory). The file is written under
+    a temporary name and renamed: it exists only complete, and none is written when nothing is kept.
+
+    Returns {"file": file name or None, "kept", "num_samples", "skipped": [{id, path, kind,
+    reason}], "conversions": {kind: count}}.
+    """
+    path = Path(path)
+    tmp_path = path.with_name(path.name + ".tmp")
+    summary = {"file": None, "kept": 0, "num_samples": 0, "skipped": [], "conversions": Counter()}
+    writer = None
+    try:
+        for start in range(0, len(records), rows_per_group):
+            table, skipped, conversions = featurize_records(records[start:start + rows_per_group], vocab, settings)
+            summary["skipped"] += skipped
+            summary["conversions"].update(conversions)
+            if table.num_rows:
+                writer = writer or pq.ParquetWriter(tmp_path, SHARD_SCHEMA, **PARQUET_WRITE_OPTIONS)
+                writer.write_table(table)
+                summary["kept"] += table.num_rows
+                summary["num_samples"] += int(pc.sum(table["num_samples"]).as_py())
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is not None:
+        os.replace(tmp_path, path)
+        summary["file"] = path.name
+    summary["conversions"] = dict(summary["conversions"])
+    return summary
+
+
 def _records_of(batch: pa.Table, split: str) -> list[dict]:
     if "audio" in batch.column_names:  # HF parquet layout
         return [{**row, "split": split} for row in hf_rows(batch)]
     return batch.to_pylist()
 
 
-def featurize_batch(batch: pa.Table, *, vocab: Mapping[str, int], settings: PrepareSettings,
-                    split: str, report_dir: str | None = None) -> pa.Table:
+def prepare_shards(batch: pa.Table, *, out_dir: str, vocab: Mapping[str, int], settings: PrepareSettings,
+                   split: str, rows_per_shard: int, rows_per_group: int) -> pa.Table:
     """Ray Data UDF: a pyarrow batch of listing rows (LibriSpeech layout) or HF-layout rows ->
-    the kept rows (SHARD_SCHEMA). Skips and conversions go to a small JSON file in ``report_dir``
-    named after the batch's ids, so a retried task overwrites rather than duplicates it."""
+    parquet shards in ``out_dir`` (:func:`write_shard`; the batch is cut into the fewest shards
+    of at most ``rows_per_shard`` utterances, of nearly equal sizes) -> one SUMMARY_SCHEMA row per
+    shard. A shard is named after its utterance ids, so a retried task overwrites its files
+    rather than duplicating them."""
     records = _records_of(batch, split)
-    table, skipped, conversions = featurize_records(records, vocab, settings)
-    if report_dir is not None and records:
-        name = hashlib.sha1("\n".join(r["id"] for r in records).encode()).hexdigest()
-        part = {"kept": table.num_rows, "num_samples": int(pc.sum(table["num_samples"]).as_py() or 0),
-                "skipped": skipped, "conversions": dict(conversions)}
-        Path(report_dir, f"{name}.json").write_text(json.dumps(part))
-    return table
+    num_shards = -(-len(records) // rows_per_shard)
+    bounds = [len(records) * i // num_shards for i in range(num_shards + 1)]
+    summaries = []
+    for start, end in zip(bounds, bounds[1:]):
+        shard = records[start:end]
+        name = hashlib.sha1("\n".join(r["id"] for r in shard).encode()).hexdigest()[:20]
+        summary = write_shard(shard, Path(out_dir, f"shard-{name}.parquet"), vocab, settings, rows_per_group)
+        summaries.append({**summary, "skipped": json.dumps(summary["skipped"]),
+                          "conversions": json.dumps(summary["conversions"])})
+    return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,12 +358,10 @@ def prepare_split(corpus: CorpusConfig | str | os.PathLike, split: str, vocab: M
         return PreparedSplit(str(final_dir), report, from_cache=True)
 
     tmp_dir = cache_root / f".tmp-{final_dir.name}-{uuid.uuid4().hex[:8]}"
-    report_parts = tmp_dir / _REPORT_PARTS
-    report_parts.mkdir(parents=True)
+    tmp_dir.mkdir(parents=True)
     try:
-        _featurize_to_parquet(listing, tmp_dir, report_parts, vocab, settings, data_cfg)
-        report = _build_report(listing, report_parts, key, settings, data_cfg, time.perf_counter() - started)
-        shutil.rmtree(report_parts)
+        summaries = _featurize_to_parquet(listing, tmp_dir, vocab, settings, data_cfg)
+        report = _build_report(listing, summaries, tmp_dir, key, settings, data_cfg, time.perf_counter() - started)
         if report["kept"] == 0:
             counts = ", ".join(f"{k}={v}" for k, v in report["skipped_by_kind"].items() if v) or "no utterances listed"
             examples = "; ".join(f"{item['id']}: {item['reason']}" for item in report["skipped"][:3])
@@ -338,29 +384,39 @@ def prepare_split(corpus: CorpusConfig | str | os.PathLike, split: str, vocab: M
     return PreparedSplit(str(final_dir), report, from_cache=False)
 
 
-def _featurize_to_parquet(listing: SplitListing, out_dir: Path, report_parts: Path, vocab: Mapping[str, int],
-                          settings: PrepareSettings, data_cfg: DataConfig) -> None:
-    """The Ray Data job: listing (or HF shards) -> featurize_batch -> parquet files in out_dir."""
+def _featurize_to_parquet(listing: SplitListing, out_dir: Path, vocab: Mapping[str, int],
+                          settings: PrepareSettings, data_cfg: DataConfig) -> list[dict]:
+    """The Ray Data job: listing rows (or HF shards) -> prepare_shards tasks, which featurize and
+    write the parquet shards into out_dir -> their summaries (small rows, streamed to the driver)."""
     import ray.data
 
+    fn_kwargs = {"out_dir": str(out_dir), "vocab": dict(vocab), "settings": settings, "split": listing.split,
+                 "rows_per_shard": data_cfg.rows_per_shard, "rows_per_group": data_cfg.prepare_batch_size}
     if listing.layout == "librispeech":
         if not listing.utterances:
-            return
+            return []
         items = [u.as_row() for u in listing.utterances]
-        num_blocks = max(min(len(items), 4 * _num_cpus()), -(-len(items) // data_cfg.rows_per_shard))
-        dataset = ray.data.from_items(items, override_num_blocks=num_blocks)
+        # One task per block; a task writes up to SHARDS_PER_TASK shards (fewer tasks: less
+        # scheduling work on the driver), and every CPU gets TASKS_PER_CPU tasks (balance).
+        num_blocks = max(TASKS_PER_CPU * _num_cpus(), -(-len(items) // (SHARDS_PER_TASK * data_cfg.rows_per_shard)))
+        dataset = ray.data.from_items(items, override_num_blocks=min(num_blocks, len(items)))
+        dataset = dataset.map_batches(prepare_shards, batch_format="pyarrow", batch_size=None, fn_kwargs=fn_kwargs)
+        # The job is one fused operator whose inputs (listing rows) and outputs (summaries) are
+        # tiny, so Ray Data's per-operator resource reservation has nothing to protect; it only
+        # throttles: each job starts with no known cluster CPUs and runs a single task until
+        # they arrive (~1 s in Ray 2.60), then leaves ~0.1 s idle between tasks. Off for this job.
+        dataset.context.op_resource_reservation_enabled = False
     else:
         if not listing.parquet_files:
-            return
+            return []
         filesystem, _ = resolve_filesystem(listing.parquet_files[0])
         paths = [resolve_filesystem(uri)[1] for uri in listing.parquet_files]
         dataset = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(HF_COLUMNS)
-    dataset = dataset.map_batches(featurize_batch, batch_format="pyarrow", batch_size=data_cfg.prepare_batch_size,
-                                  fn_kwargs={"vocab": dict(vocab), "settings": settings, "split": listing.split,
-                                             "report_dir": str(report_parts)})
-    if listing.layout == "hf_parquet":  # one HF shard decodes to GBs: bound the rows per write task
-        dataset = dataset.repartition(target_num_rows_per_block=data_cfg.rows_per_shard)
-    dataset.write_parquet(str(out_dir), schema=SHARD_SCHEMA, max_rows_per_file=data_cfg.rows_per_shard)
+        # Reservation stays on: it keeps the read tasks from filling the object store with audio.
+        dataset = dataset.map_batches(prepare_shards, batch_format="pyarrow", batch_size=data_cfg.rows_per_shard,
+                                      fn_kwargs=fn_kwargs)
+    return [row for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+            for row in batch.to_pylist()]
 
 
 def _num_cpus() -> int:
@@ -369,18 +425,17 @@ def _num_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _build_report(listing: SplitListing, report_parts: Path, key: str, settings: PrepareSettings,
-                  data_cfg: DataConfig, seconds: float) -> dict:
+def _build_report(listing: SplitListing, summaries: list[dict], out_dir: Path, key: str,
+                  settings: PrepareSettings, data_cfg: DataConfig, seconds: float) -> dict:
     skipped = list(listing.problems)
     conversions: Counter = Counter()
     kept = num_samples = 0
-    for part_file in sorted(report_parts.glob("*.json")):
-        part = json.loads(part_file.read_text())
-        kept += part["kept"]
-        num_samples += part["num_samples"]
-        skipped += part["skipped"]
-        conversions.update(part["conversions"])
-    written = sum(pq.ParquetFile(p).metadata.num_rows for p in report_parts.parent.glob("*.parquet"))
+    for summary in summaries:
+        kept += summary["kept"]
+        num_samples += summary["num_samples"]
+        skipped += json.loads(summary["skipped"])
+        conversions.update(json.loads(summary["conversions"]))
+    written = sum(pq.ParquetFile(p).metadata.num_rows for p in out_dir.glob("*.parquet"))
     if written != kept:
         raise RuntimeError(f"prepare wrote {written} rows but its report counts {kept}; rerun the stage")
     by_kind = Counter(item["kind"] for item in skipped)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile
@@ -16,18 +17,22 @@ import torchaudio
 
 from pinch_ray.config import DataConfig
 from pinch_ray.corpus import generate_corpus, write_hf_parquet
+from pinch_ray.corpus.librispeech import list_split
 from pinch_ray.data import (
     COMPLETE_MARKER,
     REPORT_FILE,
     SKIP_KINDS,
     PrepareError,
+    PrepareSettings,
     batches_per_epoch,
     collate,
     iter_eval_batches,
     iter_train_batches,
+    prepare_shards,
     prepare_split,
     read_prepared_rows,
     tokenize,
+    write_shard,
 )
 
 VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "'": 5,
@@ -188,6 +193,46 @@ def test_hf_parquet_layout_prepares_identical_features(prepared_train, corpus, t
         assert (row["text"], row["speaker"], row["split"]) == (other["text"], other["speaker"], other["split"])
         np.testing.assert_array_equal(row["audio"], other["audio"])
         np.testing.assert_array_equal(row["labels"], other["labels"])
+
+
+def test_write_shard_writes_kept_rows_in_row_groups_or_no_file(corpus, tmp_path):
+    rows = [u.as_row() for u in list_split(corpus, "dev").utterances]  # 6 utterances
+    rows[1] = {**rows[1], "text": "ROOM 101"}  # out_of_vocabulary
+    settings = PrepareSettings.from_config(DataConfig())
+    summary = write_shard(rows, tmp_path / "a.parquet", VOCAB, settings, rows_per_group=2)
+    assert summary["file"] == "a.parquet" and summary["kept"] == 5 and summary["conversions"] == {}
+    assert [(item["id"], item["kind"]) for item in summary["skipped"]] == [(rows[1]["id"], "out_of_vocabulary")]
+    metadata = pq.ParquetFile(tmp_path / "a.parquet").metadata
+    assert metadata.num_rows == 5 and metadata.num_row_groups == 3  # groups of 2 utterances, one skipped
+    assert summary["num_samples"] == sum(len(row["audio"]) for row in read_prepared_rows(tmp_path))
+    nothing = write_shard(rows[1:2], tmp_path / "b.parquet", VOCAB, settings, rows_per_group=2)
+    assert nothing["file"] is None and nothing["kept"] == 0 and len(nothing["skipped"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet"]  # no empty file, no temporary left
+
+
+def test_prepare_shards_names_files_by_content_so_a_retry_overwrites(corpus, tmp_path):
+    batch = pa.Table.from_pylist([u.as_row() for u in list_split(corpus, "train").utterances[:10]])
+    kwargs = {"out_dir": str(tmp_path), "vocab": VOCAB, "settings": PrepareSettings.from_config(DataConfig()),
+              "split": "train", "rows_per_shard": 4, "rows_per_group": 3}
+    first = prepare_shards(batch, **kwargs)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert first.column("kept").to_pylist() == [3, 3, 4] and len(files) == 3  # fewest shards of <= 4, even
+    assert sorted(files) == sorted(first.column("file").to_pylist())
+    again = prepare_shards(batch, **kwargs)  # a retried task
+    assert again.equals(first) and {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+
+
+def test_prepare_bounds_shards_and_row_groups_and_leaves_the_data_context_alone(ray_cluster, corpus, tmp_path):
+    import ray.data
+
+    prepared = prepare_split(corpus, "train", VOCAB, DataConfig(rows_per_shard=5, prepare_batch_size=2),
+                             cache_dir=tmp_path)
+    metadata = [pq.ParquetFile(f).metadata for f in prepared.files]
+    assert sum(m.num_rows for m in metadata) == NUM_TRAIN and max(m.num_rows for m in metadata) <= 5
+    assert all(m.num_row_groups == -(-m.num_rows // 2) for m in metadata)
+    assert sorted(p.name for p in Path(prepared.path).iterdir()) == sorted(
+        [COMPLETE_MARKER, REPORT_FILE, *(Path(f).name for f in prepared.files)])
+    assert ray.data.DataContext.get_current().op_resource_reservation_enabled  # set per job only
 
 
 def test_two_ranks_get_equal_batch_counts_with_correct_padding(prepared_train):

@@ -94,6 +94,15 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     return audio, int(sample_rate)
 
 
+@functools.lru_cache(maxsize=8)
+def resampler(orig_freq: int, new_freq: int):
+    """A ``torchaudio.transforms.Resample`` from ``orig_freq`` to ``new_freq`` Hz, cached per
+    process with its sinc kernel: [..., T] float tensor -> [..., T * new_freq / orig_freq]."""
+    import torchaudio
+
+    return torchaudio.transforms.Resample(orig_freq, new_freq)
+
+
 # ---------------------------------------------------------------------------------------------
 # Listing
 # ---------------------------------------------------------------------------------------------

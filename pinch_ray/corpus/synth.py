@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pinch_ray.corpus.librispeech import resampler
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000  # Hz, the written FLAC files
@@ -258,13 +260,6 @@ class Espeak:
         return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
 
 
-@functools.lru_cache(maxsize=None)
-def _resampler(orig_freq: int, new_freq: int):
-    import torchaudio
-
-    return torchaudio.transforms.Resample(orig_freq, new_freq)  # caches its sinc kernel
-
-
 def _synthesize_chunk(out_dir: str, chunk: list[PlannedUtterance]) -> list[tuple[str, int]]:
     """Worker: synthesize, resample and write one chunk; returns (utterance id, samples) pairs."""
     import soundfile
@@ -272,7 +267,7 @@ def _synthesize_chunk(out_dir: str, chunk: list[PlannedUtterance]) -> list[tuple
 
     torch.set_num_threads(1)
     engine = Espeak()
-    resample = _resampler(ESPEAK_SAMPLE_RATE, SAMPLE_RATE)
+    resample = resampler(ESPEAK_SAMPLE_RATE, SAMPLE_RATE)
     written = []
     for utt in chunk:
         samples = engine.synthesize(utt.text.lower(), utt.voice, utt.rate, utt.pitch)
