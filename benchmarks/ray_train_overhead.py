@@ -5,7 +5,8 @@ Prints one JSON object:
      "ray_dense_steps_per_s": ..., "ray_sspg_steps_per_s": ..., "sspg_vs_dense_ray": ...,
      "ray_vs_plain_dense": ..., "ray_vs_plain_sspg": ...}
 
-"plain" runs ``Compressor.step`` in this process over the prepared shards (read with pyarrow);
+"plain" runs ``Compressor.step`` in this process over the prepared shards (read with pyarrow)
+with one torch thread, as Ray gives a 1-CPU worker;
 "ray" runs the same steps in a 1-worker ``TorchTrainer`` (data streamed by Ray Data) and takes
 the rate between the first and the last metric report, so start-up is excluded. Ratios near 1.0
 mean Ray adds nothing per step.
@@ -26,6 +27,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import ray
+import torch
 
 from pinch_ray.config import DataConfig, GateConfig, ResourcesConfig, TrainConfig
 from pinch_ray.corpus import generate_corpus
@@ -37,6 +39,7 @@ BATCH = 8
 
 
 def plain_rate(method: str, target: float, path: str, train_cfg: TrainConfig, steps: int) -> float:
+    torch.set_num_threads(1)  # what Ray gives a worker with cpus_per_worker=1 (OMP_NUM_THREADS=1)
     run = Compressor.create(load_model("tiny")[0], method, target, train_cfg, GateConfig())
     batches = iter_train_batches(read_prepared_rows(path), BATCH, seed=0)
     run.step([next(batches)])  # warm-up
