@@ -1,5 +1,8 @@
 """The ``pinch-ray`` command: argument parsing only; the work is done by library functions.
 
+    pinch-ray run pipelines/demo.yaml                         # every stage; reruns skip finished ones
+    pinch-ray run pipelines/demo.yaml training.max_steps=100 --from-stage compress
+    pinch-ray evaluate runs/demo/sspg-0.65/model --corpus data/synth_corpus --split test
     pinch-ray corpus synth data/synth_corpus --utterances 6000 --seed 0
 
 Exit codes: 0 success, 2 bad input (arguments, existing output, invalid settings), 1 failure.
@@ -37,6 +40,106 @@ def _corpus_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run(args: argparse.Namespace) -> int:
+    from pinch_ray import pipeline
+    from pinch_ray.config import load_pipeline
+
+    pipeline.stages_to_run(args.from_stage, args.only)  # ValueError (exit 2) before anything starts
+    cfg = load_pipeline(args.pipeline, args.overrides, check_paths=True)  # ConfigError: every problem
+    import ray
+
+    ray.init()  # joins the cluster at RAY_ADDRESS (ray job submit), else starts one on this machine
+    try:
+        pipeline.run(cfg, from_stage=args.from_stage, only=args.only)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - finished work is kept; the exit code and the log report it
+        logger.exception("pinch-ray run failed; finished stages and trials are kept: rerun the same "
+                         "command to resume")
+        return EXIT_FAILURE
+    logger.info("outputs in %s (summary.md, one directory per trial)", cfg.output_dir)
+    return EXIT_OK
+
+
+def _add_run_commands(subparsers) -> None:
+    from pinch_ray.pipeline import STAGES
+
+    run = subparsers.add_parser(
+        "run", help="run a pipeline YAML: prepare -> baseline -> compress -> finalize",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run every stage of a pipeline: prepare the corpus (Ray Data), fine-tune the dense "
+                    "baseline and the compression trials (Ray Train, swept with Ray Tune), then hard-prune, "
+                    "export and evaluate every trial and write <output_dir>/summary.md.\n\n"
+                    "All settings are checked first; any problem stops the run before anything is written "
+                    "(exit 2). A finished stage is skipped on a rerun, and an interrupted run resumes: "
+                    "finished trials are reused, unfinished ones continue from their last checkpoint.",
+        epilog="examples:\n"
+               "  pinch-ray run pipelines/demo.yaml\n"
+               "  pinch-ray run pipelines/demo.yaml training.max_steps=100 output_dir=runs/short\n"
+               "  pinch-ray run pipelines/demo.yaml --only finalize     # redo the evaluation and summary\n"
+               "  ray job submit --working-dir . -- pinch-ray run pipelines/wav2vec2_base_ls100.yaml")
+    run.add_argument("pipeline", help="pipeline YAML (keys: see pinch_ray/config.py; pipelines/demo.yaml)")
+    run.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="settings overriding the YAML, e.g. training.max_steps=500 sweep.target_sparsities=[0.6]")
+    stages = run.add_mutually_exclusive_group()
+    stages.add_argument("--from-stage", choices=STAGES, default=None,
+                        help="redo this stage and every later one, even if finished")
+    stages.add_argument("--only", choices=STAGES, default=None,
+                        help="redo only this stage (the earlier ones must have finished)")
+    run.set_defaults(handler=_run)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import os
+
+    from pinch_ray.config import DataConfig
+
+    problems = []
+    if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+        problems.append(f"MODEL_DIR: {args.model_dir} is not an exported model directory (no config.json); "
+                        "give a trial's model/ directory, e.g. runs/tiny-synth/sspg-0.65/model")
+    if "://" not in args.corpus and not os.path.isdir(os.path.join(args.corpus, args.split)):
+        problems.append(f"--corpus/--split: {os.path.join(args.corpus, args.split)} is not a directory; "
+                        "give a corpus root holding the split directory")
+    if args.batch_size < 1:
+        problems.append(f"--batch-size: must be >= 1 (got {args.batch_size})")
+    if problems:
+        raise ConfigError(problems, "pinch-ray evaluate")
+    import ray
+
+    from pinch_ray import evaluate
+    from pinch_ray.data import prepare_split
+    from pinch_ray.models import load_model
+
+    model, processor = load_model(args.model_dir)
+    ray.init()
+    data_cfg = DataConfig(cache_dir=args.cache_dir) if args.cache_dir else DataConfig()
+    prepared = prepare_split(args.corpus, args.split, processor.tokenizer.get_vocab(), data_cfg)
+    utterances = evaluate.transcribe_dataset(prepared.dataset(), model, processor, batch_size=args.batch_size)
+    scores = evaluate.score(utterances)
+    print(json.dumps({"model_dir": args.model_dir, "corpus": args.corpus, "split": args.split,
+                      "wer": scores.wer, "cer": scores.cer, "num_utterances": scores.num_utterances,
+                      "num_words": scores.num_words}))
+    return EXIT_OK
+
+
+def _add_evaluate_commands(subparsers) -> None:
+    evaluate = subparsers.add_parser(
+        "evaluate", help="WER/CER of any exported model on a corpus split",
+        description="Transcribe one split of a corpus (LibriSpeech layout or HF parquet) with an exported "
+                    "model directory (a trial's model/, or any Hugging Face *ForCTC checkpoint with its "
+                    "processor) and print WER and CER as one JSON line.",
+        epilog="example:\n  pinch-ray evaluate runs/tiny-synth/sspg-0.65/model --corpus data/synth_corpus --split test",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluate.add_argument("model_dir", help="exported model directory (config.json, weights, processor files)")
+    evaluate.add_argument("--corpus", required=True, help="corpus root: a local directory or s3:// / gs:// URI")
+    evaluate.add_argument("--split", required=True, help="split directory under the corpus root, e.g. test-clean")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="utterances per inference batch")
+    evaluate.add_argument("--cache-dir", default=None,
+                          help="where the prepared split is cached (default: .cache/prepared)")
+    evaluate.set_defaults(handler=_evaluate)
+
+
 def _add_corpus_commands(subparsers) -> None:
     corpus = subparsers.add_parser("corpus", help="speech corpora")
     corpus_commands = corpus.add_subparsers(dest="corpus_command", required=True)
@@ -55,9 +158,18 @@ def _add_corpus_commands(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pinch-ray", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="pinch-ray", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compress speech foundation models (wav2vec2, HuBERT, WavLM) in one CTC fine-tuning pass "
+                    "with sparsity-aware self-pinching gates, as a Ray pipeline.",
+        epilog="start here (offline: synthetic speech, a tiny wav2vec2, a few minutes on a laptop CPU):\n"
+               "  pinch-ray run pipelines/demo.yaml\n"
+               "then read runs/demo/summary.md. 'pinch-ray COMMAND --help' explains each command.\n"
+               "exit codes: 0 success, 2 bad settings or input (nothing written), 1 failure.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_commands(commands)
+    _add_evaluate_commands(commands)
     _add_corpus_commands(commands)
     return parser
 

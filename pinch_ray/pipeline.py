@@ -1,0 +1,241 @@
+"""The pipeline runner: prepare -> baseline -> compress -> finalize, each stage skipped when done.
+
+    pinch-ray run pipelines/demo.yaml                        # the CLI calls run() below
+    pinch-ray run pipelines/demo.yaml --from-stage finalize  # redo finalize (and what follows)
+
+A finished stage writes ``<output_dir>/.stages/<stage>.done`` last (JSON: what it produced and a
+fingerprint of the settings it used); a rerun skips it while the fingerprint matches. Inside a
+stage, finished work is reused too: prepared shards (data.py's cache), finished training runs
+(``sweep.final_result_dir``) and complete trial directories (``report.finalize_trial``), so an
+interrupted run picks up where it stopped. The resolved config is saved as ``<output_dir>/pipeline.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pinch_ray.config import PipelineConfig, dump_pipeline
+from pinch_ray.export import atomic_write_text, trial_dir
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prepare", "baseline", "compress", "finalize")
+STAGES_DIR = ".stages"
+CONFIG_FILE = "pipeline.yaml"
+# The config sections each stage's output depends on (its marker's fingerprint).
+_STAGE_SECTIONS = {
+    "prepare": ("corpus", "data"),
+    "baseline": ("corpus", "data", "model", "training", "resources", "dense_baseline"),
+    "compress": ("corpus", "data", "model", "training", "resources", "dense_baseline", "gates", "sweep"),
+    "finalize": ("corpus", "data", "model", "training", "resources", "dense_baseline", "gates", "sweep",
+                 "evaluation"),
+}
+
+
+def marker_path(output_dir: str | os.PathLike, stage: str) -> Path:
+    return Path(output_dir) / STAGES_DIR / f"{stage}.done"
+
+
+def fingerprint(cfg: PipelineConfig, stage: str) -> str:
+    """Hash of the settings ``stage``'s output depends on."""
+    settings = {key: getattr(cfg, key) for key in _STAGE_SECTIONS[stage]}
+    text = json.dumps({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in settings.items()},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_marker(cfg: PipelineConfig, stage: str) -> dict | None:
+    """The outputs a finished ``stage`` recorded, or None when it must (re)run."""
+    path = marker_path(cfg.output_dir, stage)
+    if not path.is_file():
+        return None
+    marker = json.loads(path.read_text())
+    if marker.get("fingerprint") != fingerprint(cfg, stage):
+        log.warning("stage %s: settings changed since it finished; running it again", stage)
+        return None
+    return marker["outputs"]
+
+
+def _write_marker(cfg: PipelineConfig, stage: str, outputs: dict) -> None:
+    path = marker_path(cfg.output_dir, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"fingerprint": fingerprint(cfg, stage), "outputs": outputs}, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages: each takes the config and the earlier stages' outputs, returns its own (JSON-able)
+# ------------------------------------------------------------------------------------------------
+
+
+def _model_vocab(cfg: PipelineConfig) -> dict[str, int]:
+    from pinch_ray import models
+
+    if cfg.model.init_from in models.TINY_PRESETS:
+        return dict(models.CHAR_VOCAB)
+    processor = models._load_or_make_processor(cfg.model.init_from, cfg.model.trust_remote_code)
+    return processor.tokenizer.get_vocab()
+
+
+def ensure_corpus(cfg: PipelineConfig) -> None:
+    """Generate the synthetic corpus at ``corpus.root`` when it is missing and
+    ``corpus.synth_utterances`` > 0 (an existing root is used as it is)."""
+    root = cfg.corpus.root
+    if cfg.corpus.synth_utterances and "://" not in root and not os.path.isdir(root):
+        from pinch_ray.corpus import generate_corpus
+
+        log.info("generating the synthetic corpus (%d utterances) at %s", cfg.corpus.synth_utterances, root)
+        generate_corpus(root, cfg.corpus.synth_utterances, seed=cfg.corpus.synth_seed, progress=False)
+
+
+def stage_prepare(cfg: PipelineConfig, outputs: dict) -> dict:
+    from pinch_ray.data import prepare_split
+
+    ensure_corpus(cfg)
+    vocab = _model_vocab(cfg)
+    splits = {}
+    for split in cfg.corpus.splits():
+        prepared = prepare_split(cfg.corpus, split, vocab, cfg.data)
+        splits[split] = {"path": prepared.path, "num_utterances": prepared.num_utterances}
+    return splits
+
+
+def _prepared(outputs: dict) -> dict:
+    """``{split: PreparedSplit}`` from the prepare stage's outputs."""
+    from pinch_ray.data import REPORT_FILE, PreparedSplit
+
+    return {split: PreparedSplit(entry["path"], json.loads((Path(entry["path"]) / REPORT_FILE).read_text()),
+                                 from_cache=True)
+            for split, entry in outputs["prepare"].items()}
+
+
+def _job(cfg: PipelineConfig, outputs: dict, init_from: str, fail_at: dict | None = None):
+    from pinch_ray.sweep import TrialJob
+
+    return TrialJob.create(cfg, _prepared(outputs), init_from, cfg.output_dir, fail_at)
+
+
+def stage_baseline(cfg: PipelineConfig, outputs: dict, fail_at: dict | None = None) -> dict:
+    from pinch_ray.sweep import train_trial
+
+    if not cfg.dense_baseline:
+        return {}
+    return {"dense": str(train_trial(_job(cfg, outputs, cfg.model.init_from, fail_at), "dense", 0.0))}
+
+
+def compression_init_from(cfg: PipelineConfig, outputs: dict) -> str:
+    """Where compression trials start: the dense baseline's folded model (``sweep.init_from_dense``)
+    or ``model.init_from``."""
+    from pinch_ray.train import CHECKPOINT_MODEL
+
+    if cfg.sweep.init_from_dense:
+        return str(Path(outputs["baseline"]["dense"]) / CHECKPOINT_MODEL)
+    return cfg.model.init_from
+
+
+def stage_compress(cfg: PipelineConfig, outputs: dict, fail_at: dict | None = None) -> dict:
+    from pinch_ray.sweep import run_sweep
+
+    result_dirs = run_sweep(cfg, _prepared(outputs), compression_init_from(cfg, outputs), cfg.output_dir,
+                            fail_at=fail_at)
+    return {name: str(path) for name, path in result_dirs.items()}
+
+
+def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False) -> dict:
+    from pinch_ray.models import load_model
+    from pinch_ray.report import TrialInfo, finalize_trial, read_trial_hypotheses, write_summary
+    from pinch_ray.train import CHECKPOINT_MODEL, TRAIN_RESULT
+
+    prepared = _prepared(outputs)
+    eval_data = {split: prepared[split].dataset() for split in cfg.corpus.eval_splits}
+    trials = {**outputs["baseline"], **outputs["compress"]}  # dense first: its hypotheses are the reference
+    dense_hypotheses = None
+    for name, result_dir in trials.items():
+        result = json.loads((Path(result_dir) / TRAIN_RESULT).read_text())
+        info = TrialInfo(trial=name, method=result["method"], target_sparsity=result["target_sparsity"],
+                         compression_seconds=result.get("compression_seconds"),
+                         achieved_sparsity_trained=result.get("achieved_sparsity_trained"),
+                         calibrated=result.get("calibrated"))
+        model, processor = load_model(str(Path(result_dir) / CHECKPOINT_MODEL))
+        finalize_trial(model, processor, info, cfg.output_dir, eval_data, dense_hypotheses=dense_hypotheses,
+                       eval_cfg=cfg.evaluation, gate_patterns=cfg.gates.all_patterns(), overwrite=overwrite)
+        if name == "dense":
+            dense_hypotheses = read_trial_hypotheses(trial_dir(cfg.output_dir, name))
+    write_summary(cfg.output_dir)
+    return {name: str(trial_dir(cfg.output_dir, name)) for name in trials}
+
+
+# ------------------------------------------------------------------------------------------------
+# The runner
+# ------------------------------------------------------------------------------------------------
+
+
+def stages_to_run(from_stage: str | None = None, only: str | None = None) -> set[str]:
+    """Stages forced to run again (their markers ignored): ``from_stage`` and every later one, or ``only``.
+
+    Raises:
+        ValueError: unknown stage, or both given.
+    """
+    if from_stage and only:
+        raise ValueError("give --from-stage or --only, not both")
+    for stage in (from_stage, only):
+        if stage and stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    if only:
+        return {only}
+    if from_stage:
+        return set(STAGES[STAGES.index(from_stage):])
+    return set()
+
+
+def run(cfg: PipelineConfig, *, from_stage: str | None = None, only: str | None = None,
+        fail_at: dict[str, dict] | None = None) -> dict[str, Any]:
+    """Run the pipeline ``cfg`` (validated by ``load_pipeline``); returns every stage's outputs.
+
+    Ray must be initialised (the CLI calls ``ray.init()``). ``from_stage`` / ``only`` redo that
+    stage (and, for ``from_stage``, the later ones) even if finished; with ``only``, the earlier
+    stages must have finished. A redone baseline/compress reuses finished training runs (delete
+    ``<output_dir>/runs/<trial>`` to retrain one); a redone finalize rewrites every trial directory. ``fail_at``: fault injection for tests (trial name ->
+    ``worker_config`` ``fail_at``).
+
+    Raises:
+        ValueError: bad ``from_stage`` / ``only``, or ``only`` before its earlier stages finished.
+        RuntimeError / ray.train.TrainingFailedError: a stage failed; finished work is kept.
+    """
+    forced = stages_to_run(from_stage, only)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output_dir / CONFIG_FILE, dump_pipeline(cfg))
+    for stage in forced:
+        marker_path(output_dir, stage).unlink(missing_ok=True)
+    functions = {"prepare": stage_prepare, "baseline": stage_baseline, "compress": stage_compress,
+                 "finalize": stage_finalize}
+    outputs: dict[str, Any] = {}
+    started_all = time.perf_counter()
+    for number, stage in enumerate(STAGES, start=1):
+        label = f"[stage {number}/{len(STAGES)}] {stage}"
+        recorded = _read_marker(cfg, stage)
+        if recorded is not None:
+            outputs[stage] = recorded
+            log.info("%s ... already done (%s); skipped", label, marker_path(output_dir, stage))
+            continue
+        if only and stage != only:
+            raise ValueError(f"--only {only}: stage {stage} has not finished; run the pipeline without --only first")
+        log.info("%s ...", label)
+        started = time.perf_counter()
+        kwargs = {"fail_at": fail_at} if stage in ("baseline", "compress") else {}
+        if stage == "finalize":
+            kwargs = {"overwrite": stage in forced}
+        outputs[stage] = functions[stage](cfg, outputs, **kwargs)
+        _write_marker(cfg, stage, outputs[stage])
+        log.info("%s ... done in %.1f s", label, time.perf_counter() - started)
+        if stage == only:
+            break
+    log.info("pipeline %s finished in %.1f s; outputs in %s", cfg.name, time.perf_counter() - started_all, output_dir)
+    return outputs

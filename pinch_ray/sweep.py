@@ -1,0 +1,181 @@
+"""The compression sweep on Ray Tune: one trial per (method, target sparsity), each a Ray Train run.
+
+Every Tune trial is a driver function that builds a ``TorchTrainer`` (the Ray Train V2 pattern,
+not the deprecated Trainer-in-Tuner): :func:`train_trial` runs the training under the run name
+of the trial (``sspg-0.65``) in ``<output_dir>/runs``, so
+
+- a trial whose final checkpoint (``train_result.json`` + ``model/``) exists is not retrained;
+- an interrupted trial resumes its own Ray Train run from its last checkpoint.
+
+The Train workers are scheduled by Ray Train outside the Tune trial's own (near-zero) reservation,
+so Tune cannot see them: :func:`max_concurrent_trials` sizes the parallelism from the cluster's
+CPUs/GPUs and the per-trial resources, and the remaining trials queue.
+
+    from pinch_ray.sweep import run_sweep
+    result_dirs = run_sweep(cfg, prepared, init_from="runs/demo/runs/dense/step-0000060/model",
+                            output_dir=cfg.output_dir)   # {"sspg-0.5": Path(...), ...}
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pinch_ray.config import PipelineConfig, ResourcesConfig
+from pinch_ray.train import CHECKPOINT_MODEL, TRAIN_RESULT, metrics_log_callback, run_training, worker_config
+
+log = logging.getLogger(__name__)
+
+RUNS_DIR = "runs"  # <output_dir>/runs/<trial>: the Ray Train runs (checkpoints), one per trial
+LOGS_DIR = "logs"  # <output_dir>/logs/<trial>.jsonl: rank 0's metrics of every report
+SWEEP_NAME = "sweep"  # the Ray Tune experiment, <output_dir>/runs/sweep
+# CPUs kept free of Train workers when sizing the sweep, for Ray Data to stream training batches.
+DATA_CPU_RESERVE = 1.0
+# What a Tune trial itself reserves: it only waits on its TorchTrainer (whose workers reserve
+# their own resources), so it must not hold CPUs they or Ray Data need (Ray Data tasks take a
+# whole CPU: even 0.01 CPU per trial would starve them on a 2-CPU machine). Tune refuses an
+# empty request, so the trial reserves a little memory (bytes) instead.
+DRIVER_RESOURCES = {"CPU": 0, "memory": 100 * 1024**2}
+
+
+def trial_name(method: str, target_sparsity: float) -> str:
+    """Run and artifact directory name of a trial: ``sspg-0.65``, ``ump-0.5``; ``dense``."""
+    return "dense" if method == "dense" else f"{method}-{target_sparsity:g}"
+
+
+def final_result_dir(storage_path: str | os.PathLike, name: str) -> Path | None:
+    """The final checkpoint directory of run ``name`` (holds ``model/`` and ``train_result.json``),
+    or None when the run has not finished."""
+    run_dir = Path(storage_path) / name
+    finished = [path.parent for path in run_dir.glob(f"*/{TRAIN_RESULT}") if (path.parent / CHECKPOINT_MODEL).is_dir()]
+    return max(finished, default=None)  # checkpoint dirs are step-NNNNNNN: the last sorts last
+
+
+@dataclass
+class TrialJob:
+    """Everything a trial needs besides its (method, target): plain values, sent to Tune trials."""
+
+    cfg: PipelineConfig
+    init_from: str  # model.init_from, or the dense baseline's folded model/ directory
+    train_path: str  # prepared train split: parquet shards
+    train_files: list[str]
+    train_rows: int
+    dev_path: str | None  # prepared dev split (evaluated during training), None: none
+    output_dir: str
+    fail_at: dict[str, dict] | None = None  # tests only: trial name -> worker_config fail_at
+
+    @classmethod
+    def create(cls, cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, output_dir: str | os.PathLike,
+               fail_at: dict[str, dict] | None = None) -> "TrialJob":
+        """``prepared``: ``{split: PreparedSplit}``; the first eval split is evaluated during training."""
+        train = prepared[cfg.corpus.train_split]
+        dev = prepared[cfg.corpus.eval_splits[0]] if cfg.corpus.eval_splits else None
+        return cls(cfg=cfg, init_from=str(init_from), train_path=train.path, train_files=train.files,
+                   train_rows=train.num_utterances, dev_path=dev.path if dev else None,
+                   output_dir=os.fspath(output_dir), fail_at=fail_at)
+
+
+def train_trial(job: TrialJob, method: str, target_sparsity: float) -> Path:
+    """Train one trial (or reuse its finished run); returns its final checkpoint directory.
+
+    Raises:
+        ray.train.TrainingFailedError: the run failed more than ``resources.max_failures`` times.
+        RuntimeError: the run ended without a final checkpoint.
+    """
+    import ray.data
+
+    cfg, name = job.cfg, trial_name(method, target_sparsity)
+    storage = os.path.join(job.output_dir, RUNS_DIR)
+    done = final_result_dir(storage, name)
+    if done is not None:
+        log.info("trial %s: finished run found (%s); not retrained", name, done)
+        return done
+    config = worker_config(job.init_from, method, target_sparsity, cfg.training, cfg.gates,
+                           train_rows=job.train_rows, dev_path=job.dev_path,
+                           model_overrides=cfg.model.overrides, trust_remote_code=cfg.model.trust_remote_code,
+                           fail_at=(job.fail_at or {}).get(name))
+    logs = Path(job.output_dir) / LOGS_DIR
+    logs.mkdir(parents=True, exist_ok=True)
+    log.info("trial %s: training %d steps from %s", name, cfg.training.max_steps, job.init_from)
+    result = run_training(config, ray.data.read_parquet(job.train_files), cfg.resources, name=name,
+                          storage_path=storage, callbacks=[metrics_log_callback(logs / f"{name}.jsonl")])
+    if result.error is not None:
+        raise result.error
+    done = final_result_dir(storage, name)
+    if done is None:
+        raise RuntimeError(f"trial {name}: the run ended without a final checkpoint under {storage}/{name}")
+    return done
+
+
+def _trial_driver(config: dict, job: TrialJob) -> None:
+    """A Tune trial: train ``config["trial"]`` and report where its final checkpoint is."""
+    from ray import tune
+
+    trial = config["trial"]
+    done = train_trial(job, trial["method"], trial["target_sparsity"])
+    tune.report({"result_dir": str(done), "trial": trial_name(trial["method"], trial["target_sparsity"])})
+
+
+def max_concurrent_trials(resources: ResourcesConfig, num_trials: int, cluster: dict[str, float],
+                          requested: int = 0) -> int:
+    """How many trials run at once: ``requested`` if > 0, else as many as ``cluster`` (Ray's
+    ``cluster_resources()``) holds with :data:`DATA_CPU_RESERVE` CPUs kept for Ray Data; at least 1
+    (the rest queue), at most ``num_trials``."""
+    if requested > 0:
+        return max(1, min(requested, num_trials))
+    fits = math.floor((cluster.get("CPU", 0) - DATA_CPU_RESERVE) / (resources.num_workers * resources.cpus_per_worker))
+    if resources.use_gpu:
+        fits = min(fits, math.floor(cluster.get("GPU", 0) / (resources.num_workers * resources.gpus_per_worker) + 1e-9))
+    return max(1, min(fits, num_trials))
+
+
+def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, output_dir: str | os.PathLike, *,
+              fail_at: dict[str, dict] | None = None) -> dict[str, Path]:
+    """Run every compression trial of ``cfg.sweep`` on Ray Tune; returns ``{trial: final checkpoint dir}``.
+
+    ``prepared``: ``{split: PreparedSplit}`` with the train split (and ``dev``-like eval splits;
+    the first eval split is evaluated during training). Finished trials are reused (see the module
+    docstring); Ray must be initialised. ``fail_at``: fault injection for tests (trial name ->
+    :func:`pinch_ray.train.worker_config` ``fail_at``).
+
+    Raises:
+        RuntimeError: some trials failed (listed); the finished ones are kept for a rerun.
+    """
+    import ray
+    from ray import tune
+
+    trials = cfg.sweep.trials()
+    if not trials:
+        return {}
+    job = TrialJob.create(cfg, prepared, init_from, output_dir, fail_at)
+    concurrent = max_concurrent_trials(cfg.resources, len(trials), ray.cluster_resources(),
+                                       cfg.sweep.max_concurrent_trials)
+    log.info("sweep: %d trials (%s), %d at a time", len(trials),
+             ", ".join(trial_name(m, t) for m, t in trials), concurrent)
+    grid = [{"method": method, "target_sparsity": float(target)} for method, target in trials]
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_trial_driver, job=job), DRIVER_RESOURCES),
+        param_space={"trial": tune.grid_search(grid)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=os.path.join(os.fspath(output_dir), RUNS_DIR),
+                                  verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    results = tuner.fit()
+    storage = os.path.join(os.fspath(output_dir), RUNS_DIR)
+    out, failed = {}, []
+    for method, target in trials:
+        name = trial_name(method, target)
+        done = final_result_dir(storage, name)
+        if done is None:
+            failed.append(name)
+        else:
+            out[name] = done
+    if failed:
+        errors = [str(result.error).splitlines()[0] for result in results if result.error is not None]
+        raise RuntimeError(f"sweep: trials {failed} did not finish ({'; '.join(errors) or 'no error reported'}); "
+                           "rerun the same command to resume them (finished trials are kept)")
+    return out

@@ -1,0 +1,83 @@
+"""The ``pinch-ray`` command line: help, exit codes, and bad inputs refused before anything is written."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pinch_ray.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+
+def test_help_names_every_command_and_the_first_step(capsys):
+    assert main(["--help"]) == EXIT_OK
+    text = capsys.readouterr().out
+    for word in ("run", "evaluate", "corpus", "pinch-ray run pipelines/demo.yaml", "exit codes"):
+        assert word in text
+    assert main(["run", "--help"]) == EXIT_OK
+    assert "--from-stage" in capsys.readouterr().out
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return path
+
+
+def _assert_nothing_written(tmp_path: Path, before: set) -> None:
+    assert {p.name for p in tmp_path.iterdir()} == before
+
+
+BAD_YAMLS = {
+    "unknown key": ("training:\n  max_stepz: 10\n", ["training.max_stepz: unknown key", "max_steps"]),
+    "wrong type": ("training:\n  batch_size: eight\n", ["training.batch_size: expected int"]),
+    "target 1.2": ("sweep:\n  target_sparsities: [0.5, 1.2]\n", ["sweep.target_sparsities[1]"]),
+    "missing corpus": ("corpus:\n  root: {tmp}/no_corpus\n  synth_utterances: 0\n", ["corpus.root", "does not exist"]),
+    "unwritable output": ("output_dir: {tmp}/a_file/out\n", ["output_dir:", "a_file is a file"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_YAMLS))
+def test_bad_yaml_exits_2_naming_the_problem_and_writes_nothing(case, tmp_path, caplog, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default output_dir / cache_dir are relative: they must stay absent
+    (tmp_path / "a_file").write_text("not a directory\n")
+    text, expected = BAD_YAMLS[case]
+    path = _write(tmp_path, text.format(tmp=tmp_path))
+    before = {p.name for p in tmp_path.iterdir()}
+    assert main(["run", str(path)]) == EXIT_BAD_INPUT
+    for fragment in expected:
+        assert fragment in caplog.text
+    _assert_nothing_written(tmp_path, before)
+
+
+def test_every_problem_of_a_yaml_is_listed_at_once(tmp_path, caplog, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a directory\n")
+    path = _write(tmp_path, "".join([
+        "output_dir: {tmp}/a_file/out\n",
+        "training:\n  max_stepz: 10\n  batch_size: eight\n",
+        "sweep:\n  target_sparsities: [1.2]\n",
+        "corpus:\n  root: {tmp}/no_corpus\n  synth_utterances: 0\n",
+    ]).format(tmp=tmp_path))
+    before = {p.name for p in tmp_path.iterdir()}
+    assert main(["run", str(path), "resources.num_workers=two"]) == EXIT_BAD_INPUT
+    for fragment in ("training.max_stepz", "training.batch_size", "sweep.target_sparsities[0]", "corpus.root",
+                     "output_dir", "override resources.num_workers=two", "6 problem(s)"):
+        assert fragment in caplog.text
+    _assert_nothing_written(tmp_path, before)
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    assert main(["run"]) == EXIT_BAD_INPUT  # no pipeline
+    assert main(["run", "pipelines/demo.yaml", "--only", "bogus"]) == EXIT_BAD_INPUT
+    assert main(["run", str(tmp_path / "missing.yaml")]) == EXIT_BAD_INPUT
+    assert main(["evaluate", str(tmp_path / "no_model"), "--corpus", str(tmp_path), "--split", "test"]) == EXIT_BAD_INPUT
+    assert not list(Path(tmp_path).iterdir())
+
+
+def test_every_shipped_pipeline_loads():
+    from pinch_ray.config import load_pipeline
+
+    pipelines = sorted(Path(__file__).parent.parent.glob("pipelines/*.yaml"))
+    assert any(p.name == "demo.yaml" for p in pipelines)
+    for path in pipelines:
+        load_pipeline(path, check_paths=False)

@@ -1,0 +1,117 @@
+"""The pipeline runner end to end on a tiny corpus: every artifact, skipped reruns, a resumed sweep.
+
+One module-scoped run serves every test: the sweep's ump trial is made to crash (fault injection,
+max_failures=0), so the first ``pipeline.run`` fails in the compress stage with sspg finished; the
+second run must reuse sspg untouched and resume ump from its last checkpoint.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pinch_ray import pipeline
+from pinch_ray.config import ResourcesConfig, load_pipeline
+from pinch_ray.report import METRICS_FILE
+from pinch_ray.sweep import RUNS_DIR, final_result_dir, max_concurrent_trials
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "name": "tiny-pipeline",
+    "corpus": {"synth_utterances": 60, "eval_splits": ["dev"]},
+    "training": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "report_every": 2, "checkpoint_every": 2,
+                 "eval_every": 100},
+    "sweep": {"methods": ["sspg", "ump"], "target_sparsities": [0.5]},
+    "resources": {"cpus_per_worker": 0.5, "max_failures": 0},
+    "evaluation": {"batch_size": 8},
+}
+TRIALS = ("dense", "sspg-0.5", "ump-0.5")
+
+
+def mtimes(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    spec = {**TINY, "output_dir": str(root / "out"), "data": {"cache_dir": str(root / "cache")},
+            "corpus": {**TINY["corpus"], "root": str(root / "corpus")}}
+    (root / "tiny.yaml").write_text(yaml.safe_dump(spec))
+    cfg = load_pipeline(root / "tiny.yaml")
+    out = Path(cfg.output_dir)
+    crash = {"ump-0.5": {"step": 3, "rank": 0, "marker": str(root / "ump-crashed")}}
+    with pytest.raises(RuntimeError, match="ump-0.5"):
+        pipeline.run(cfg, fail_at=crash)
+    assert (root / "ump-crashed").exists(), "the fault was not injected"
+    interrupted = {"sspg_run": mtimes(final_result_dir(out / RUNS_DIR, "sspg-0.5")),
+                   "dense_run": mtimes(out / RUNS_DIR / "dense"),
+                   "markers": sorted(p.name for p in (out / pipeline.STAGES_DIR).iterdir()),
+                   "ump_final": final_result_dir(out / RUNS_DIR, "ump-0.5")}
+    outputs = pipeline.run(cfg)
+    return {"cfg": cfg, "out": out, "outputs": outputs, "interrupted": interrupted}
+
+
+def test_interrupted_sweep_keeps_finished_trials_and_resumes_the_rest(finished):
+    out, interrupted = finished["out"], finished["interrupted"]
+    assert interrupted["markers"] == ["baseline.done", "prepare.done"]  # compress never marked done
+    assert interrupted["ump_final"] is None
+    # finished runs were reused, not retrained: every file keeps its modification time
+    assert mtimes(final_result_dir(out / RUNS_DIR, "sspg-0.5")) == interrupted["sspg_run"]
+    assert mtimes(out / RUNS_DIR / "dense") == interrupted["dense_run"]
+    # the crashed trial resumed from its checkpoint at step 2 and finished
+    ump = json.loads((final_result_dir(out / RUNS_DIR, "ump-0.5") / "train_result.json").read_text())
+    assert ump["steps"] == 4 and ump["resumed_at"] == [2]
+
+
+def test_every_artifact_is_written(finished):
+    out, cfg = finished["out"], finished["cfg"]
+    for name in ("summary.json", "summary.md", "wer_vs_params.png", "pipeline.yaml"):
+        assert (out / name).is_file(), name
+    assert load_pipeline(out / "pipeline.yaml") == cfg
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(t["trial"] for t in summary["trials"]) == sorted(TRIALS)
+    for trial in TRIALS:
+        metrics = json.loads((out / trial / METRICS_FILE).read_text())
+        assert (out / trial / "model" / "config.json").is_file()
+        assert (out / trial / "compact" / "manifest.json").is_file()
+        assert (out / trial / "hypotheses" / "dev.txt").is_file()
+        assert metrics["trial"] == trial and set(metrics["wer"]) == {"dev"}
+        assert (metrics["p_value_vs_dense"]["dev"] is None) == (trial == "dense")
+    for stage in pipeline.STAGES:
+        assert pipeline.marker_path(out, stage).is_file()
+    # compression trials started from the dense baseline's fine-tuned model
+    assert finished["outputs"]["compress"].keys() == {"sspg-0.5", "ump-0.5"}
+
+
+def test_rerun_skips_every_stage_and_touches_nothing(finished, caplog):
+    out = finished["out"]
+    before = {path: mtime for path, mtime in mtimes(out).items() if not path.startswith(RUNS_DIR + "/sweep")}
+    with caplog.at_level("INFO", logger="pinch_ray.pipeline"):
+        pipeline.run(finished["cfg"])
+    assert caplog.text.count("already done") == len(pipeline.STAGES)
+    after = mtimes(out)
+    changed = [path for path, mtime in before.items() if after.get(path) != mtime and path != "pipeline.yaml"]
+    assert changed == []
+
+
+def test_stage_selection():
+    assert pipeline.stages_to_run() == set()
+    assert pipeline.stages_to_run(from_stage="compress") == {"compress", "finalize"}
+    assert pipeline.stages_to_run(only="baseline") == {"baseline"}
+    with pytest.raises(ValueError, match="unknown stage"):
+        pipeline.stages_to_run(only="train")
+    with pytest.raises(ValueError, match="not both"):
+        pipeline.stages_to_run(from_stage="prepare", only="finalize")
+
+
+def test_sweep_concurrency_fits_the_cluster_and_queues_the_rest():
+    cpu = ResourcesConfig(cpus_per_worker=0.5)
+    assert max_concurrent_trials(cpu, 3, {"CPU": 2}) == 2  # one CPU left for Ray Data
+    assert max_concurrent_trials(cpu, 8, {"CPU": 1}) == 1  # too small a cluster: one at a time, the rest queue
+    assert max_concurrent_trials(cpu, 3, {"CPU": 64}) == 3
+    assert max_concurrent_trials(cpu, 3, {"CPU": 64}, requested=1) == 1
+    gpu = ResourcesConfig(cpus_per_worker=1, use_gpu=True, gpus_per_worker=0.25)
+    assert max_concurrent_trials(gpu, 8, {"CPU": 16, "GPU": 1}) == 4  # four small trials share one GPU
