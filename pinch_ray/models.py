@@ -115,7 +115,7 @@ def load_model(init_from: str, seed: int = 0, trust_remote_code: bool = False,
         model = AutoModelForCTC.from_config(tiny_config(init_from, **config_overrides))
         return model, processor
 
-    processor = _load_or_make_processor(init_from, trust_remote_code)
+    processor = load_processor(init_from, trust_remote_code)
     vocab = processor.tokenizer.get_vocab()
     config = AutoConfig.from_pretrained(init_from, trust_remote_code=trust_remote_code)
     settings = {"vocab_size": len(vocab), "pad_token_id": processor.tokenizer.pad_token_id,
@@ -131,7 +131,7 @@ def load_model(init_from: str, seed: int = 0, trust_remote_code: bool = False,
     return model, processor
 
 
-def _load_or_make_processor(init_from: str, trust_remote_code: bool) -> Wav2Vec2Processor:
+def load_processor(init_from: str, trust_remote_code: bool) -> Wav2Vec2Processor:
     """The checkpoint's own processor if it has a tokenizer, else the character vocabulary."""
     try:
         tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(init_from)

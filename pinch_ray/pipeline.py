@@ -79,7 +79,7 @@ def _model_vocab(cfg: PipelineConfig) -> dict[str, int]:
 
     if cfg.model.init_from in models.TINY_PRESETS:
         return dict(models.CHAR_VOCAB)
-    processor = models._load_or_make_processor(cfg.model.init_from, cfg.model.trust_remote_code)
+    processor = models.load_processor(cfg.model.init_from, cfg.model.trust_remote_code)
     return processor.tokenizer.get_vocab()
 
 
