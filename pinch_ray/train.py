@@ -358,6 +358,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     def report(metrics: dict, final: bool = False) -> None:
         progress["elapsed_s"] = time.perf_counter() - resumed_at
+        if final and rank == 0:  # calibrate first, so the final figures describe the exported model
+            metrics = {**metrics, **run.finish()}
         metrics = {**metrics, "hard_sparsity": run.hard_sparsity(), "elapsed_s": progress["elapsed_s"],
                    "epoch": progress["epoch"], "resumed_at": list(progress["resumed_at"]),
                    "threshold_rank_spread": _threshold_rank_spread(run)}
@@ -375,7 +377,6 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as directory:
             directory = Path(directory)
             if final:
-                metrics.update(run.finish())
                 export_model(pruned_copy(run.model), processor, directory / CHECKPOINT_MODEL)
                 (directory / TRAIN_RESULT).write_text(json.dumps(
                     {"method": run.method, "target_sparsity": run.target_sparsity, "steps": step,
@@ -384,7 +385,6 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"step-{step:07d}")
 
-    metrics: dict = {}
     while run.step_count < train_cfg.max_steps:
         micro_batches = []
         batches = iter_train_batches(shard, train_cfg.batch_size, num_batches=per_epoch,
