@@ -69,7 +69,7 @@ class GateConfig:
     # Temperature of the soft mask, relative to the layer's mean squared weight (unitless):
     # tau_l = tau * mean(W_l^2). Annealed geometrically from tau_start to tau_end over training.
     tau_start: float = 0.05
-    tau_end: float = 0.005
+    tau_end: float = 0.005  # the temperature at the end of training (see tau_start)
     # Initial threshold, in units of the layer's RMS weight: t_l = threshold_init * rms(W_l).
     threshold_init: float = 0.1
     # Sparsity objective: lambda_1 (s - s*) + penalty (s - s*)^2, lambda_1 trained by gradient
@@ -83,7 +83,7 @@ class GateConfig:
     # equals the target, if it misses by more than calibration_tolerance (fraction, 0.005 =
     # 0.5 points). Both values are reported.
     calibrate: bool = True
-    calibration_tolerance: float = 0.005
+    calibration_tolerance: float = 0.005  # see calibrate (fraction of the gated weights)
 
     def all_patterns(self) -> list[str]:
         extra = [FEATURE_ENCODER_PATTERN] * self.gate_feature_encoder + [POS_CONV_PATTERN] * self.gate_pos_conv
@@ -136,7 +136,7 @@ class ResourcesConfig:
 
     num_workers: int = 1  # Ray Train workers (DDP ranks) per training run
     use_gpu: bool = False  # one (or gpus_per_worker) GPU per worker; nccl instead of gloo
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves per worker (may be fractional)
     gpus_per_worker: float = 1.0  # may be fractional, so small trials share a GPU (with use_gpu)
     max_failures: int = 2  # worker crashes a run survives (restarts from the last checkpoint)
 
@@ -171,17 +171,22 @@ class TrainConfig:
     # whatever the run length, and move in small steps near the end.
     threshold_lr: float | None = None
     weight_decay: float = 0.01  # AdamW decoupled weight decay (not on biases, norms, thresholds)
-    adam_betas: tuple[float, float] = (0.9, 0.98)
+    adam_betas: tuple[float, float] = (0.9, 0.98)  # AdamW (beta1, beta2) of the model weights
     warmup_steps: int = 150  # linear lr warm-up from 0, in optimizer steps
     decay_fraction: float = 0.3  # cosine decay to 0 over this final fraction of max_steps
     max_grad_norm: float = 1.0  # gradient clipping (L2 norm over all parameters)
     freeze_feature_encoder: bool = False  # keep the conv feature encoder fixed (wav2vec2 recipe)
     report_every: int = 10  # optimizer steps between metric reports (ray.train.report, TensorBoard)
     checkpoint_every: int = 200  # optimizer steps between checkpoints (and one at the end)
-    eval_every: int = 500  # optimizer steps between dev-set WER/CER evaluations (and one at the end)
+    # Optimizer steps between dev-set WER/CER evaluations during training (and one at the end);
+    # 0: none (the pipeline's finalize stage evaluates every trial anyway).
+    eval_every: int = 500
     eval_batch_size: int = 16  # utterances per dev-evaluation batch
     bf16_autocast: bool = True  # bf16 autocast when running on a CUDA GPU (ignored on CPU)
-    seed: int = 0
+    # Intra-op CPU threads of each training worker (torch.set_num_threads); 0: Ray's default, the
+    # worker's CPUs rounded up. More threads than cores, counting every run at once, is much slower.
+    torch_threads: int = 0
+    seed: int = 0  # initialisation of a tiny preset's weights, and the batch order
 
     @property
     def effective_threshold_lr(self) -> float:
@@ -190,10 +195,13 @@ class TrainConfig:
     def problems(self, prefix: str = "training") -> list[str]:
         out = []
         for key in ("max_steps", "batch_size", "grad_accum_steps", "report_every", "checkpoint_every",
-                    "eval_every", "eval_batch_size"):
+                    "eval_batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 out.append(f"{prefix}.{key}: must be a positive integer (got {value!r})")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            out.append(f"{prefix}.eval_every: must be an integer >= 0 (0: no evaluation during training), "
+                       f"got {self.eval_every!r}")
         if not self.lr > 0:
             out.append(f"{prefix}.lr: must be > 0 (got {self.lr!r})")
         if self.threshold_lr is not None and not self.threshold_lr > 0:
@@ -204,6 +212,8 @@ class TrainConfig:
             out.append(f"{prefix}.decay_fraction: must be in [0, 1] (got {self.decay_fraction})")
         if not self.max_grad_norm > 0:
             out.append(f"{prefix}.max_grad_norm: must be > 0 (got {self.max_grad_norm})")
+        if not isinstance(self.torch_threads, int) or self.torch_threads < 0:
+            out.append(f"{prefix}.torch_threads: must be an integer >= 0 (0: Ray's default), got {self.torch_threads!r}")
         return out
 
 
@@ -300,16 +310,18 @@ class EvalConfig:
     """Batch inference over the evaluation splits when a trial is finalized."""
 
     batch_size: int = 16  # utterances per inference batch (padded to the longest in the batch)
-    num_actors: int = 1  # Ray Data actors transcribing in parallel, each holding one model copy
+    # Ray Data actors transcribing in parallel, each holding one model copy; 0: in the driver process
+    # (no actor startup, ~10 s per split saved: best for small evaluation sets on one machine).
+    num_actors: int = 1
     # GPUs per actor; None: 1 when the Ray cluster has GPUs, else 0 (CPU inference).
     gpus_per_actor: float | None = None
 
     def problems(self, prefix: str = "eval") -> list[str]:
         out = []
-        for key in ("batch_size", "num_actors"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                out.append(f"{prefix}.{key}: must be a positive integer (got {value!r})")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            out.append(f"{prefix}.batch_size: must be a positive integer (got {self.batch_size!r})")
+        if not isinstance(self.num_actors, int) or self.num_actors < 0:
+            out.append(f"{prefix}.num_actors: must be an integer >= 0 (0: in the driver), got {self.num_actors!r}")
         if self.gpus_per_actor is not None and not self.gpus_per_actor >= 0:
             out.append(f"{prefix}.gpus_per_actor: must be >= 0, or unset for automatic (got {self.gpus_per_actor!r})")
         return out
@@ -320,6 +332,7 @@ class EvalConfig:
 # --------------------------------------------------------------------------------------------
 
 COMPRESSION_METHODS = tuple(method for method in METHODS if method != "dense")  # what a sweep trial runs
+FOUNDATION_TRIAL = "foundation"  # the dense baseline's name when compression trials start from it
 # Splits the synthetic corpus generator writes (``pinch_ray.corpus.synth.DEFAULT_SPLITS``; not
 # imported, because that module pulls in the audio stack).
 SYNTH_SPLITS = ("train", "dev", "test")
@@ -423,13 +436,44 @@ class PipelineConfig:
     training: TrainConfig = field(default_factory=TrainConfig)
     gates: GateConfig = field(default_factory=GateConfig)
     dense_baseline: bool = True  # also fine-tune the uncompressed model (trial "dense"): reference WER and size
+    # Training settings of the dense baseline that differ from `training`, e.g. {max_steps: 1000,
+    # torch_threads: 2}. With sweep.init_from_dense the baseline (trial "foundation") stands in for
+    # a pre-trained model and usually trains longer than the compression trials; the reference
+    # "dense" trial is then fine-tuned from it with `training`, like every compression trial.
+    baseline_training: dict = field(default_factory=dict)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)  # per training run (trial)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
 
+    def baseline_train_config(self, problems: list[str] | None = None) -> TrainConfig:
+        """``training`` with ``baseline_training`` applied: the dense baseline's settings. Bad
+        entries are added to ``problems`` (and keep ``training``'s value)."""
+        return _build(self.training, self.baseline_training, "baseline_training.",
+                      problems if problems is not None else [])
+
+    def baseline_trial(self) -> str:
+        """Name of the dense baseline run: ``foundation`` when the compression trials start from
+        it (``sweep.init_from_dense``; the sweep then adds a ``dense`` reference trial), else ``dense``."""
+        return FOUNDATION_TRIAL if self.sweep.init_from_dense else "dense"
+
+    def compression_trials(self) -> list[tuple[str, float]]:
+        """(method, target) of every sweep trial: ``sweep.trials()``, preceded by ``("dense", 0.0)``
+        when the trials start from the baseline (``sweep.init_from_dense``). That reference gets the
+        same start and the same steps as every compressed model, so extra training never passes
+        for "no loss"."""
+        trials = self.sweep.trials()
+        if trials and self.sweep.init_from_dense and self.dense_baseline:
+            trials = [("dense", 0.0), *trials]
+        return trials
+
     def problems(self) -> list[str]:
         """Every problem of the settings themselves (paths on disk: :func:`check_paths`)."""
         out = []
+        baseline_problems: list[str] = []
+        baseline = self.baseline_train_config(baseline_problems)
+        out += baseline_problems
+        if not baseline_problems and self.baseline_training:
+            out += [p for p in baseline.problems("baseline_training") if p not in self.training.problems("baseline_training")]
         if not isinstance(self.name, str) or not RUN_NAME.fullmatch(self.name):
             out.append(f"name: {self.name!r} is not a valid run name; use letters, digits, '.', '_' and '-'")
         out += self.corpus.problems("corpus") + self.data.problems("data") + self.model.problems("model")
@@ -712,3 +756,76 @@ def dump_pipeline(cfg: PipelineConfig) -> str:
     :func:`load_pipeline` reads it back to an equal config."""
     header = "# Resolved pinch_ray pipeline config: every setting of the run.\n"
     return header + yaml.safe_dump(_plain(dataclasses.asdict(cfg)), sort_keys=False, default_flow_style=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The configuration reference (README.md's "Configuration reference" is this, kept in sync by a test)
+# --------------------------------------------------------------------------------------------
+
+README_REFERENCE_BEGIN = "<!-- config-reference: generated by `python -m pinch_ray.config`; do not edit -->"
+README_REFERENCE_END = "<!-- config-reference end -->"
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """``{field: comment}`` of a config dataclass, from its source: the ``#`` comment lines right
+    above a field and the one at the end of its line, joined (the meaning and unit of each key)."""
+    import ast
+    import inspect
+    import io
+    import tokenize
+
+    source = inspect.getsource(cls)
+    comments = {token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if not isinstance(node, ast.AnnAssign):
+            continue
+        above, line = [], node.lineno - 1
+        while line >= 1 and lines[line - 1].strip().startswith("#"):
+            above.insert(0, comments[line])
+            line -= 1
+        trailing = comments.get(node.end_lineno)
+        out[node.target.id] = " ".join(above + ([trailing] if trailing else []))
+    return out
+
+
+def _default_text(value) -> str:
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=1_000).strip()
+    text = text[:-4] if text.endswith("\n...") else text.removesuffix("...").strip()
+    return text.replace("|", "\\|")
+
+
+def config_reference() -> str:
+    """Every pipeline YAML key as markdown: one table per section with type, default and meaning."""
+    hints = typing.get_type_hints(PipelineConfig)
+    top, sections = [], []
+    comments = _field_comments(PipelineConfig)
+    for f in dataclasses.fields(PipelineConfig):
+        if dataclasses.is_dataclass(hints[f.name]):
+            sections.append((f.name, hints[f.name]))
+        else:
+            top.append((f.name, hints[f.name], getattr(PipelineConfig(), f.name), comments.get(f.name, "")))
+    out = ["Every key a pipeline YAML (or a `key=value` override) may set; a YAML lists only what differs.", ""]
+
+    def table(rows) -> list[str]:
+        lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for key, annotation, default, meaning in rows:
+            kind = _type_name(annotation).replace("typing.", "").replace("|", "or")
+            lines.append(f"| `{key}` | {kind} | `{_default_text(default)}` | {meaning.replace('|', chr(92) + '|')} |")
+        return lines
+
+    out += ["**Top level**", ""] + table(top) + [""]
+    defaults = PipelineConfig()
+    for name, cls in sections:
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        section_hints, section_comments = typing.get_type_hints(cls), _field_comments(cls)
+        rows = [(f"{name}.{f.name}", section_hints[f.name], getattr(getattr(defaults, name), f.name),
+                 section_comments.get(f.name, "")) for f in dataclasses.fields(cls)]
+        out += [f"**`{name}`** — {doc}", ""] + table(rows) + [""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(f"{README_REFERENCE_BEGIN}\n{config_reference()}{README_REFERENCE_END}")

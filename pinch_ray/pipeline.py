@@ -32,10 +32,11 @@ CONFIG_FILE = "pipeline.yaml"
 # The config sections each stage's output depends on (its marker's fingerprint).
 _STAGE_SECTIONS = {
     "prepare": ("corpus", "data"),
-    "baseline": ("corpus", "data", "model", "training", "resources", "dense_baseline"),
-    "compress": ("corpus", "data", "model", "training", "resources", "dense_baseline", "gates", "sweep"),
-    "finalize": ("corpus", "data", "model", "training", "resources", "dense_baseline", "gates", "sweep",
-                 "evaluation"),
+    "baseline": ("corpus", "data", "model", "training", "resources", "dense_baseline", "baseline_training"),
+    "compress": ("corpus", "data", "model", "training", "resources", "dense_baseline", "baseline_training",
+                 "gates", "sweep"),
+    "finalize": ("corpus", "data", "model", "training", "resources", "dense_baseline", "baseline_training",
+                 "gates", "sweep", "evaluation"),
 }
 
 
@@ -126,7 +127,9 @@ def stage_baseline(cfg: PipelineConfig, outputs: dict, fail_at: dict | None = No
 
     if not cfg.dense_baseline:
         return {}
-    return {"dense": str(train_trial(_job(cfg, outputs, cfg.model.init_from, fail_at), "dense", 0.0))}
+    name = cfg.baseline_trial()
+    job = _job(cfg, outputs, cfg.model.init_from, fail_at)
+    return {name: str(train_trial(job, "dense", 0.0, name=name, training=cfg.baseline_train_config()))}
 
 
 def compression_init_from(cfg: PipelineConfig, outputs: dict) -> str:
@@ -135,7 +138,7 @@ def compression_init_from(cfg: PipelineConfig, outputs: dict) -> str:
     from pinch_ray.train import CHECKPOINT_MODEL
 
     if cfg.sweep.init_from_dense:
-        return str(Path(outputs["baseline"]["dense"]) / CHECKPOINT_MODEL)
+        return str(Path(outputs["baseline"][cfg.baseline_trial()]) / CHECKPOINT_MODEL)
     return cfg.model.init_from
 
 
@@ -152,9 +155,11 @@ def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False) 
     from pinch_ray.report import TrialInfo, finalize_trial, read_trial_hypotheses, write_summary
     from pinch_ray.train import CHECKPOINT_MODEL, TRAIN_RESULT
 
+    from pinch_ray.data import read_prepared_rows
+
     prepared = _prepared(outputs)
-    eval_data = {split: prepared[split].dataset() for split in cfg.corpus.eval_splits}
-    trials = {**outputs["baseline"], **outputs["compress"]}  # dense first: its hypotheses are the reference
+    trials = {**outputs["baseline"], **outputs["compress"]}
+    trials = {name: trials[name] for name in sorted(trials, key=lambda name: name != "dense")}  # the reference first
     dense_hypotheses = None
     for name, result_dir in trials.items():
         result = json.loads((Path(result_dir) / TRAIN_RESULT).read_text())
@@ -163,6 +168,9 @@ def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False) 
                          achieved_sparsity_trained=result.get("achieved_sparsity_trained"),
                          calibrated=result.get("calibrated"))
         model, processor = load_model(str(Path(result_dir) / CHECKPOINT_MODEL))
+        # evaluation.num_actors > 0: a Ray Data actor pool; 0: this process reads the shards itself
+        eval_data = {split: prepared[split].dataset() if cfg.evaluation.num_actors else read_prepared_rows(prepared[split].path)
+                     for split in cfg.corpus.eval_splits}
         finalize_trial(model, processor, info, cfg.output_dir, eval_data, dense_hypotheses=dense_hypotheses,
                        eval_cfg=cfg.evaluation, gate_patterns=cfg.gates.all_patterns(), overwrite=overwrite)
         if name == "dense":

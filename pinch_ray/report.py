@@ -29,7 +29,7 @@ import torch
 from matplotlib.figure import Figure
 
 from pinch_ray import evaluate, export, gates
-from pinch_ray.config import DEFAULT_GATE_PATTERNS, METHODS, EvalConfig, raise_if_problems
+from pinch_ray.config import DEFAULT_GATE_PATTERNS, FOUNDATION_TRIAL, METHODS, EvalConfig, raise_if_problems
 from pinch_ray.models import count_parameters
 
 log = logging.getLogger(__name__)
@@ -222,11 +222,13 @@ def _metrics(plain, info: TrialInfo, layers, per_split: dict, directory: Path) -
 
 
 def collect_trials(output_dir: str | os.PathLike) -> list[dict]:
-    """``metrics.json`` of every complete trial under ``output_dir``: dense first, then by target."""
+    """``metrics.json`` of every complete trial under ``output_dir``: the ``foundation`` the trials
+    started from (if any), dense, then each method by target."""
     trials = [json.loads(path.read_text()) for path in Path(output_dir).glob(f"*/{METRICS_FILE}")
               if export.TRIAL_NAME.fullmatch(path.parent.name) and ".tmp-" not in path.parent.name]
     order = {m: i for i, m in enumerate(METHODS)}
-    return sorted(trials, key=lambda m: (order.get(m["method"], len(order)), m["target_sparsity"], m["trial"]))
+    return sorted(trials, key=lambda m: (m["trial"] != FOUNDATION_TRIAL, order.get(m["method"], len(order)),
+                                         m["target_sparsity"], m["trial"]))
 
 
 def default_plot_split(trials: Sequence[dict]) -> str | None:
@@ -256,12 +258,17 @@ def summary_table(trials: Sequence[dict]) -> str:
 
 
 def plot_wer_vs_params(path: str | os.PathLike, trials: Sequence[dict], split: str) -> None:
-    """WER on ``split`` against nonzero parameters: one marker style per method, dense as reference."""
+    """WER on ``split`` against nonzero parameters: one marker style per method, dense as reference
+    (a dotted line), the ``foundation`` the trials started from as a grey cross."""
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.subplots()
+    start = [m for m in trials if m["trial"] == FOUNDATION_TRIAL and split in m["wer"]]
+    if start:
+        ax.plot([start[0]["params_nonzero"] / 1e6], [100 * start[0]["wer"][split]], marker="x", markersize=9,
+                color="gray", linestyle="", label="start (foundation)")
     for method, marker in zip(METHODS, "*os"):
         points = sorted((m["params_nonzero"] / 1e6, 100 * m["wer"][split]) for m in trials
-                        if m["method"] == method and split in m["wer"])
+                        if m["method"] == method and split in m["wer"] and m["trial"] != FOUNDATION_TRIAL)
         if not points:
             continue
         x, y = zip(*points)

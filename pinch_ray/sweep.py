@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pinch_ray.config import PipelineConfig, ResourcesConfig
+from pinch_ray.config import PipelineConfig, ResourcesConfig, TrainConfig
 from pinch_ray.train import CHECKPOINT_MODEL, TRAIN_RESULT, metrics_log_callback, run_training, worker_config
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,12 @@ class TrialJob:
                    output_dir=os.fspath(output_dir), fail_at=fail_at)
 
 
-def train_trial(job: TrialJob, method: str, target_sparsity: float) -> Path:
+def train_trial(job: TrialJob, method: str, target_sparsity: float, *, name: str | None = None,
+                training: TrainConfig | None = None) -> Path:
     """Train one trial (or reuse its finished run); returns its final checkpoint directory.
+
+    ``name``: the run name (default :func:`trial_name`); ``training``: settings other than
+    ``job.cfg.training`` (the dense baseline's).
 
     Raises:
         ray.train.TrainingFailedError: the run failed more than ``resources.max_failures`` times.
@@ -88,19 +92,20 @@ def train_trial(job: TrialJob, method: str, target_sparsity: float) -> Path:
     """
     import ray.data
 
-    cfg, name = job.cfg, trial_name(method, target_sparsity)
+    cfg, name = job.cfg, name or trial_name(method, target_sparsity)
+    training = training or cfg.training
     storage = os.path.join(job.output_dir, RUNS_DIR)
     done = final_result_dir(storage, name)
     if done is not None:
         log.info("trial %s: finished run found (%s); not retrained", name, done)
         return done
-    config = worker_config(job.init_from, method, target_sparsity, cfg.training, cfg.gates,
+    config = worker_config(job.init_from, method, target_sparsity, training, cfg.gates,
                            train_rows=job.train_rows, dev_path=job.dev_path,
                            model_overrides=cfg.model.overrides, trust_remote_code=cfg.model.trust_remote_code,
                            fail_at=(job.fail_at or {}).get(name))
     logs = Path(job.output_dir) / LOGS_DIR
     logs.mkdir(parents=True, exist_ok=True)
-    log.info("trial %s: training %d steps from %s", name, cfg.training.max_steps, job.init_from)
+    log.info("trial %s: training %d steps from %s", name, training.max_steps, job.init_from)
     result = run_training(config, ray.data.read_parquet(job.train_files), cfg.resources, name=name,
                           storage_path=storage, callbacks=[metrics_log_callback(logs / f"{name}.jsonl")])
     if result.error is not None:
@@ -135,7 +140,9 @@ def max_concurrent_trials(resources: ResourcesConfig, num_trials: int, cluster: 
 
 def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, output_dir: str | os.PathLike, *,
               fail_at: dict[str, dict] | None = None) -> dict[str, Path]:
-    """Run every compression trial of ``cfg.sweep`` on Ray Tune; returns ``{trial: final checkpoint dir}``.
+    """Run every trial of ``cfg.compression_trials()`` (the compression trials of ``cfg.sweep``, and
+    the ``dense`` reference when they start from the baseline) on Ray Tune; returns ``{trial: final
+    checkpoint dir}``.
 
     ``prepared``: ``{split: PreparedSplit}`` with the train split (and ``dev``-like eval splits;
     the first eval split is evaluated during training). Finished trials are reused (see the module
@@ -148,7 +155,7 @@ def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, out
     import ray
     from ray import tune
 
-    trials = cfg.sweep.trials()
+    trials = cfg.compression_trials()
     if not trials:
         return {}
     job = TrialJob.create(cfg, prepared, init_from, output_dir, fail_at)

@@ -323,6 +323,8 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     train_cfg, gate_cfg = TrainConfig(**config["training"]), GateConfig(**config["gates"])
+    if train_cfg.torch_threads:
+        torch.set_num_threads(train_cfg.torch_threads)
     overrides = dict(config["model_overrides"])
     if world > 1:
         overrides["layerdrop"] = 0.0  # skipped layers differ across ranks: DDP would hang
@@ -364,7 +366,7 @@ def train_loop_per_worker(config: dict) -> None:
                    "epoch": progress["epoch"], "resumed_at": list(progress["resumed_at"]),
                    "threshold_rank_spread": _threshold_rank_spread(run)}
         step = run.step_count
-        if rank == 0 and config["dev_path"] and (final or step % train_cfg.eval_every == 0):
+        if rank == 0 and config["dev_path"] and train_cfg.eval_every and (final or step % train_cfg.eval_every == 0):
             metrics.update(_dev_scores(run, processor, config["dev_path"], train_cfg.eval_batch_size))
         if writer is not None:
             for key, value in metrics.items():
@@ -380,7 +382,7 @@ def train_loop_per_worker(config: dict) -> None:
                 export_model(pruned_copy(run.model), processor, directory / CHECKPOINT_MODEL)
                 (directory / TRAIN_RESULT).write_text(json.dumps(
                     {"method": run.method, "target_sparsity": run.target_sparsity, "steps": step,
-                     "compression_seconds": progress["elapsed_s"], **metrics}, indent=2, default=float))
+                     "init_from": config["init_from"], "compression_seconds": progress["elapsed_s"], **metrics}, indent=2, default=float))
             _save_checkpoint(directory, run, progress)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"step-{step:07d}")

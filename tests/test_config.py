@@ -179,6 +179,10 @@ def test_float_fields_accept_exponent_strings_only(in_tmp_dir):
     (["sweep.target_sparsities=[0.5, 0.5]"], "sweep.target_sparsities: [0.5, 0.5] repeats"),
     (["sweep.methods=[]", "dense_baseline=false"], "sweep.methods: empty"),
     (["name=a/b"], "name: 'a/b' is not a valid run name"),
+    (["baseline_training.max_step=5"], "baseline_training.max_step: unknown key; did you mean baseline_training.max_steps?"),
+    (["baseline_training.max_steps=0"], "baseline_training.max_steps: must be a positive integer"),
+    (["baseline_training.lr=fast"], "baseline_training.lr: expected float"),
+    (["training.torch_threads=-1"], "training.torch_threads: must be an integer >= 0"),
     (["training.tau_start=1"], "training.tau_start: unknown key; did you mean gates.tau_start?"),
     (["training.synth_seed=1"], "training.synth_seed: unknown key; did you mean corpus.synth_seed?"),
 ])
@@ -214,3 +218,33 @@ def test_unreadable_files_are_config_errors(in_tmp_dir):
     assert "cannot read" in str(problems_of(str(in_tmp_dir / "missing.yaml")))
     assert "not valid YAML" in str(problems_of(write_yaml(in_tmp_dir / "a.yaml", "a: [1,\n")))
     assert "top level" in str(problems_of(write_yaml(in_tmp_dir / "b.yaml", "- 1\n")))
+
+
+def test_baseline_settings_and_the_fair_dense_reference():
+    cfg = load_pipeline(None, ["baseline_training={max_steps: 900, lr: 3e-3}", "training.max_steps=300",
+                               "sweep.target_sparsities=[0.5]", "sweep.methods=[sspg]"], check_paths=False)
+    baseline = cfg.baseline_train_config()
+    assert (baseline.max_steps, baseline.lr, baseline.batch_size) == (900, 3e-3, cfg.training.batch_size)
+    # trials start from the baseline: it is named "foundation" and the sweep adds a dense reference
+    # trained like every compression trial
+    assert cfg.baseline_trial() == "foundation"
+    assert cfg.compression_trials() == [("dense", 0.0), ("sspg", 0.5)]
+    cfg.sweep.init_from_dense = False  # one pass from a pre-trained model: the baseline is the reference
+    assert cfg.baseline_trial() == "dense" and cfg.compression_trials() == [("sspg", 0.5)]
+    # a problem of training is reported once, under training
+    error = problems_of(None, ["training.lr=-1", "baseline_training={max_steps: 10}"])
+    assert [p.split(":")[0] for p in error.problems] == ["training.lr"]
+
+
+def test_readme_configuration_reference_is_in_sync_with_config_py():
+    from pinch_ray.config import README_REFERENCE_BEGIN, README_REFERENCE_END, config_reference
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert README_REFERENCE_BEGIN in readme and README_REFERENCE_END in readme, "README lost its configuration reference"
+    current = readme.split(README_REFERENCE_BEGIN, 1)[1].split(README_REFERENCE_END, 1)[0].strip()
+    assert current == config_reference().strip(), (
+        "README.md's configuration reference is out of date: replace the block between the "
+        "config-reference markers with the output of `python -m pinch_ray.config`")
+    # every key is documented: its meaning comes from the comments beside it in config.py
+    rows = [line for line in config_reference().splitlines() if line.startswith("| `")]
+    assert len(rows) > 60 and not [row for row in rows if row.endswith("|  |")]

@@ -23,11 +23,12 @@ TINY = {
     "corpus": {"synth_utterances": 60, "eval_splits": ["dev"]},
     "training": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "report_every": 2, "checkpoint_every": 2,
                  "eval_every": 100},
+    "baseline_training": {"max_steps": 6, "torch_threads": 1},
     "sweep": {"methods": ["sspg", "ump"], "target_sparsities": [0.5]},
     "resources": {"cpus_per_worker": 0.5, "max_failures": 0},
     "evaluation": {"batch_size": 8},
 }
-TRIALS = ("dense", "sspg-0.5", "ump-0.5")
+TRIALS = ("foundation", "dense", "sspg-0.5", "ump-0.5")
 
 
 def mtimes(directory: Path) -> dict[str, int]:
@@ -47,7 +48,7 @@ def finished(ray_cluster, tmp_path_factory):
         pipeline.run(cfg, fail_at=crash)
     assert (root / "ump-crashed").exists(), "the fault was not injected"
     interrupted = {"sspg_run": mtimes(final_result_dir(out / RUNS_DIR, "sspg-0.5")),
-                   "dense_run": mtimes(out / RUNS_DIR / "dense"),
+                   "dense_run": mtimes(out / RUNS_DIR / "foundation"),
                    "markers": sorted(p.name for p in (out / pipeline.STAGES_DIR).iterdir()),
                    "ump_final": final_result_dir(out / RUNS_DIR, "ump-0.5")}
     outputs = pipeline.run(cfg)
@@ -60,7 +61,7 @@ def test_interrupted_sweep_keeps_finished_trials_and_resumes_the_rest(finished):
     assert interrupted["ump_final"] is None
     # finished runs were reused, not retrained: every file keeps its modification time
     assert mtimes(final_result_dir(out / RUNS_DIR, "sspg-0.5")) == interrupted["sspg_run"]
-    assert mtimes(out / RUNS_DIR / "dense") == interrupted["dense_run"]
+    assert mtimes(out / RUNS_DIR / "foundation") == interrupted["dense_run"]
     # the crashed trial resumed from its checkpoint at step 2 and finished
     ump = json.loads((final_result_dir(out / RUNS_DIR, "ump-0.5") / "train_result.json").read_text())
     assert ump["steps"] == 4 and ump["resumed_at"] == [2]
@@ -82,8 +83,16 @@ def test_every_artifact_is_written(finished):
         assert (metrics["p_value_vs_dense"]["dev"] is None) == (trial == "dense")
     for stage in pipeline.STAGES:
         assert pipeline.marker_path(out, stage).is_file()
-    # compression trials started from the dense baseline's fine-tuned model
-    assert finished["outputs"]["compress"].keys() == {"sspg-0.5", "ump-0.5"}
+    # the dense reference and the compression trials started from the baseline ("foundation", its own
+    # budget) and got the same number of steps
+    assert finished["outputs"]["compress"].keys() == {"dense", "sspg-0.5", "ump-0.5"}
+    start = json.loads((final_result_dir(out / RUNS_DIR, "foundation") / "train_result.json").read_text())
+    assert start["steps"] == 6 and start["init_from"] == "tiny"
+    for trial in ("dense", "sspg-0.5", "ump-0.5"):
+        result = json.loads((final_result_dir(out / RUNS_DIR, trial) / "train_result.json").read_text())
+        assert result["steps"] == 4
+        assert result["init_from"] == str(final_result_dir(out / RUNS_DIR, "foundation") / "model")
+    assert [t["trial"] for t in summary["trials"]][:2] == ["foundation", "dense"]
 
 
 def test_rerun_skips_every_stage_and_touches_nothing(finished, caplog):

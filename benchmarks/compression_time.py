@@ -1,0 +1,168 @@
+"""One-pass compression (sspg) against the two-stage recipe, each run until dev WER stops improving.
+
+Prints one JSON object:
+    {"one_pass_s": ..., "two_stage_s": ..., "ratio": ..., "one_pass_wer": ..., "two_stage_wer": ...,
+     "target_sparsity": ..., "one_pass_sparsity": ..., "two_stage_sparsity": ..., ...}
+
+From the same starting model (a dense checkpoint: by default the demo's ``foundation``):
+
+- **one pass**: ``sspg`` fine-tuning at the target until dev WER (of the hard-pruned model) stops
+  improving; the sparsity target ramps over ``--ramp-steps`` and stopping is only considered after.
+- **two stage**: dense fine-tuning until dev WER stops improving, then ``ump`` (every gated matrix
+  pruned to the target by |W|) and fine-tuning with the mask fixed until dev WER stops improving.
+
+Every stage uses the same constant learning rate after the same warm-up, evaluates the dev split
+every ``--eval-every`` steps and stops after ``--patience`` evaluations without a new best; the
+model kept is the best one seen. Times are training seconds (evaluation excluded; each stage's
+evaluations cost the same per call); WERs are of the kept models on the held-out test split.
+Runs in this process on the core API (no Ray), ``--threads`` torch threads.
+
+    pinch-ray run pipelines/demo.yaml      # once: the corpus, its prepared shards, the foundation
+    python benchmarks/compression_time.py  # ~10 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from itertools import islice
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from pinch_ray.config import GateConfig, TrainConfig, load_pipeline
+from pinch_ray.data import iter_train_batches, read_prepared_rows
+from pinch_ray.evaluate import score, transcribe_rows
+from pinch_ray.models import load_model
+from pinch_ray.train import CHECKPOINT_MODEL, Compressor
+
+
+def prepared_splits(pipeline: Path) -> dict[str, str]:
+    """``{split: prepared shard directory}`` recorded by a finished prepare stage of ``pipeline``."""
+    cfg = load_pipeline(pipeline, check_paths=False)
+    marker = Path(cfg.output_dir) / ".stages" / "prepare.done"
+    if not marker.is_file():
+        raise SystemExit(f"{marker} not found: run `pinch-ray run {pipeline}` first (it prepares the corpus)")
+    return {split: entry["path"] for split, entry in json.loads(marker.read_text())["outputs"].items()}
+
+
+def default_start(pipeline: Path) -> str:
+    cfg = load_pipeline(pipeline, check_paths=False)
+    marker = Path(cfg.output_dir) / ".stages" / "baseline.done"
+    if not marker.is_file():
+        raise SystemExit(f"{marker} not found: run `pinch-ray run {pipeline}` first, or pass --init-from")
+    return str(Path(json.loads(marker.read_text())["outputs"][cfg.baseline_trial()]) / CHECKPOINT_MODEL)
+
+
+def dev_wer(model, processor, rows) -> float:
+    with torch.no_grad():
+        return score(transcribe_rows(model, processor, rows, batch_size=32)).wer
+
+
+class Stage:
+    """Train one Compressor until dev WER stops improving; keeps the best model seen."""
+
+    def __init__(self, name: str, model, processor, method: str, target: float, args, train_rows, dev_rows):
+        self.name, self.processor, self.args = name, processor, args
+        self.train_rows, self.dev_rows = train_rows, dev_rows
+        self.train_cfg = TrainConfig(max_steps=args.max_steps, lr=args.lr, warmup_steps=args.warmup_steps,
+                                     decay_fraction=0.0, threshold_lr=2.0 / args.ramp_steps, seed=args.seed)
+        gate_cfg = GateConfig(target_warmup_fraction=args.ramp_steps / args.max_steps)
+        self.run = Compressor.create(model, method, target, self.train_cfg, gate_cfg)
+        self.min_steps = args.ramp_steps if method == "sspg" else 0
+
+    def batches(self):
+        epoch = 0
+        while True:
+            yield from iter_train_batches(self.train_rows, self.args.batch_size, seed=self.args.seed, epoch=epoch)
+            epoch += 1
+
+    def train(self) -> dict:
+        seconds, best, best_state, best_step, stale, curve = 0.0, float("inf"), None, 0, 0, []
+        batches = self.batches()
+        while self.run.step_count < self.args.max_steps:
+            started = time.perf_counter()
+            for batch in islice(batches, self.args.eval_every):
+                self.run.step([batch])
+            seconds += time.perf_counter() - started
+            wer = dev_wer(self.run.model, self.processor, self.dev_rows)  # eval(): hard masks
+            curve.append([self.run.step_count, round(wer, 4)])
+            print(f"# {self.name} step {self.run.step_count}: dev WER {wer:.4f} ({seconds:.0f} s)", flush=True)
+            if self.run.step_count < self.min_steps:  # sspg: not at the target yet, not a candidate
+                continue
+            if wer < best:
+                best, best_state, best_step, stale = wer, copy.deepcopy(self.run.unwrapped.state_dict()), \
+                    self.run.step_count, 0
+            else:
+                stale += 1
+                if stale >= self.args.patience:
+                    break
+        self.run.unwrapped.load_state_dict(best_state)
+        finish = self.run.finish()  # sspg: calibrated if the hard sparsity misses the target
+        return {"seconds": seconds, "steps": self.run.step_count, "best_step": best_step, "dev_wer": best,
+                "sparsity": finish["achieved_sparsity"], "curve": curve}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", type=Path, default=Path("pipelines/demo.yaml"),
+                        help="a pipeline whose prepare (and baseline) stages have run: its corpus and foundation")
+    parser.add_argument("--init-from", default=None, help="starting model (default: the pipeline's foundation)")
+    parser.add_argument("--target", type=float, default=0.65)
+    parser.add_argument("--max-steps", type=int, default=2000, help="cap per stage")
+    parser.add_argument("--ramp-steps", type=int, default=300, help="sspg: steps of the sparsity target ramp")
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--patience", type=int, default=3, help="evaluations without a new best before stopping")
+    parser.add_argument("--dev-utterances", type=int, default=300, help="dev subset evaluated while training")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    splits = prepared_splits(args.pipeline)
+    cfg = load_pipeline(args.pipeline, check_paths=False)
+    train_rows = list(read_prepared_rows(splits[cfg.corpus.train_split]))
+    dev_rows = list(islice(read_prepared_rows(splits[cfg.corpus.eval_splits[0]]), args.dev_utterances))
+    test_rows = list(read_prepared_rows(splits[cfg.corpus.eval_splits[-1]]))
+    start = args.init_from or default_start(args.pipeline)
+
+    def fresh():
+        return load_model(start, **cfg.model.overrides)
+
+    model, processor = fresh()
+    one = Stage("one-pass sspg", model, processor, "sspg", args.target, args, train_rows, dev_rows).train()
+    one_model = model
+
+    model, processor = fresh()
+    dense = Stage("two-stage 1/2 dense", model, processor, "dense", 0.0, args, train_rows, dev_rows).train()
+    pruned = Stage("two-stage 2/2 ump", model, processor, "ump", args.target, args, train_rows, dev_rows)
+    ump = pruned.train()
+    two_model = pruned.run.model
+
+    with torch.no_grad():
+        one_test = score(transcribe_rows(one_model, processor, test_rows, batch_size=32))
+        two_test = score(transcribe_rows(two_model, processor, test_rows, batch_size=32))
+    two_seconds = dense["seconds"] + ump["seconds"]
+    print(json.dumps({
+        "one_pass_s": round(one["seconds"], 1), "two_stage_s": round(two_seconds, 1),
+        "ratio": round(one["seconds"] / two_seconds, 3),
+        "one_pass_wer": round(one_test.wer, 4), "two_stage_wer": round(two_test.wer, 4),
+        "one_pass_cer": round(one_test.cer, 4), "two_stage_cer": round(two_test.cer, 4),
+        "target_sparsity": args.target, "one_pass_sparsity": round(one["sparsity"], 4),
+        "two_stage_sparsity": round(ump["sparsity"], 4),
+        "one_pass_steps": one["steps"], "two_stage_steps": [dense["steps"], ump["steps"]],
+        "one_pass_dev_curve": one["curve"], "two_stage_dev_curves": [dense["curve"], ump["curve"]],
+        "start": start, "test_utterances": one_test.num_utterances, "threads": args.threads,
+    }))
+
+
+if __name__ == "__main__":
+    main()
