@@ -532,16 +532,19 @@ def iter_train_batches(source: Any, batch_size: int, *, num_batches: int | None 
 
     ``source``: ``ray.train.get_dataset_shard(...)`` (a DataIterator), a Ray Dataset, or an
     iterable of shard rows. Rows are shuffled locally (seed + epoch), sorted by length within
-    windows of ``bucket_window_batches`` batches, cut into full batches (partial ones dropped)
-    and yielded in a shuffled order. With ``num_batches`` (e.g. :func:`batches_per_epoch`), every
+    windows of ``bucket_window_batches`` batches, cut into full batches (a window's remainder joins
+    the next window; only the epoch's last partial batch is dropped) and yielded in a shuffled order. With ``num_batches`` (e.g. :func:`batches_per_epoch`), every
     rank stops after exactly that many batches and the rest of its shard is drained, so all DDP
     ranks run the same number of steps; RuntimeError when the shard holds fewer.
     """
     rng = np.random.default_rng([seed, epoch])
-    produced = 0
+    produced, leftover = 0, []
     windows = _iter_windows(source, batch_size * bucket_window_batches, shuffle_seed=seed * 100_003 + epoch)
     for window in windows:
-        batches = _length_buckets(window, batch_size, drop_last=True)
+        # Rows that do not fill a batch move on to the next window (Ray may hand over windows of
+        # any size), so only the epoch's last partial batch is dropped: (rows // batch_size) batches.
+        batches = _length_buckets(leftover + window, batch_size, drop_last=False)
+        leftover = batches.pop() if batches and len(batches[-1]) < batch_size else []
         for index in rng.permutation(len(batches)):
             if num_batches is not None and produced == num_batches:
                 break
