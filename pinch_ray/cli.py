@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -40,15 +41,30 @@ def _corpus_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _init_ray(verbose: bool) -> None:
+    """Join the cluster at RAY_ADDRESS (``ray job submit``), else start one on this machine.
+
+    Ray Data's per-operator progress bars are off unless ``--verbose``: streamed from every training
+    worker they are thousands of lines; the stage lines and each trial's progress lines say enough.
+    The setting reaches the workers of a cluster started here (they inherit the environment).
+    """
+    if not verbose:
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    import ray
+    import ray.data
+
+    ray.init()
+    if not verbose:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 def _run(args: argparse.Namespace) -> int:
     from pinch_ray import pipeline
     from pinch_ray.config import load_pipeline
 
     pipeline.stages_to_run(args.from_stage, args.only)  # ValueError (exit 2) before anything starts
     cfg = load_pipeline(args.pipeline, args.overrides, check_paths=True)  # ConfigError: every problem
-    import ray
-
-    ray.init()  # joins the cluster at RAY_ADDRESS (ray job submit), else starts one on this machine
+    _init_ray(args.verbose)
     try:
         pipeline.run(cfg, from_stage=args.from_stage, only=args.only)
     except ConfigError:
@@ -90,8 +106,6 @@ def _add_run_commands(subparsers) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import os
-
     from pinch_ray.config import DataConfig
 
     problems = []
@@ -105,14 +119,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         problems.append(f"--batch-size: must be >= 1 (got {args.batch_size})")
     if problems:
         raise ConfigError(problems, "pinch-ray evaluate")
-    import ray
-
     from pinch_ray import evaluate
     from pinch_ray.data import prepare_split
     from pinch_ray.models import load_model
 
     model, processor = load_model(args.model_dir)
-    ray.init()
+    _init_ray(args.verbose)
     data_cfg = DataConfig(cache_dir=args.cache_dir) if args.cache_dir else DataConfig()
     prepared = prepare_split(args.corpus, args.split, processor.tokenizer.get_vocab(), data_cfg)
     utterances = evaluate.transcribe_dataset(prepared.dataset(), model, processor, batch_size=args.batch_size)

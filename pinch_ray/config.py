@@ -435,7 +435,9 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainConfig = field(default_factory=TrainConfig)
     gates: GateConfig = field(default_factory=GateConfig)
-    dense_baseline: bool = True  # also fine-tune the uncompressed model (trial "dense"): reference WER and size
+    # Also train the uncompressed model (stage "baseline"): trial "dense", the reference WER and size;
+    # with sweep.init_from_dense it is trial "foundation" and the sweep adds the "dense" reference.
+    dense_baseline: bool = True
     # Training settings of the dense baseline that differ from `training`, e.g. {max_steps: 1000,
     # torch_threads: 2}. With sweep.init_from_dense the baseline (trial "foundation") stands in for
     # a pre-trained model and usually trains longer than the compression trials; the reference

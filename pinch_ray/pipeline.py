@@ -151,11 +151,10 @@ def stage_compress(cfg: PipelineConfig, outputs: dict, fail_at: dict | None = No
 
 
 def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False) -> dict:
+    from pinch_ray.data import read_prepared_rows
     from pinch_ray.models import load_model
     from pinch_ray.report import TrialInfo, finalize_trial, read_trial_hypotheses, write_summary
     from pinch_ray.train import CHECKPOINT_MODEL, TRAIN_RESULT
-
-    from pinch_ray.data import read_prepared_rows
 
     prepared = _prepared(outputs)
     trials = {**outputs["baseline"], **outputs["compress"]}
@@ -169,8 +168,8 @@ def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False) 
                          calibrated=result.get("calibrated"))
         model, processor = load_model(str(Path(result_dir) / CHECKPOINT_MODEL))
         # evaluation.num_actors > 0: a Ray Data actor pool; 0: this process reads the shards itself
-        eval_data = {split: prepared[split].dataset() if cfg.evaluation.num_actors else read_prepared_rows(prepared[split].path)
-                     for split in cfg.corpus.eval_splits}
+        eval_data = {split: prepared[split].dataset() if cfg.evaluation.num_actors
+                     else read_prepared_rows(prepared[split].path) for split in cfg.corpus.eval_splits}
         finalize_trial(model, processor, info, cfg.output_dir, eval_data, dense_hypotheses=dense_hypotheses,
                        eval_cfg=cfg.evaluation, gate_patterns=cfg.gates.all_patterns(), overwrite=overwrite)
         if name == "dense":

@@ -107,7 +107,7 @@ def train_trial(job: TrialJob, method: str, target_sparsity: float, *, name: str
     logs.mkdir(parents=True, exist_ok=True)
     log.info("trial %s: training %d steps from %s", name, training.max_steps, job.init_from)
     result = run_training(config, ray.data.read_parquet(job.train_files), cfg.resources, name=name,
-                          storage_path=storage, callbacks=[metrics_log_callback(logs / f"{name}.jsonl")])
+                          storage_path=storage, callbacks=[metrics_log_callback(logs / f"{name}.jsonl", name, training.max_steps)])
     if result.error is not None:
         raise result.error
     done = final_result_dir(storage, name)

@@ -413,8 +413,22 @@ def train_loop_per_worker(config: dict) -> None:
         writer.close()
 
 
-def metrics_log_callback(path: str | os.PathLike):
-    """A Ray Train callback appending rank 0's metrics of every report to ``path`` (JSON lines).
+def progress_line(name: str, metrics: dict, max_steps: int) -> str:
+    """One line of training progress: ``[sspg-0.65] step 200/900  ctc 0.84  sparsity 0.612  52 s, ~3 min left``."""
+    step, elapsed = metrics.get("step", 0), metrics.get("elapsed_s", 0.0)
+    parts = [f"[{name}] step {step}/{max_steps}", f"ctc {metrics['ctc_loss']:.3f}" if "ctc_loss" in metrics else ""]
+    if metrics.get("hard_sparsity"):
+        parts.append(f"sparsity {metrics['hard_sparsity']:.3f}")
+    if "dev_wer" in metrics:
+        parts.append(f"dev WER {metrics['dev_wer']:.3f}")
+    left = elapsed / step * (max_steps - step) if step else 0.0
+    parts.append(f"{elapsed:.0f} s" + (f", ~{left / 60:.1f} min left" if step < max_steps else ", done"))
+    return "  ".join(part for part in parts if part)
+
+
+def metrics_log_callback(path: str | os.PathLike, name: str | None = None, max_steps: int | None = None):
+    """A Ray Train callback appending rank 0's metrics of every report to ``path`` (JSON lines);
+    with ``name`` and ``max_steps`` it also prints a :func:`progress_line` (shown by the driver).
 
     It runs in the Ray Train controller, so ``path`` must be writable there (the driver's machine
     for local runs; shared storage on a cluster).
@@ -428,6 +442,8 @@ def metrics_log_callback(path: str | os.PathLike):
         def after_report(self, run_context, metrics, checkpoint):
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(metrics[0], default=float) + "\n")
+            if name and max_steps:
+                print(progress_line(name, metrics[0], max_steps), flush=True)
 
     return MetricsLog(str(path))
 

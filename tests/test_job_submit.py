@@ -43,20 +43,24 @@ def _free_port() -> int:
 def ray_head(tmp_path_factory):
     """A local Ray head with the job server; yields the dashboard URL."""
     temp_dir = tmp_path_factory.mktemp("rh")  # short: Ray's socket paths must stay < 108 characters
-    port, dashboard_port = _free_port(), _free_port()
+    # Every port of its own: the session cluster of the other tests runs beside it, and its
+    # dashboard agent holds Ray's default agent ports (the job server then has "No available agent").
+    port, dashboard_port, agent_port, agent_grpc, metrics, runtime_env_agent = (_free_port() for _ in range(6))
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"  # a loopback-only test cluster: no token to hand to the client
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         "--include-dashboard=true", f"--dashboard-agent-listen-port={agent_port}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={runtime_env_agent}", "--num-cpus=2", f"--temp-dir={temp_dir}",
          f"--object-store-memory={300 * 1024**2}", "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard_port}"
     try:
         from ray.job_submission import JobSubmissionClient
 
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240  # a loaded 2-core machine can take minutes
         while True:
             if head.poll() is not None:
                 pytest.fail(f"ray start --head exited: {head.stdout.read().decode(errors='replace')[-3000:]}")
@@ -90,7 +94,7 @@ def demo_job(ray_head, tmp_path_factory):
         "training.report_every=1", "training.checkpoint_every=2",
     ]
     client = JobSubmissionClient(ray_head)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     while True:
         try:
             job_id = client.submit_job(
@@ -151,6 +155,8 @@ def test_demo_cut_succeeds_as_a_ray_job(demo_job):
     # one progress line per stage, each with its elapsed time
     for number, stage in enumerate(("prepare", "baseline", "compress", "finalize"), start=1):
         assert f"[stage {number}/4] {stage} ... done in" in logs, logs[-3000:]
+    # a progress line per training report, from every run
+    assert "[foundation] step 4/4" in logs and "[sspg-0.65] step 3/3" in logs, logs[-3000:]
 
 
 def test_every_demo_artifact_exists_and_parses(demo_job):
