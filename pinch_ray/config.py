@@ -475,7 +475,8 @@ class PipelineConfig:
         baseline = self.baseline_train_config(baseline_problems)
         out += baseline_problems
         if not baseline_problems and self.baseline_training:
-            out += [p for p in baseline.problems("baseline_training") if p not in self.training.problems("baseline_training")]
+            known = self.training.problems("baseline_training")  # reported once, under training
+            out += [p for p in baseline.problems("baseline_training") if p not in known]
         if not isinstance(self.name, str) or not RUN_NAME.fullmatch(self.name):
             out.append(f"name: {self.name!r} is not a valid run name; use letters, digits, '.', '_' and '-'")
         out += self.corpus.problems("corpus") + self.data.problems("data") + self.model.problems("model")

@@ -533,9 +533,10 @@ def iter_train_batches(source: Any, batch_size: int, *, num_batches: int | None 
     ``source``: ``ray.train.get_dataset_shard(...)`` (a DataIterator), a Ray Dataset, or an
     iterable of shard rows. Rows are shuffled locally (seed + epoch), sorted by length within
     windows of ``bucket_window_batches`` batches, cut into full batches (a window's remainder joins
-    the next window; only the epoch's last partial batch is dropped) and yielded in a shuffled order. With ``num_batches`` (e.g. :func:`batches_per_epoch`), every
-    rank stops after exactly that many batches and the rest of its shard is drained, so all DDP
-    ranks run the same number of steps; RuntimeError when the shard holds fewer.
+    the next window; only the epoch's last partial batch is dropped) and yielded in a shuffled
+    order. With ``num_batches`` (e.g. :func:`batches_per_epoch`), every rank stops after exactly
+    that many batches and the rest of its shard is drained, so all DDP ranks run the same number
+    of steps; RuntimeError when the shard holds fewer.
     """
     rng = np.random.default_rng([seed, epoch])
     produced, leftover = 0, []
