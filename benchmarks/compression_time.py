@@ -35,28 +35,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from pinch_ray.config import GateConfig, TrainConfig, load_pipeline
+from pinch_ray.config import GateConfig, PipelineConfig, TrainConfig, load_pipeline
 from pinch_ray.data import iter_train_batches, read_prepared_rows
 from pinch_ray.evaluate import score, transcribe_rows
 from pinch_ray.models import load_model
+from pinch_ray.pipeline import marker_path
 from pinch_ray.train import CHECKPOINT_MODEL, Compressor
 
 
-def prepared_splits(pipeline: Path) -> dict[str, str]:
-    """``{split: prepared shard directory}`` recorded by a finished prepare stage of ``pipeline``."""
-    cfg = load_pipeline(pipeline, check_paths=False)
-    marker = Path(cfg.output_dir) / ".stages" / "prepare.done"
+def stage_outputs(cfg: PipelineConfig, pipeline: Path, stage: str) -> dict:
+    """What a finished ``stage`` of the pipeline recorded in its completion marker."""
+    marker = marker_path(cfg.output_dir, stage)
     if not marker.is_file():
-        raise SystemExit(f"{marker} not found: run `pinch-ray run {pipeline}` first (it prepares the corpus)")
-    return {split: entry["path"] for split, entry in json.loads(marker.read_text())["outputs"].items()}
-
-
-def default_start(pipeline: Path) -> str:
-    cfg = load_pipeline(pipeline, check_paths=False)
-    marker = Path(cfg.output_dir) / ".stages" / "baseline.done"
-    if not marker.is_file():
-        raise SystemExit(f"{marker} not found: run `pinch-ray run {pipeline}` first, or pass --init-from")
-    return str(Path(json.loads(marker.read_text())["outputs"][cfg.baseline_trial()]) / CHECKPOINT_MODEL)
+        raise SystemExit(f"{marker} not found: run `pinch-ray run {pipeline}` first (or pass --init-from)")
+    return json.loads(marker.read_text())["outputs"]
 
 
 def dev_wer(model, processor, rows) -> float:
@@ -127,12 +119,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    splits = prepared_splits(args.pipeline)
     cfg = load_pipeline(args.pipeline, check_paths=False)
+    splits = {split: entry["path"] for split, entry in stage_outputs(cfg, args.pipeline, "prepare").items()}
     train_rows = list(read_prepared_rows(splits[cfg.corpus.train_split]))
     dev_rows = list(islice(read_prepared_rows(splits[cfg.corpus.eval_splits[0]]), args.dev_utterances))
     test_rows = list(read_prepared_rows(splits[cfg.corpus.eval_splits[-1]]))
-    start = args.init_from or default_start(args.pipeline)
+    start = args.init_from or str(
+        Path(stage_outputs(cfg, args.pipeline, "baseline")[cfg.baseline_trial()]) / CHECKPOINT_MODEL)
 
     def fresh():
         return load_model(start, **cfg.model.overrides)
