@@ -47,7 +47,8 @@ def stage_outputs(cfg: PipelineConfig, pipeline: Path, stage: str) -> dict:
     """What a finished ``stage`` of the pipeline recorded in its completion marker."""
     marker = marker_path(cfg.output_dir, stage)
     if not marker.is_file():
-        raise SystemExit(f"{marker} not found: run `pinch-ray run {pipeline}` first (or pass --init-from)")
+        hint = " (or pass --init-from)" if stage == "baseline" else ""
+        raise SystemExit(f"{marker} not found: run `pinch-ray run {pipeline}` first{hint}")
     return json.loads(marker.read_text())["outputs"]
 
 
