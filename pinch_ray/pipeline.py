@@ -157,6 +157,10 @@ def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False) 
     from pinch_ray.train import CHECKPOINT_MODEL, TRAIN_RESULT
 
     prepared = _prepared(outputs)
+    # evaluation.num_actors > 0: a Ray Data actor pool over these datasets (reusable for every
+    # trial); 0: this process reads the shards itself (a fresh reader per trial)
+    datasets = ({split: prepared[split].dataset() for split in cfg.corpus.eval_splits}
+                if cfg.evaluation.num_actors else None)
     trials = {**outputs["baseline"], **outputs["compress"]}
     trials = {name: trials[name] for name in sorted(trials, key=lambda name: name != "dense")}  # the reference first
     dense_hypotheses = None
@@ -167,9 +171,7 @@ def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False) 
                          achieved_sparsity_trained=result.get("achieved_sparsity_trained"),
                          calibrated=result.get("calibrated"))
         model, processor = load_model(str(Path(result_dir) / CHECKPOINT_MODEL))
-        # evaluation.num_actors > 0: a Ray Data actor pool; 0: this process reads the shards itself
-        eval_data = {split: prepared[split].dataset() if cfg.evaluation.num_actors
-                     else read_prepared_rows(prepared[split].path) for split in cfg.corpus.eval_splits}
+        eval_data = datasets or {split: read_prepared_rows(prepared[split].path) for split in cfg.corpus.eval_splits}
         finalize_trial(model, processor, info, cfg.output_dir, eval_data, dense_hypotheses=dense_hypotheses,
                        eval_cfg=cfg.evaluation, gate_patterns=cfg.gates.all_patterns(), overwrite=overwrite)
         if name == "dense":
