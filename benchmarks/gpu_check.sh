@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Gate overhead on a CUDA GPU: the same benchmark as benchmarks/gate_overhead.py, bf16 autocast,
-# torch + transformers only (no Ray needed). Prints one JSON line per model, with the GPU's name.
+# The GPU checks, torch + transformers only (no Ray needed), one JSON line each, with the GPU's name:
+#   gate overhead (benchmarks/gate_overhead.py, bf16 autocast), one line per model;
+#   2:4 semi-structured inference, dense vs sparse tensor cores (benchmarks/gpu_2to4.py);
+#   neuron-pruned (-60% parameters) vs dense inference, bf16 (benchmarks/inference_speed.py).
 #   bash benchmarks/gpu_check.sh            # run from anywhere; needs torch with CUDA + transformers
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 python3 -c "import torch, transformers; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" >&2
+failed=()  # every check runs; the exit status says whether one failed
 python3 benchmarks/gate_overhead.py --device cuda --steps 30 --warmup 5 \
-    --models tiny wav2vec2-base-size wav2vec2-base-size-32x16s "$@"
+    --models tiny wav2vec2-base-size wav2vec2-base-size-32x16s "$@" || failed+=(gate_overhead)
+python3 benchmarks/gpu_2to4.py || failed+=(gpu_2to4)
+python3 benchmarks/inference_speed.py --device cuda --repeats 20 --batch8-repeats 20 || failed+=(inference_speed)
+if ((${#failed[@]})); then echo "failed: ${failed[*]}" >&2; exit 1; fi

@@ -3,6 +3,7 @@
     pinch-ray run pipelines/demo.yaml                         # every stage; reruns skip finished ones
     pinch-ray run pipelines/demo.yaml training.max_steps=100 --from-stage compress
     pinch-ray evaluate runs/demo/sspg-0.65/model --corpus data/synth_corpus --split test
+    pinch-ray export-2to4 runs/demo/sspg-0.5/model runs/demo/sspg-0.5/model-2to4
     pinch-ray corpus synth data/synth_corpus --utterances 6000 --seed 0
 
 Exit codes: 0 success, 2 bad input (arguments, existing output, invalid settings), 1 failure.
@@ -152,6 +153,32 @@ def _add_evaluate_commands(subparsers) -> None:
     evaluate.set_defaults(handler=_evaluate)
 
 
+def _export_2to4(args: argparse.Namespace) -> int:
+    from pinch_ray.sparse24 import export_2to4
+
+    report = export_2to4(args.model_dir, args.out_dir)
+    if report["kernels"] != "available":
+        logger.warning("%s", report["kernels"])
+    print(json.dumps({"out_dir": args.out_dir, "layers": len(report["layers"]), "kernels": report["kernels"],
+                      "sparsity_before": report["sparsity_before"], "sparsity_after": report["sparsity_after"]}))
+    return EXIT_OK
+
+
+def _add_export_commands(subparsers) -> None:
+    export = subparsers.add_parser(
+        "export-2to4", help="give an exported model the 2:4 pattern GPU sparse tensor cores run fast",
+        description="Keep the 2 largest of every 4 consecutive weights in each gated Linear layer of an "
+                    "exported model and write it as a stock Hugging Face directory (plus "
+                    "sparsity_2to4.json: each layer's sparsity before and after). On an Ampere or newer GPU, "
+                    "pinch_ray.sparse24.to_semi_structured(model) then runs those layers on sparse tensor "
+                    "cores; on a CPU the model runs densely (said so, not an error).",
+        epilog="example:\n  pinch-ray export-2to4 runs/demo/sspg-0.5/model runs/demo/sspg-0.5/model-2to4",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("model_dir", help="exported model directory (a trial's model/)")
+    export.add_argument("out_dir", help="new directory for the 2:4 model")
+    export.set_defaults(handler=_export_2to4)
+
+
 def _add_corpus_commands(subparsers) -> None:
     corpus = subparsers.add_parser("corpus", help="speech corpora")
     corpus_commands = corpus.add_subparsers(dest="corpus_command", required=True)
@@ -182,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_commands(commands)
     _add_evaluate_commands(commands)
+    _add_export_commands(commands)
     _add_corpus_commands(commands)
     return parser
 

@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 
 import yaml
 
-METHODS = ("dense", "ump", "sspg")
+from pinch_ray.storage import is_uri, scheme_problem
+
+# dense: no pruning; ump: uniform magnitude pruning (weights); sspg: self-pinching gates at
+# gates.granularity; sspg-neuron: sspg with granularity neuron, so one sweep can hold both.
+METHODS = ("dense", "ump", "sspg", "sspg-neuron")
+SSPG_METHODS = ("sspg", "sspg-neuron")
+GRANULARITIES = ("weight", "neuron")
+NEURON_UNITS = ("ffn", "heads", "conv")
 MAX_TARGET_SPARSITY = 0.99
 
 
@@ -66,6 +73,21 @@ class GateConfig:
     patterns: list[str] = field(default_factory=lambda: list(DEFAULT_GATE_PATTERNS))
     gate_feature_encoder: bool = False  # also gate the conv feature encoder
     gate_pos_conv: bool = False  # also gate the positional convolution
+    # What one sspg mask entry removes. weight: single weights of the matrices the patterns
+    # select (the paper). neuron: whole feed-forward neurons and attention heads of every
+    # transformer layer (patterns unused), so the exported matrices are smaller and faster; see
+    # pinch_ray.neurons. The method sspg-neuron always uses neuron; ump always prunes weights.
+    granularity: str = "weight"
+    # Units gated at neuron granularity: ffn (feed-forward neurons), heads (attention heads; not
+    # WavLM, whose position bias is per head), conv (channels of the conv feature encoder, all
+    # layers but the last; feat_extract_norm group models such as wav2vec2-base / hubert-base).
+    # [auto]: every kind the model supports (the others are logged). The conv encoder is about a
+    # third of base-size CPU inference time, so conv is what makes a pruned model much faster.
+    neuron_units: list[str] = field(default_factory=lambda: ["auto"])
+
+    def for_method(self, method: str) -> "GateConfig":
+        """These settings as a trial of ``method`` uses them (sspg-neuron: granularity neuron)."""
+        return dataclasses.replace(self, granularity="neuron") if method == "sspg-neuron" else self
     # Temperature of the soft mask, relative to the layer's mean squared weight (unitless):
     # tau_l = tau * mean(W_l^2). Annealed geometrically from tau_start to tau_end over training.
     tau_start: float = 0.05
@@ -109,6 +131,13 @@ class GateConfig:
             out.append(f"{prefix}.calibration_tolerance: must be in (0, 0.1) (got {self.calibration_tolerance})")
         if not self.all_patterns():
             out.append(f"{prefix}.patterns: empty; list at least one module-name pattern to gate")
+        if self.granularity not in GRANULARITIES:
+            out.append(f"{prefix}.granularity: {self.granularity!r}; use {' or '.join(GRANULARITIES)}")
+        bad_units = [unit for unit in self.neuron_units if unit not in NEURON_UNITS]
+        if (self.neuron_units != ["auto"] and (bad_units or not self.neuron_units
+                                               or len(set(self.neuron_units)) != len(self.neuron_units))):
+            out.append(f"{prefix}.neuron_units: {self.neuron_units!r}; list ffn, heads and/or conv, each once, "
+                       "or [auto]")
         return out
 
 
@@ -332,6 +361,7 @@ class EvalConfig:
 # --------------------------------------------------------------------------------------------
 
 COMPRESSION_METHODS = tuple(method for method in METHODS if method != "dense")  # what a sweep trial runs
+RUNS_DIR = "runs"  # <output_dir>/runs/<trial>: the Ray Train runs (checkpoints) when storage_path is unset
 FOUNDATION_TRIAL = "foundation"  # the dense baseline's name when compression trials start from it
 # Splits the synthetic corpus generator writes (``pinch_ray.corpus.synth.DEFAULT_SPLITS``; not
 # imported, because that module pulls in the audio stack).
@@ -368,7 +398,7 @@ class ModelConfig:
 class SweepConfig:
     """The compression trials (Ray Tune): every method at each of its target sparsities."""
 
-    methods: list[str] = field(default_factory=lambda: ["sspg", "ump"])  # sspg / ump; dense: dense_baseline
+    methods: list[str] = field(default_factory=lambda: ["sspg", "ump"])  # sspg / sspg-neuron / ump; dense: dense_baseline
     # Fractions of the gated weights to remove; one trial per (method, target).
     target_sparsities: list[float] = field(default_factory=lambda: [0.5, 0.65, 0.75])
     # Per-method target lists replacing target_sparsities for that method: {ump: [0.65]} runs ump
@@ -395,7 +425,7 @@ class SweepConfig:
                 out.append(f"{prefix}.methods: 'dense' is the baseline, not a sweep method; remove it "
                            "and set dense_baseline: true")
             elif method not in COMPRESSION_METHODS:
-                out.append(f"{prefix}.methods: unknown method {method!r}; use {' and/or '.join(COMPRESSION_METHODS)}")
+                out.append(f"{prefix}.methods: unknown method {method!r}; use any of {', '.join(COMPRESSION_METHODS)}")
         if len(set(self.methods)) != len(self.methods):
             out.append(f"{prefix}.methods: {self.methods} lists a method twice; list each once")
         for method in self.method_targets:
@@ -428,6 +458,10 @@ class PipelineConfig:
 
     name: str = "tiny-synth"  # run name: Ray Train/Tune run names and the default output directory
     output_dir: str = ""  # where artifacts go (see DESIGN.md); "": runs/<name> in the working directory
+    # Where Ray Train/Tune keep runs and checkpoints: a local or shared directory, or an object
+    # store URI (s3://bucket/runs, gs://..., file:///...; pyarrow filesystems) that workers on
+    # every node reach. "": <output_dir>/runs. (output_dir and data.cache_dir stay directories.)
+    storage_path: str = ""
     # The default pipeline generates the synthetic corpus (CorpusConfig alone never does: a real
     # corpus path that is missing must stay an error, so YAMLs for real corpora set synth_utterances: 0).
     corpus: CorpusConfig = field(default_factory=lambda: CorpusConfig(synth_utterances=DEFAULT_SYNTH_UTTERANCES))
@@ -453,6 +487,10 @@ class PipelineConfig:
         return _build(self.training, self.baseline_training, "baseline_training.",
                       problems if problems is not None else [])
 
+    def run_storage(self) -> str:
+        """Where the Ray Train/Tune runs live: ``storage_path``, or ``<output_dir>/runs``."""
+        return self.storage_path or os.path.join(self.output_dir, RUNS_DIR)
+
     def baseline_trial(self) -> str:
         """Name of the dense baseline run: ``foundation`` when the compression trials start from
         it (``sweep.init_from_dense``; the sweep then adds a ``dense`` reference trial), else ``dense``."""
@@ -477,6 +515,12 @@ class PipelineConfig:
         if not baseline_problems and self.baseline_training:
             known = self.training.problems("baseline_training")  # reported once, under training
             out += [p for p in baseline.problems("baseline_training") if p not in known]
+        if self.storage_path and (problem := scheme_problem("storage_path", self.storage_path)):
+            out.append(problem)
+        for key, path in (("output_dir", self.output_dir), ("data.cache_dir", self.data.cache_dir)):
+            if is_uri(path):
+                out.append(f"{key}: {path} is an object-store URI; it needs a local or shared directory (NFS, "
+                           "EFS). Put the runs and checkpoints in the object store with storage_path")
         if not isinstance(self.name, str) or not RUN_NAME.fullmatch(self.name):
             out.append(f"name: {self.name!r} is not a valid run name; use letters, digits, '.', '_' and '-'")
         out += self.corpus.problems("corpus") + self.data.problems("data") + self.model.problems("model")
@@ -724,7 +768,8 @@ def _path_problems(cfg: PipelineConfig) -> list[str]:
                        "the synthetic corpus there")
         else:
             out += _writable_problems("corpus.root", root)
-    for key, path in (("output_dir", cfg.output_dir), ("data.cache_dir", cfg.data.cache_dir)):
+    for key, path in (("output_dir", cfg.output_dir), ("data.cache_dir", cfg.data.cache_dir),
+                      ("storage_path", cfg.storage_path)):
         local = _local_path(path)
         if local:
             out += _writable_problems(key, local)

@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import AutoConfig, AutoModelForCTC, PreTrainedModel
 
-from pinch_ray import gates
+from pinch_ray import gates, pruned_modeling
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,10 @@ def pruned_copy(model: nn.Module) -> PreTrainedModel:
 
     Accepts a DDP-wrapped model. The copy is in ``eval()`` mode, float32, on the CPU.
     """
-    replica = copy.deepcopy(getattr(model, "module", model))
+    model = getattr(model, "module", model)
+    for gate in gates.gates_of(model):  # a soft forward's mask sum (part of an autograd graph): transient
+        gate.last_mask_sum = None
+    replica = copy.deepcopy(model)
     # torch's deepcopy of a parametrized module shares its generated class ("ParametrizedLinear")
     # with the original, and removing the parametrization edits that class: give the replica its own.
     for module in replica.modules():
@@ -158,6 +161,8 @@ def export_model(plain: PreTrainedModel, processor, directory: str | os.PathLike
         raise ValueError("export_model: the model still carries gates; export pruned_copy(model)")
     plain.save_pretrained(directory, safe_serialization=True)
     processor.save_pretrained(directory)
+    if getattr(plain.config, pruned_modeling.PRUNED_KEY, None):  # smaller layers: ship their loader
+        shutil.copyfile(pruned_modeling.__file__, Path(directory) / pruned_modeling.MODULE_FILE)
 
 
 def model_to_bytes(plain: PreTrainedModel) -> dict:
@@ -175,7 +180,11 @@ def model_from_bytes(packed: dict) -> PreTrainedModel:
 
 
 def _model_from_state(config: dict, state: dict[str, torch.Tensor]) -> PreTrainedModel:
-    model = AutoModelForCTC.from_config(AutoConfig.for_model(**config))
+    hf_config = AutoConfig.for_model(**config)
+    if config.get(pruned_modeling.PRUNED_KEY):
+        model = pruned_modeling.loader_class(hf_config.model_type)(hf_config)
+    else:
+        model = AutoModelForCTC.from_config(hf_config)
     model.load_state_dict(state, strict=True)
     return model.float().eval()
 

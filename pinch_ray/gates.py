@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from pinch_ray import pruned_modeling
 from pinch_ray.config import ConfigError, GateConfig
 
 GATEABLE_TYPES = (nn.Linear, nn.Conv1d)
@@ -142,6 +143,8 @@ class ThresholdGate(nn.Module):
     the current relative temperature, set by the training loop through :func:`set_tau`.
     """
 
+    structured = False  # True for gates that remove whole units (pinch_ray.neurons.NeuronGate)
+
     def __init__(self, threshold_init: float, tau: float, numel: int):
         super().__init__()
         self.threshold = nn.Parameter(torch.tensor(float(threshold_init)))
@@ -158,6 +161,10 @@ class ThresholdGate(nn.Module):
         masked, self.last_mask_sum = _SoftMaskedWeight.apply(weight, self.threshold, self.tau)
         return masked
 
+    def fresh_mask_sum(self, module: nn.Module) -> torch.Tensor:
+        """``sum(M)`` computed on the spot (differentiable), for a gate the last forward did not use."""
+        return _SoftMaskedWeight.apply(unmasked_weight(module), self.threshold, self.tau)[1]
+
     def soft_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """The soft mask itself (no gradient), for inspection and tests."""
         w2 = weight.detach().pow(2)
@@ -166,6 +173,8 @@ class ThresholdGate(nn.Module):
 
 class FixedMask(nn.Module):
     """Parametrization with a fixed boolean mask (the ``ump`` baseline); no parameters."""
+
+    structured = False
 
     def __init__(self, mask: torch.Tensor):
         super().__init__()
@@ -213,11 +222,17 @@ def _check_not_gated(model: nn.Module) -> None:
 
 
 def attach_gates(model: nn.Module, cfg: GateConfig) -> dict[str, ThresholdGate]:
-    """Give every selected weight a :class:`ThresholdGate`; returns them by module name."""
+    """Give every selected weight a :class:`ThresholdGate` (``cfg.granularity == "weight"``), or every
+    feed-forward / attention module a ``NeuronGate`` (``"neuron"``, see :mod:`pinch_ray.neurons`);
+    returns them by the name of the module whose weight they parametrize."""
     problems = cfg.problems()
     if problems:
         raise ConfigError(problems, source="gate settings")
     _check_not_gated(model)
+    if cfg.granularity == "neuron":
+        from pinch_ray.neurons import attach_neuron_gates
+
+        return attach_neuron_gates(model, list(cfg.neuron_units), cfg.threshold_init, cfg.tau_start)
     gates = {}
     for name, module in select_modules(model, cfg.all_patterns()).items():
         gate = ThresholdGate(cfg.threshold_init, cfg.tau_start, module.weight.numel()).to(module.weight.device)
@@ -279,6 +294,8 @@ def module_hard_mask(module: nn.Module) -> torch.Tensor:
     weight = unmasked_weight(module)
     if isinstance(gate, FixedMask):
         return gate.mask
+    if gate.structured:  # the columns (input channels) of the units a neuron gate removes
+        return gate._masked(torch.ones_like(weight), gate.unit_hard_mask().to(weight.dtype)).bool()
     return hard_mask(weight, gate.threshold)
 
 
@@ -315,7 +332,7 @@ def soft_sparsity(model: nn.Module) -> torch.Tensor:
         if not isinstance(gate, ThresholdGate):
             continue
         if gate.last_mask_sum is None:
-            _, gate.last_mask_sum = _SoftMaskedWeight.apply(unmasked_weight(module), gate.threshold, gate.tau)
+            gate.last_mask_sum = gate.fresh_mask_sum(module)
         kept.append(gate.last_mask_sum)
         total += gate.numel
         gate.last_mask_sum = None
@@ -337,9 +354,13 @@ class LayerSparsity:
 
 @torch.no_grad()
 def layer_sparsity(model: nn.Module) -> list[LayerSparsity]:
-    """Hard-mask sparsity of every gated matrix, measured (not the configured value)."""
+    """Hard-mask sparsity of every gated matrix (or, for neuron gates, of the parameters the units
+    carry), measured (not the configured value)."""
     out = []
-    for name, (module, _) in gated_modules(model).items():
+    for name, (module, gate) in gated_modules(model).items():
+        if gate.structured:
+            out.append(LayerSparsity(name, *gate.hard_counts()))
+            continue
         mask = module_hard_mask(module)
         out.append(LayerSparsity(name, mask.numel(), int(mask.numel() - mask.sum())))
     return out
@@ -419,29 +440,58 @@ def calibrate_thresholds(model: nn.Module, target_sparsity: float, iterations: i
     if not items:
         raise ValueError("calibrate_thresholds: the model has no ThresholdGate")
     before = achieved_sparsity(model)
-    # |W| / rms(W), sorted, per layer: hard sparsity at factor a is #(|W|/rms <= a |threshold|).
+    # Per gate: sorted relative scores (|W|^2 / mean(W^2), or a neuron gate's unit scores), the
+    # parameters each stands for, and how many may be pruned. The hard sparsity at factor a is the
+    # parameter-weighted count of scores <= (a |threshold|)^2.
     relative = []
     for module, gate in items:
-        w2 = unmasked_weight(module).float().pow(2)
-        relative.append(((w2 / w2.mean()).flatten().sort().values, gate.threshold.abs().item()))
-    total = sum(r.numel() for r, _ in relative)
+        if gate.structured:
+            values, weight, most = gate.calibration_values()
+        else:
+            w2 = unmasked_weight(module).float().pow(2)
+            values, weight, most = (w2 / w2.mean()).flatten().sort().values, 1, w2.numel()
+        relative.append((values, gate.threshold.abs().item(), weight, most))
+    relative_weight = {id(gate): weight for (_, gate), (_, _, weight, _) in zip(items, relative)}
+    total = sum(gate.numel for _, gate in items)
 
-    def sparsity_at(factor: float) -> float:
+    finest = min(weight for _, _, weight, _ in relative)
+    structured = any(gate.structured for _, gate in items)
+
+    thresholds = [gate.threshold.detach().clone() for _, gate in items]
+
+    def scale(factor: float, fine_factor: float) -> None:
+        for (_, gate), threshold in zip(items, thresholds):
+            gate.threshold.copy_(threshold * factor * (fine_factor if relative_weight[id(gate)] == finest else 1.0))
+
+    def sparsity_at(factor: float, fine_factor: float = 1.0) -> float:
+        if structured:  # units share weights (conv layers): measure, the hard masks are cheap
+            scale(factor, fine_factor)
+            return achieved_sparsity(model)
         pruned = 0
-        for values, threshold in relative:
-            # hard mask keeps w2/s > threshold^2; pruned are those <= (factor*threshold)^2
-            pruned += int(torch.searchsorted(values, torch.tensor((factor * threshold) ** 2), right=True))
+        for values, threshold, weight, most in relative:
+            scaled = factor * threshold * (fine_factor if weight == finest else 1.0)
+            count = int(torch.searchsorted(values, torch.tensor(scaled ** 2), right=True))
+            pruned += min(count, most) * weight
         return pruned / total
 
-    low, high = 0.0, 1.0
-    while sparsity_at(high) < target_sparsity and high < 1e6:
-        high *= 2
-    for _ in range(iterations):
-        mid = (low + high) / 2
-        low, high = (mid, high) if sparsity_at(mid) < target_sparsity else (low, mid)
-    factor = high if abs(sparsity_at(high) - target_sparsity) <= abs(sparsity_at(low) - target_sparsity) else low
-    for _, gate in items:
-        gate.threshold.mul_(factor)
+    def bisect(fn) -> float:
+        low, high = 0.0, 1.0
+        while fn(high) < target_sparsity and high < 1e6:
+            high *= 2
+        for _ in range(iterations):
+            mid = (low + high) / 2
+            low, high = (mid, high) if fn(mid) < target_sparsity else (low, mid)
+        # Step away from the score at the boundary, so float rounding in the hard mask cannot flip it.
+        low, high = low * (1 - 1e-5), high * (1 + 1e-5)
+        return high if abs(fn(high) - target_sparsity) <= abs(fn(low) - target_sparsity) else low
+
+    factor = bisect(sparsity_at)
+    # Units of different sizes (attention heads beside neurons) make sparsity_at jump by a whole
+    # head; the finest-grained gates (single weights, or neurons) then close the remaining gap.
+    fine_factor = 1.0
+    if abs(sparsity_at(factor) - target_sparsity) > 1e-3 and any(w != finest for _, _, w, _ in relative):
+        fine_factor = bisect(lambda f: sparsity_at(factor, f))
+    scale(factor, fine_factor)
     return before, achieved_sparsity(model)
 
 
@@ -451,9 +501,18 @@ def fold(model: nn.Module) -> nn.Module:
     The result is the same class with the same parameter names (``save_pretrained`` /
     ``from_pretrained`` compatible) and no gate parameters. Weight-normalised convolutions
     (wav2vec2's positional conv) are re-normalised from the masked weight, so they keep their
-    ``weight_g`` / ``weight_v`` form.
+    ``weight_g`` / ``weight_v`` form. Neuron gates remove their pruned units from the matrices
+    instead (:meth:`pinch_ray.neurons.NeuronGate.remove_units`); the per-layer sizes then go into
+    the config for :mod:`pinch_ray.pruned_modeling`, the loader of such models.
     """
-    for module, _ in gated_modules(model).values():
+    found = gated_modules(model).values()
+    # neuron gates: every hard mask first, then the slicing (a conv layer's filters are one gate's
+    # units and the next gate's target)
+    keeps = {id(gate): gate.unit_hard_mask() for _, gate in found if gate.structured}
+    for module, gate in found:
+        if gate.structured:
+            gate.remove_units(module, keeps[id(gate)])
+            continue
         with torch.no_grad():
             masked = unmasked_weight(module) * module_hard_mask(module).to(module.weight.dtype)
         plist = module.parametrizations.weight
@@ -471,4 +530,6 @@ def fold(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             module.weight.copy_(masked)
         nn.utils.parametrizations.weight_norm(module, name="weight", dim=weight_norm_dim)
+    if keeps:
+        pruned_modeling.mark_pruned(model, [gate.kind for _, gate in found if gate.structured])
     return model

@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from pinch_ray import gates as gates_lib
+from pinch_ray import pruned_modeling
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,14 @@ def load_model(init_from: str, seed: int = 0, trust_remote_code: bool = False,
                 "ctc_loss_reduction": "mean", "ctc_zero_infinity": True, **config_overrides}
     if getattr(config, "vocab_size", None) == len(vocab):
         settings.pop("vocab_size")
+    # A neuron-pruned export (smaller layers, see pinch_ray.pruned_modeling): its loader class, here
+    # without trust_remote_code (the same code as the copy in the directory).
+    if getattr(config, pruned_modeling.PRUNED_KEY, None):
+        loader, loader_kwargs = pruned_modeling.loader_class(config.model_type), {}
+    else:
+        loader, loader_kwargs = AutoModelForCTC, {"trust_remote_code": trust_remote_code}
     try:
-        model = AutoModelForCTC.from_pretrained(init_from, trust_remote_code=trust_remote_code, **settings)
+        model = loader.from_pretrained(init_from, **loader_kwargs, **settings)
     except ValueError as err:
         raise ValueError(f"init_from={init_from!r}: AutoModelForCTC cannot build a CTC model from this "
                          f"checkpoint ({err}); point init_from at a wav2vec2/HuBERT/WavLM checkpoint") from err
@@ -177,12 +184,19 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
 
     For a gated model ``nonzero`` counts what the hard masks keep; for a plain model it counts the
     entries of weight matrices (``dim >= 2``) that are not exactly zero, plus every vector parameter,
-    so a folded model gives the same ``nonzero`` as before folding.
+    so a folded model gives the same ``nonzero`` as before folding. A model whose neurons/heads were
+    removed (:mod:`pinch_ray.pruned_modeling`) counts them in ``total`` (its size before pruning)
+    and not in ``nonzero``.
     """
     gated = gates_lib.gated_modules(model)
     total = gated_numel = nonzero = 0
     skip = set()
     for module, gate in gated.values():
+        if gate.structured:  # neuron gate: its units' parameters stay in the model, counted below
+            numel, pruned = gate.hard_counts()
+            gated_numel += numel
+            nonzero -= pruned
+            continue
         originals = list(module.parametrizations.weight.parameters(recurse=False))
         skip.update(id(p) for p in originals)
         numel_originals = sum(p.numel() for p in originals)
@@ -197,4 +211,5 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
         total += p.numel()
         # Exact zeros count as removed only in weight matrices: zero biases are a normal init.
         nonzero += int(torch.count_nonzero(p)) if p.dim() >= 2 else p.numel()
-    return ParameterCounts(total=total, gated=gated_numel, nonzero=nonzero)
+    removed = pruned_modeling.removed_parameters(model) if isinstance(model, PreTrainedModel) else 0
+    return ParameterCounts(total=total + removed, gated=gated_numel, nonzero=nonzero)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pinch_ray import storage
 from pinch_ray.config import PipelineConfig, dump_pipeline
 from pinch_ray.export import atomic_write_text, trial_dir
 
@@ -138,7 +139,7 @@ def compression_init_from(cfg: PipelineConfig, outputs: dict) -> str:
     from pinch_ray.train import CHECKPOINT_MODEL
 
     if cfg.sweep.init_from_dense:
-        return str(Path(outputs["baseline"][cfg.baseline_trial()]) / CHECKPOINT_MODEL)
+        return storage.join(outputs["baseline"][cfg.baseline_trial()], CHECKPOINT_MODEL)
     return cfg.model.init_from
 
 
@@ -165,12 +166,13 @@ def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False) 
     trials = {name: trials[name] for name in sorted(trials, key=lambda name: name != "dense")}  # the reference first
     dense_hypotheses = None
     for name, result_dir in trials.items():
-        result = json.loads((Path(result_dir) / TRAIN_RESULT).read_text())
+        result = json.loads(storage.read_text(storage.join(result_dir, TRAIN_RESULT)))
         info = TrialInfo(trial=name, method=result["method"], target_sparsity=result["target_sparsity"],
                          compression_seconds=result.get("compression_seconds"),
                          achieved_sparsity_trained=result.get("achieved_sparsity_trained"),
                          calibrated=result.get("calibrated"))
-        model, processor = load_model(str(Path(result_dir) / CHECKPOINT_MODEL))
+        with storage.local_dir(storage.join(result_dir, CHECKPOINT_MODEL)) as model_dir:  # a copy if remote
+            model, processor = load_model(str(model_dir))
         eval_data = datasets or {split: read_prepared_rows(prepared[split].path) for split in cfg.corpus.eval_splits}
         finalize_trial(model, processor, info, cfg.output_dir, eval_data, dense_hypotheses=dense_hypotheses,
                        eval_cfg=cfg.evaluation, gate_patterns=cfg.gates.all_patterns(), overwrite=overwrite)

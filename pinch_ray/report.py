@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from pinch_ray import evaluate, export, gates
+from pinch_ray import evaluate, export, gates, pruned_modeling
 from pinch_ray.config import DEFAULT_GATE_PATTERNS, FOUNDATION_TRIAL, METHODS, EvalConfig, raise_if_problems
 from pinch_ray.models import count_parameters
 
@@ -47,7 +47,11 @@ VERSIONED = ("pinch_ray", "torch", "transformers", "ray")
 
 @torch.no_grad()
 def measured_layer_sparsity(plain: torch.nn.Module, layer_names: Sequence[str]) -> list[gates.LayerSparsity]:
-    """Exact zeros of the weight of each named module of a plain (folded) model."""
+    """Exact zeros of the weight of each named module of a plain (folded) model; for a neuron-pruned
+    model, the parameters of each layer's removed neurons / heads (measured from the layer shapes)."""
+    units = pruned_modeling.unit_reduction(plain)
+    if units:
+        return [gates.LayerSparsity(name, numel, pruned) for name, numel, pruned in units]
     modules = dict(plain.named_modules())
     out = []
     for name in layer_names:
@@ -66,9 +70,10 @@ def write_layer_csv(path: str | os.PathLike, layers: Sequence[gates.LayerSparsit
 
 
 def _short_name(name: str) -> str:
-    """``wav2vec2.encoder.layers.3.attention.q_proj`` -> ``3.attn.q_proj``; else the last two parts."""
+    """``wav2vec2.encoder.layers.3.attention.q_proj`` -> ``3.attn.q_proj`` (``...3.feed_forward`` ->
+    ``3.ff``); else the last two parts."""
     if "encoder.layers." in name:
-        return name.split("encoder.layers.")[-1].replace("attention.", "attn.").replace("feed_forward.", "ff.")
+        return name.split("encoder.layers.")[-1].replace("attention", "attn").replace("feed_forward", "ff")
     return ".".join(name.split(".")[-2:])
 
 
@@ -223,10 +228,11 @@ def _metrics(plain, info: TrialInfo, layers, per_split: dict, directory: Path) -
 
 def collect_trials(output_dir: str | os.PathLike) -> list[dict]:
     """``metrics.json`` of every complete trial under ``output_dir``: the ``foundation`` the trials
-    started from (if any), dense, then each method by target."""
+    started from (if any), dense, then each method by target (sspg and sspg-neuron interleaved)."""
     trials = [json.loads(path.read_text()) for path in Path(output_dir).glob(f"*/{METRICS_FILE}")
               if export.TRIAL_NAME.fullmatch(path.parent.name) and ".tmp-" not in path.parent.name]
-    order = {m: i for i, m in enumerate(METHODS)}
+    # sspg at both granularities side by side, target by target
+    order = {m: i for i, m in enumerate(METHODS)} | {"sspg-neuron": METHODS.index("sspg")}
     return sorted(trials, key=lambda m: (m["trial"] != FOUNDATION_TRIAL, order.get(m["method"], len(order)),
                                          m["target_sparsity"], m["trial"]))
 
@@ -266,7 +272,7 @@ def plot_wer_vs_params(path: str | os.PathLike, trials: Sequence[dict], split: s
     if start:
         ax.plot([start[0]["params_nonzero"] / 1e6], [100 * start[0]["wer"][split]], marker="x", markersize=9,
                 color="gray", linestyle="", label="start (foundation)")
-    for method, marker in zip(METHODS, "*os"):
+    for method, marker in zip(METHODS, "*os^"):
         points = sorted((m["params_nonzero"] / 1e6, 100 * m["wer"][split]) for m in trials
                         if m["method"] == method and split in m["wer"] and m["trial"] != FOUNDATION_TRIAL)
         if not points:

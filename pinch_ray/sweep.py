@@ -2,7 +2,8 @@
 
 Every Tune trial is a driver function that builds a ``TorchTrainer`` (the Ray Train V2 pattern,
 not the deprecated Trainer-in-Tuner): :func:`train_trial` runs the training under the run name
-of the trial (``sspg-0.65``) in ``<output_dir>/runs``, so
+of the trial (``sspg-0.65``) in the run storage (``storage_path``: a local directory or an
+object-store URI; default ``<output_dir>/runs``), so
 
 - a trial whose final checkpoint (``train_result.json`` + ``model/``) exists is not retrained;
 - an interrupted trial resumes its own Ray Train run from its last checkpoint.
@@ -13,7 +14,7 @@ CPUs/GPUs and the per-trial resources, and the remaining trials queue.
 
     from pinch_ray.sweep import run_sweep
     result_dirs = run_sweep(cfg, prepared, init_from="runs/demo/runs/dense/step-0000060/model",
-                            output_dir=cfg.output_dir)   # {"sspg-0.5": Path(...), ...}
+                            output_dir=cfg.output_dir)   # {"sspg-0.5": "<storage>/sspg-0.5/step-...", ...}
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pinch_ray.config import PipelineConfig, ResourcesConfig, TrainConfig
+from pinch_ray import storage
+from pinch_ray.config import RUNS_DIR, PipelineConfig, ResourcesConfig, TrainConfig  # noqa: F401 - RUNS_DIR: re-export
 from pinch_ray.train import CHECKPOINT_MODEL, TRAIN_RESULT, metrics_log_callback, run_training, worker_config
 
 log = logging.getLogger(__name__)
 
-RUNS_DIR = "runs"  # <output_dir>/runs/<trial>: the Ray Train runs (checkpoints), one per trial
 LOGS_DIR = "logs"  # <output_dir>/logs/<trial>.jsonl: rank 0's metrics of every report
 SWEEP_NAME = "sweep"  # the Ray Tune experiment, <output_dir>/runs/sweep
 # CPUs kept free of Train workers when sizing the sweep, for Ray Data to stream training batches.
@@ -47,12 +48,10 @@ def trial_name(method: str, target_sparsity: float) -> str:
     return "dense" if method == "dense" else f"{method}-{target_sparsity:g}"
 
 
-def final_result_dir(storage_path: str | os.PathLike, name: str) -> Path | None:
+def final_result_dir(storage_path: str | os.PathLike, name: str) -> str | None:
     """The final checkpoint directory of run ``name`` (holds ``model/`` and ``train_result.json``),
-    or None when the run has not finished."""
-    run_dir = Path(storage_path) / name
-    finished = [path.parent for path in run_dir.glob(f"*/{TRAIN_RESULT}") if (path.parent / CHECKPOINT_MODEL).is_dir()]
-    return max(finished, default=None)  # checkpoint dirs are step-NNNNNNN: the last sorts last
+    a local path or a URI like ``storage_path``; None when the run has not finished."""
+    return storage.final_checkpoint(storage.join(storage_path, name), TRAIN_RESULT, CHECKPOINT_MODEL)
 
 
 @dataclass
@@ -66,6 +65,7 @@ class TrialJob:
     train_rows: int
     dev_path: str | None  # prepared dev split (evaluated during training), None: none
     output_dir: str
+    storage_path: str  # Ray Train/Tune runs: PipelineConfig.run_storage()
     fail_at: dict[str, dict] | None = None  # tests only: trial name -> worker_config fail_at
 
     @classmethod
@@ -76,11 +76,11 @@ class TrialJob:
         dev = prepared[cfg.corpus.eval_splits[0]] if cfg.corpus.eval_splits else None
         return cls(cfg=cfg, init_from=str(init_from), train_path=train.path, train_files=train.files,
                    train_rows=train.num_utterances, dev_path=dev.path if dev else None,
-                   output_dir=os.fspath(output_dir), fail_at=fail_at)
+                   output_dir=os.fspath(output_dir), storage_path=cfg.run_storage(), fail_at=fail_at)
 
 
 def train_trial(job: TrialJob, method: str, target_sparsity: float, *, name: str | None = None,
-                training: TrainConfig | None = None) -> Path:
+                training: TrainConfig | None = None) -> str:
     """Train one trial (or reuse its finished run); returns its final checkpoint directory.
 
     ``name``: the run name (default :func:`trial_name`); ``training``: settings other than
@@ -94,8 +94,7 @@ def train_trial(job: TrialJob, method: str, target_sparsity: float, *, name: str
 
     cfg, name = job.cfg, name or trial_name(method, target_sparsity)
     training = training or cfg.training
-    storage = os.path.join(job.output_dir, RUNS_DIR)
-    done = final_result_dir(storage, name)
+    done = final_result_dir(job.storage_path, name)
     if done is not None:
         log.info("trial %s: finished run found (%s); not retrained", name, done)
         return done
@@ -107,12 +106,14 @@ def train_trial(job: TrialJob, method: str, target_sparsity: float, *, name: str
     logs.mkdir(parents=True, exist_ok=True)
     log.info("trial %s: training %d steps from %s", name, training.max_steps, job.init_from)
     result = run_training(config, ray.data.read_parquet(job.train_files), cfg.resources, name=name,
-                          storage_path=storage, callbacks=[metrics_log_callback(logs / f"{name}.jsonl", name, training.max_steps)])
+                          storage_path=job.storage_path,
+                          callbacks=[metrics_log_callback(logs / f"{name}.jsonl", name, training.max_steps)])
     if result.error is not None:
         raise result.error
-    done = final_result_dir(storage, name)
+    done = final_result_dir(job.storage_path, name)
     if done is None:
-        raise RuntimeError(f"trial {name}: the run ended without a final checkpoint under {storage}/{name}")
+        raise RuntimeError(f"trial {name}: the run ended without a final checkpoint under "
+                           f"{storage.join(job.storage_path, name)}")
     return done
 
 
@@ -139,7 +140,7 @@ def max_concurrent_trials(resources: ResourcesConfig, num_trials: int, cluster: 
 
 
 def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, output_dir: str | os.PathLike, *,
-              fail_at: dict[str, dict] | None = None) -> dict[str, Path]:
+              fail_at: dict[str, dict] | None = None) -> dict[str, str]:
     """Run every trial of ``cfg.compression_trials()`` (the compression trials of ``cfg.sweep``, and
     the ``dense`` reference when they start from the baseline) on Ray Tune; returns ``{trial: final
     checkpoint dir}``.
@@ -168,15 +169,14 @@ def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, out
         tune.with_resources(tune.with_parameters(_trial_driver, job=job), DRIVER_RESOURCES),
         param_space={"trial": tune.grid_search(grid)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=os.path.join(os.fspath(output_dir), RUNS_DIR),
+        run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=job.storage_path,
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
     )
     results = tuner.fit()
-    storage = os.path.join(os.fspath(output_dir), RUNS_DIR)
     out, failed = {}, []
     for method, target in trials:
         name = trial_name(method, target)
-        done = final_result_dir(storage, name)
+        done = final_result_dir(job.storage_path, name)
         if done is None:
             failed.append(name)
         else:

@@ -1,4 +1,4 @@
-"""Training: the three methods (``dense``, ``ump``, ``sspg``) and the core training step.
+"""Training: the methods (``dense``, ``ump``, ``sspg``, ``sspg-neuron``) and the core training step.
 
 Everything here runs in a plain Python process; the Ray Train worker wraps :class:`Compressor`.
 One optimizer step = ``grad_accum_steps`` micro-batches of CTC loss (+ the sparsity Lagrangian for
@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from pinch_ray import gates as gates_lib
-from pinch_ray.config import GateConfig, ResourcesConfig, TrainConfig, raise_if_problems, target_sparsity_problems
+from pinch_ray import storage
+from pinch_ray.config import (SSPG_METHODS, GateConfig, ResourcesConfig, TrainConfig, raise_if_problems,
+                              target_sparsity_problems)
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,8 @@ def prepare_method(model: nn.Module, method: str, target_sparsity: float, gate_c
         ConfigError: unknown method, target outside [0, 0.99], bad gate settings or patterns.
     """
     raise_if_problems(target_sparsity_problems(method, target_sparsity), source="method settings")
-    if method == "sspg":
-        gates_lib.attach_gates(model, gate_cfg)
+    if method in SSPG_METHODS:
+        gates_lib.attach_gates(model, gate_cfg.for_method(method))
     elif method == "ump":
         gates_lib.attach_uniform_masks(model, gate_cfg, target_sparsity)
 
@@ -120,7 +122,7 @@ class Compressor:
         prepare_method(model, method, target_sparsity, gate_cfg)
         model.to(device)
         lagrangian, sparsity_start = None, 0.0
-        if method == "sspg":
+        if method in SSPG_METHODS:
             lagrangian = gates_lib.SparsityLagrangian(gate_cfg.penalty).to(device)
             with torch.no_grad():
                 sparsity_start = float(gates_lib.soft_sparsity(model))
@@ -145,7 +147,7 @@ class Compressor:
             if group["name"] != "lagrangian":
                 group["lr"] = group["base_lr"] * multiplier
         now = {"lr": multiplier * self.train_cfg.lr}
-        if self.method == "sspg":
+        if self.method in SSPG_METHODS:
             max_steps = self.train_cfg.max_steps
             now["tau"] = gates_lib.tau_at(self.step_count, max_steps, self.gate_cfg)
             now["target_now"] = gates_lib.target_at(self.step_count, max_steps, self.target_sparsity, self.gate_cfg,
@@ -204,7 +206,7 @@ class Compressor:
         """End of training for sspg: calibrate if the hard sparsity misses the target; report both."""
         out = {"achieved_sparsity_trained": self.hard_sparsity()}
         out["achieved_sparsity"] = out["achieved_sparsity_trained"]
-        if (self.method == "sspg" and self.gate_cfg.calibrate
+        if (self.method in SSPG_METHODS and self.gate_cfg.calibrate
                 and abs(out["achieved_sparsity"] - self.target_sparsity) > self.gate_cfg.calibration_tolerance):
             _, out["achieved_sparsity"] = gates_lib.calibrate_thresholds(self.unwrapped, self.target_sparsity)
         out["calibrated"] = out["achieved_sparsity"] != out["achieved_sparsity_trained"]
@@ -328,8 +330,9 @@ def train_loop_per_worker(config: dict) -> None:
     overrides = dict(config["model_overrides"])
     if world > 1:
         overrides["layerdrop"] = 0.0  # skipped layers differ across ranks: DDP would hang
-    model, processor = load_model(config["init_from"], seed=train_cfg.seed,
-                                  trust_remote_code=config["trust_remote_code"], **overrides)
+    with storage.local_dir(config["init_from"]) as init_from:  # in an object store: a local copy
+        model, processor = load_model(str(init_from), seed=train_cfg.seed,
+                                      trust_remote_code=config["trust_remote_code"], **overrides)
     run = Compressor.create(model, config["method"], config["target_sparsity"], train_cfg, gate_cfg,
                             device=ray.train.torch.get_device(),
                             use_attention_mask=processor.feature_extractor.return_attention_mask)

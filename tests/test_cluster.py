@@ -57,10 +57,12 @@ def test_both_run_a_valid_paper_pipeline():
     commands = [yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())["spec"]["entrypoint"]]
     header = (CLUSTER / "aws-gpu.yaml").read_text()
     commands.append(" ".join(line.lstrip("# ").rstrip("\\ ") for line in header.splitlines()
-                             if "pinch_ray.cli run" in line or line.lstrip("# ").startswith("output_dir=")))
+                             if "pinch_ray.cli run" in line or line.lstrip("# ").startswith("storage_path=")))
     for command in commands:
         pipeline, overrides = pipeline_command(command)
         assert pipeline == "pipelines/wav2vec2_base_ls100.yaml"
         cfg = load_pipeline(REPO / pipeline, overrides, check_paths=False)
         assert cfg.model.init_from == "facebook/wav2vec2-base" and cfg.resources.use_gpu
-        assert cfg.corpus.root.startswith("s3://") and cfg.output_dir.startswith("s3://")
+        # runs and checkpoints in the object store; artifacts and prepared shards on the shared mount
+        assert cfg.corpus.root.startswith("s3://") and cfg.storage_path.startswith("s3://")
+        assert cfg.output_dir.startswith("/mnt/") and cfg.data.cache_dir.startswith("/mnt/")

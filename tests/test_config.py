@@ -185,6 +185,10 @@ def test_float_fields_accept_exponent_strings_only(in_tmp_dir):
     (["training.torch_threads=-1"], "training.torch_threads: must be an integer >= 0"),
     (["training.tau_start=1"], "training.tau_start: unknown key; did you mean gates.tau_start?"),
     (["training.synth_seed=1"], "training.synth_seed: unknown key; did you mean corpus.synth_seed?"),
+    (["storage_path=ftp://host/runs"], "storage_path: 'ftp://host/runs' has scheme 'ftp'"),
+    (["output_dir=s3://bucket/out"], "output_dir: s3://bucket/out is an object-store URI"),
+    (["data.cache_dir=gs://bucket/cache"], "data.cache_dir: gs://bucket/cache is an object-store URI"),
+    (["sweep.methods=[sspg-neuron]", "gates.neuron_units=[ffn, rows]"], "gates.neuron_units: ['ffn', 'rows']"),
 ])
 def test_impossible_combinations(overrides, key):
     error = problems_of(None, overrides)
@@ -201,7 +205,10 @@ def test_check_paths_without_creating_anything(in_tmp_dir):
     problems = check_paths(cfg)
     assert [problem.split(":")[0] for problem in problems] == ["corpus.root", "output_dir", "data.cache_dir"]
     assert "is a file" in problems[1] and "cannot be created" in problems[2]
-    cfg.corpus.root, cfg.output_dir, cfg.data.cache_dir = "gs://b/c", "s3://b/out", str(in_tmp_dir)
+    cfg.storage_path = str(in_tmp_dir / "file" / "runs")
+    assert check_paths(cfg)[-1].startswith("storage_path: ") and "cannot be created" in check_paths(cfg)[-1]
+    cfg.corpus.root, cfg.output_dir, cfg.data.cache_dir = "gs://b/c", str(in_tmp_dir / "out"), str(in_tmp_dir)
+    cfg.storage_path = "s3://b/runs"
     assert check_paths(cfg) == []  # object stores are not checked; an existing directory is fine
     assert sorted(path.name for path in in_tmp_dir.iterdir()) == ["file"]
 

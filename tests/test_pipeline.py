@@ -2,7 +2,9 @@
 
 One module-scoped run serves every test: the sweep's ump trial is made to crash (fault injection,
 max_failures=0), so the first ``pipeline.run`` fails in the compress stage with sspg finished; the
-second run must reuse sspg untouched and resume ump from its last checkpoint.
+second run must reuse sspg untouched and resume ump from its last checkpoint. The runs' storage
+(``storage_path``) is a ``file://`` URI, so Ray Train, Tune and pinch_ray go through pyarrow's
+filesystem layer as they do for ``s3://`` / ``gs://`` (the job-submission test covers local storage).
 """
 
 import json
@@ -11,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pinch_ray import pipeline
+from pinch_ray import pipeline, pruned_modeling
 from pinch_ray.config import ResourcesConfig, load_pipeline
+from pinch_ray.models import load_model
 from pinch_ray.report import METRICS_FILE
 from pinch_ray.sweep import RUNS_DIR, final_result_dir, max_concurrent_trials
 
@@ -24,11 +27,16 @@ TINY = {
     "training": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "report_every": 2, "checkpoint_every": 2,
                  "eval_every": 100},
     "baseline_training": {"max_steps": 6, "torch_threads": 1},
-    "sweep": {"methods": ["sspg", "ump"], "target_sparsities": [0.5]},
+    "sweep": {"methods": ["sspg", "sspg-neuron", "ump"], "target_sparsities": [0.5]},
     "resources": {"cpus_per_worker": 0.5, "max_failures": 0},
     "evaluation": {"batch_size": 8},
 }
-TRIALS = ("foundation", "dense", "sspg-0.5", "ump-0.5")
+TRIALS = ("foundation", "dense", "sspg-0.5", "sspg-neuron-0.5", "ump-0.5")
+
+
+def local(uri: str) -> Path:
+    assert uri.startswith("file://"), uri
+    return Path(uri.removeprefix("file://"))
 
 
 def mtimes(directory: Path) -> dict[str, int]:
@@ -39,7 +47,7 @@ def mtimes(directory: Path) -> dict[str, int]:
 def finished(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     spec = {**TINY, "output_dir": str(root / "out"), "data": {"cache_dir": str(root / "cache")},
-            "corpus": {**TINY["corpus"], "root": str(root / "corpus")}}
+            "corpus": {**TINY["corpus"], "root": str(root / "corpus")}, "storage_path": f"file://{root / 'store'}"}
     (root / "tiny.yaml").write_text(yaml.safe_dump(spec))
     cfg = load_pipeline(root / "tiny.yaml")
     out = Path(cfg.output_dir)
@@ -47,23 +55,28 @@ def finished(ray_cluster, tmp_path_factory):
     with pytest.raises(RuntimeError, match="ump-0.5"):
         pipeline.run(cfg, fail_at=crash)
     assert (root / "ump-crashed").exists(), "the fault was not injected"
-    interrupted = {"sspg_run": mtimes(final_result_dir(out / RUNS_DIR, "sspg-0.5")),
-                   "dense_run": mtimes(out / RUNS_DIR / "foundation"),
+    store = local(cfg.run_storage())
+    interrupted = {"sspg_run": mtimes(local(final_result_dir(cfg.run_storage(), "sspg-0.5"))),
+                   "dense_run": mtimes(store / "foundation"),
                    "markers": sorted(p.name for p in (out / pipeline.STAGES_DIR).iterdir()),
-                   "ump_final": final_result_dir(out / RUNS_DIR, "ump-0.5")}
+                   "ump_final": final_result_dir(cfg.run_storage(), "ump-0.5")}
     outputs = pipeline.run(cfg)
-    return {"cfg": cfg, "out": out, "outputs": outputs, "interrupted": interrupted}
+    return {"cfg": cfg, "out": out, "store": store, "outputs": outputs, "interrupted": interrupted}
+
+
+def result(finished, trial: str) -> dict:
+    return json.loads((local(final_result_dir(finished["cfg"].run_storage(), trial)) / "train_result.json").read_text())
 
 
 def test_interrupted_sweep_keeps_finished_trials_and_resumes_the_rest(finished):
-    out, interrupted = finished["out"], finished["interrupted"]
+    store, interrupted = finished["store"], finished["interrupted"]
     assert interrupted["markers"] == ["baseline.done", "prepare.done"]  # compress never marked done
     assert interrupted["ump_final"] is None
     # finished runs were reused, not retrained: every file keeps its modification time
-    assert mtimes(final_result_dir(out / RUNS_DIR, "sspg-0.5")) == interrupted["sspg_run"]
-    assert mtimes(out / RUNS_DIR / "foundation") == interrupted["dense_run"]
+    assert mtimes(local(final_result_dir(finished["cfg"].run_storage(), "sspg-0.5"))) == interrupted["sspg_run"]
+    assert mtimes(store / "foundation") == interrupted["dense_run"]
     # the crashed trial resumed from its checkpoint at step 2 and finished
-    ump = json.loads((final_result_dir(out / RUNS_DIR, "ump-0.5") / "train_result.json").read_text())
+    ump = result(finished, "ump-0.5")
     assert ump["steps"] == 4 and ump["resumed_at"] == [2]
 
 
@@ -85,23 +98,30 @@ def test_every_artifact_is_written(finished):
         assert pipeline.marker_path(out, stage).is_file()
     # the dense reference and the compression trials started from the baseline ("foundation", its own
     # budget) and got the same number of steps
-    assert finished["outputs"]["compress"].keys() == {"dense", "sspg-0.5", "ump-0.5"}
-    start = json.loads((final_result_dir(out / RUNS_DIR, "foundation") / "train_result.json").read_text())
+    assert finished["outputs"]["compress"].keys() == {"dense", "sspg-0.5", "sspg-neuron-0.5", "ump-0.5"}
+    start = result(finished, "foundation")
     assert start["steps"] == 6 and start["init_from"] == "tiny"
-    for trial in ("dense", "sspg-0.5", "ump-0.5"):
-        result = json.loads((final_result_dir(out / RUNS_DIR, trial) / "train_result.json").read_text())
-        assert result["steps"] == 4
-        assert result["init_from"] == str(final_result_dir(out / RUNS_DIR, "foundation") / "model")
+    for trial in ("dense", "sspg-0.5", "sspg-neuron-0.5", "ump-0.5"):  # loaded from the store, by URI
+        assert result(finished, trial)["steps"] == 4
+        assert result(finished, trial)["init_from"] == final_result_dir(cfg.run_storage(), "foundation") + "/model"
+    assert not (out / RUNS_DIR).exists()  # every run and checkpoint went to storage_path
     assert [t["trial"] for t in summary["trials"]][:2] == ["foundation", "dense"]
+    # the neuron-pruned trial: physically smaller, with its loader, at its target (+-1 pt)
+    neuron = out / "sspg-neuron-0.5"
+    assert (neuron / "model" / pruned_modeling.MODULE_FILE).is_file()
+    metrics = json.loads((neuron / METRICS_FILE).read_text())
+    assert abs(metrics["achieved_sparsity"] - 0.5) <= 0.01, metrics["achieved_sparsity"]
+    model, _ = load_model(str(neuron / "model"))
+    assert sum(p.numel() for p in model.parameters()) == metrics["params_nonzero"] < metrics["params_total"]
 
 
 def test_rerun_skips_every_stage_and_touches_nothing(finished, caplog):
-    out = finished["out"]
-    before = {path: mtime for path, mtime in mtimes(out).items() if not path.startswith(RUNS_DIR + "/sweep")}
+    out, store = finished["out"], finished["store"]
+    before = {**mtimes(out), **{f"store/{path}": mtime for path, mtime in mtimes(store).items()}}
     with caplog.at_level("INFO", logger="pinch_ray.pipeline"):
         pipeline.run(finished["cfg"])
     assert caplog.text.count("already done") == len(pipeline.STAGES)
-    after = mtimes(out)
+    after = {**mtimes(out), **{f"store/{path}": mtime for path, mtime in mtimes(store).items()}}
     changed = [path for path, mtime in before.items() if after.get(path) != mtime and path != "pipeline.yaml"]
     assert changed == []
 

@@ -51,7 +51,7 @@ def test_finish_calibrates_a_missed_target_and_reports_both():
     assert abs(result["achieved_sparsity"] - 0.65) < 1e-3
 
 
-@pytest.mark.parametrize("method,target", [("dense", 0.0), ("ump", 0.65), ("sspg", 0.5)])
+@pytest.mark.parametrize("method,target", [("dense", 0.0), ("ump", 0.65), ("sspg", 0.5), ("sspg-neuron", 0.5)])
 def test_every_method_runs_through_the_same_step(method, target):
     run = compressor(method, target, steps=6)
     before = [p.detach().clone() for p in run.model.parameters()]
@@ -61,7 +61,7 @@ def test_every_method_runs_through_the_same_step(method, target):
     assert any(not torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
     if method == "ump":  # the mask stays fixed while the rest fine-tunes
         assert run.hard_sparsity() == pytest.approx(0.65, abs=1e-4)
-    if method == "sspg":
+    if method.startswith("sspg"):
         assert {"soft_sparsity", "sparsity_loss", "target_now", "tau", "lambda_1"} <= set(metrics[-1])
     if method == "dense":
         assert run.hard_sparsity() == 0.0 and "soft_sparsity" not in metrics[-1]

@@ -1,0 +1,110 @@
+"""CPU inference speed of a neuron-pruned model against its dense original, side by side.
+
+Prints one JSON object:
+    {"dense_s": ..., "neuron_pruned_s": ..., "speedup": ..., "param_reduction": ...,
+     "batch_8": {"dense_s": ..., "neuron_pruned_s": ..., "speedup": ...}, ...}
+
+The model is a random wav2vec2-base-sized model (the ``facebook/wav2vec2-base`` architecture,
+94.4M parameters). Its neuron gates (``gates.granularity: neuron``, the units in ``--units``) are
+calibrated, all thresholds by one common factor, until the whole model loses ``--reduction`` of
+its parameters; the model is then exported exactly as the pipeline does (``export.pruned_copy``:
+pruned neurons, heads and conv channels physically removed) and timed against the dense model
+on 10 s of audio, batch 1 (the headline figures) and batch 8, forward passes interleaved
+(dense, pruned, dense, ...) so machine noise hits both alike; medians after a warm-up pass.
+A random model has no learned structure, so every layer loses about the same fraction: a trained
+model's mix differs, its speed per parameter removed much less so.
+
+    python benchmarks/inference_speed.py                          # ffn + heads + conv, -60%
+    python benchmarks/inference_speed.py --units ffn heads        # transformer only
+    python benchmarks/inference_speed.py --device cuda            # bf16 on a GPU (gpu_check.sh)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCTC, Wav2Vec2Config
+
+from pinch_ray import export, gates, pruned_modeling
+from pinch_ray.config import GateConfig
+from pinch_ray.models import CHAR_VOCAB, count_parameters
+
+
+def build_pruned(reduction: float, units: list[str]) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """(dense model, exported neuron-pruned copy, facts about the pruning)."""
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(vocab_size=len(CHAR_VOCAB), pad_token_id=0, layerdrop=0.0)
+    dense = AutoModelForCTC.from_config(config).eval()
+    gated = AutoModelForCTC.from_config(config).eval()
+    gated.load_state_dict(dense.state_dict())
+    gates.attach_gates(gated, GateConfig(granularity="neuron", neuron_units=units, threshold_init=0.5))
+    counts = count_parameters(gated)
+    target = reduction * counts.total / counts.gated  # whole-model reduction -> fraction of the gated units
+    if target > 0.99:
+        raise SystemExit(f"--reduction {reduction}: the units {units} hold only {counts.gated / counts.total:.0%} "
+                         "of the parameters; add units or lower --reduction")
+    gates.calibrate_thresholds(gated, target)
+    pruned = export.pruned_copy(gated)
+    after = count_parameters(pruned)
+    facts = {"params_dense": counts.total, "params_pruned": sum(p.numel() for p in pruned.parameters()),
+             "param_reduction": after.reduction, "gated_unit_sparsity": gates.achieved_sparsity(gated),
+             "units": units, "layer_shapes": pruned_modeling.layer_shapes(pruned),
+             "conv_dim": list(pruned.config.conv_dim)}
+    return dense, pruned, facts
+
+
+def interleaved(models: dict[str, torch.nn.Module], audio: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds per forward pass of each model, passes interleaved, after warm-up passes."""
+    times = {name: [] for name in models}
+    sync = torch.cuda.synchronize if audio.is_cuda else (lambda: None)
+    warmup = 3 if audio.is_cuda else 1
+    with torch.inference_mode():
+        for i in range(repeats + warmup):
+            for name, model in models.items():
+                sync()
+                start = time.perf_counter()
+                model(audio)
+                sync()
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reduction", type=float, default=0.60, help="whole-model parameter reduction")
+    parser.add_argument("--units", nargs="+", default=["ffn", "heads", "conv"], choices=["ffn", "heads", "conv"])
+    parser.add_argument("--seconds", type=float, default=10.0, help="audio per utterance")
+    parser.add_argument("--repeats", type=int, default=7, help="timed passes per model and batch size")
+    parser.add_argument("--batch8-repeats", type=int, default=3, help="timed passes at batch 8")
+    parser.add_argument("--device", default="cpu", help="cpu (the issue's figure), or cuda (bf16 weights)")
+    args = parser.parse_args()
+
+    dense, pruned, facts = build_pruned(args.reduction, args.units)
+    generator = torch.Generator().manual_seed(0)
+    samples = int(args.seconds * 16_000)
+    with torch.inference_mode():  # same output shape: the pruned model is a drop-in replacement
+        probe = torch.randn(1, samples, generator=generator)
+        assert dense(probe).logits.shape == pruned(probe).logits.shape
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    models = {"dense": dense.to(args.device, dtype), "pruned": pruned.to(args.device, dtype)}
+    one = interleaved(models, torch.randn(1, samples, generator=generator).to(args.device, dtype), args.repeats)
+    eight = interleaved(models, torch.randn(8, samples, generator=generator).to(args.device, dtype),
+                        args.batch8_repeats)
+    print(json.dumps({
+        "dense_s": round(one["dense"], 4), "neuron_pruned_s": round(one["pruned"], 4),
+        "speedup": round(one["dense"] / one["pruned"], 3), "param_reduction": round(facts["param_reduction"], 4),
+        "batch_8": {"dense_s": round(eight["dense"], 4), "neuron_pruned_s": round(eight["pruned"], 4),
+                    "speedup": round(eight["dense"] / eight["pruned"], 3)},
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "audio_s": args.seconds, "threads": torch.get_num_threads(), "repeats": [args.repeats, args.batch8_repeats],
+        **{k: v for k, v in facts.items() if k != "param_reduction"},
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""Neuron-granularity self-pinching gates: whole feed-forward neurons and attention heads.
+
+Weight-level gates (:mod:`pinch_ray.gates`) cut parameter counts, but a dense kernel runs a
+sparse matrix just as slowly. With ``GateConfig.granularity = "neuron"`` the gated units are the
+feed-forward intermediate neurons and the attention heads of every transformer layer, so the
+exported model has smaller matrices and runs faster on stock hardware.
+
+Per layer and kind of unit there is still ONE learnable threshold. A unit's score is the mean
+squared weight of the rows that produce it, ``||w_row||^2 / fan_in`` (a neuron: its row of
+``intermediate_dense``; a head: its ``head_dim`` rows of ``q_proj``, ``k_proj`` and ``v_proj``
+together), normalised per layer by the mean score ``s_l`` (treated as a constant for gradients,
+as in :mod:`pinch_ray.gates`), and the soft mask is
+
+    M_u = sigmoid((score_u / s_l - threshold_l^2) / (2 tau))
+
+with the same annealed ``tau``. The mask multiplies the unit's output, i.e. the matching input
+columns of the next layer (``output_dense`` for a neuron, the head's ``head_dim`` columns of
+``out_proj``): it is a parametrization of that weight, so the train/eval (soft/hard) behaviour,
+:func:`gates.gate_mode`, DDP and checkpoints work exactly as for weight gates. Gradients reach the
+threshold and, through the score, the unit's rows: a unit under the threshold pinches itself off.
+
+The sparsity-aware objective is unchanged (:func:`gates.soft_sparsity`), with each unit counted by
+the parameters it carries: a neuron its ``intermediate_dense`` row and bias and its ``output_dense``
+column; a head its q/k/v rows and biases and its ``out_proj`` columns. Hard mask: the units with
+``score_u / s_l > threshold_l^2``; a layer always keeps its best-scoring unit (wav2vec2 attention
+cannot run with zero heads), the soft mask aside.
+
+:func:`gates.fold` then removes the pruned units physically (:meth:`NeuronGate.remove_units`) and
+records the per-layer sizes in the config for :mod:`pinch_ray.pruned_modeling`.
+
+Unit kinds (``GateConfig.neuron_units``; ``[auto]`` takes every kind the model supports): ``ffn``
+and ``heads`` as above (heads for wav2vec2/HuBERT-style attention; WavLM computes a gated position
+bias per head from the layer input, so its heads stay), and ``conv``: the output channels of the
+conv feature encoder's layers but the last (:class:`ConvChannelGate`), for encoders that normalise
+each channel on their own (``feat_extract_norm: group``). On a CPU the conv encoder is about a
+third of a base-size model's inference time, and a channel removed shrinks two convolutions.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from pinch_ray.config import ConfigError
+from pinch_ray import gates as gates_lib
+from pinch_ray.gates import ThresholdGate
+from pinch_ray.pruned_modeling import resized_linear
+
+LAYER_PATTERN = re.compile(r".*encoder\.layers\.\d+")
+log = logging.getLogger(__name__)
+
+
+class NeuronGate(ThresholdGate):
+    """Parametrization of the weight that reads the units (``output_dense`` / ``out_proj``).
+
+    ``kind``: ``"ffn"`` or ``"heads"``. ``sources``: the Linear layers whose rows make the units
+    (not registered as submodules: they belong to the model). ``owner``: the feed-forward or
+    attention module holding all of them. ``numel``: parameters the units carry, all together.
+    """
+
+    structured = True
+
+    def __init__(self, kind: str, owner: nn.Module, threshold_init: float, tau: float):
+        sources, target, width = _unit_layout(kind, owner)
+        num_units = sources[0].out_features // width
+        unit_params = sum(width * (m.in_features + (m.bias is not None)) for m in sources) + width * target.out_features
+        super().__init__(threshold_init, tau, num_units * unit_params)
+        self.kind, self.num_units, self.unit_params, self.width = kind, num_units, unit_params, width
+        self.__dict__["_owner"] = owner  # a plain reference: not a submodule, not in state_dict
+
+    @property
+    def sources(self) -> list[nn.Linear]:
+        return _unit_layout(self.kind, self._owner)[0]
+
+    def relative_scores(self) -> torch.Tensor:
+        """``score_u / s_l`` for every unit (differentiable in the source weights; ``s_l`` constant)."""
+        # the sources' own weights: a conv layer that is also the target of the previous layer's
+        # gate is scored without that gate, so each gate's units depend on its own layer only
+        rows = torch.cat([raw_weight(m).reshape(self.num_units, -1) for m in self.sources], dim=1)
+        scores = rows.float().pow(2).mean(dim=1)
+        return scores / scores.detach().mean().clamp_min(1e-30)
+
+    def unit_soft_mask(self) -> torch.Tensor:
+        return torch.sigmoid((self.relative_scores() - self.threshold.float().pow(2)) / (2 * self.tau))
+
+    @torch.no_grad()
+    def unit_hard_mask(self) -> torch.Tensor:
+        """bool [num_units]: the units kept (at least one)."""
+        scores = self.relative_scores()
+        keep = scores > self.threshold.float().pow(2)
+        if not keep.any():
+            keep[scores.argmax()] = True
+        return keep
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        soft = self.training if self.mode is None else self.mode == "soft"
+        if soft:
+            mask = self.unit_soft_mask()
+            self.last_mask_sum = self.kept_params(mask)
+        else:
+            mask = self.unit_hard_mask()
+        return self._masked(weight, mask.to(weight.dtype))
+
+    def _masked(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return weight * mask.repeat_interleave(self.width)
+
+    def kept_params(self, mask: torch.Tensor, soft: bool = True) -> torch.Tensor:
+        """Parameters the units keep under ``mask`` (``soft``, or the 0/1 hard mask), differentiably."""
+        return mask.sum() * self.unit_params
+
+    def fresh_mask_sum(self, module: nn.Module) -> torch.Tensor:
+        return self.kept_params(self.unit_soft_mask())
+
+    @torch.no_grad()
+    def hard_counts(self) -> tuple[int, int]:
+        """(parameters the units carry, parameters of the pruned units)."""
+        return self.numel, self.numel - round(float(self.kept_params(self.unit_hard_mask().float(), soft=False)))
+
+    def calibration_values(self) -> tuple[torch.Tensor, int, int]:
+        """Sorted relative scores, parameters per unit, most units that may be pruned."""
+        return self.relative_scores().detach().sort().values, self.unit_params, self.num_units - 1
+
+    @torch.no_grad()
+    def remove_units(self, target: nn.Module, keep: torch.Tensor) -> None:
+        """Fold: drop this gate and slice the units not in ``keep`` (the hard mask, computed before
+        any gate of the model was folded) out of their matrices, in place."""
+        keep = keep.nonzero().flatten()
+        rows = (keep[:, None] * self.width + torch.arange(self.width, device=keep.device)).flatten()
+        parametrize.remove_parametrizations(target, "weight", leave_parametrized=False)
+        owner = self._owner
+        for name in _source_names(self.kind):
+            setattr(owner, name, _sliced(getattr(owner, name), rows=rows))
+        target_name = _target_name(self.kind)
+        setattr(owner, target_name, _sliced(getattr(owner, target_name), columns=rows))
+        if self.kind == "heads":
+            owner.num_heads = len(keep)
+
+
+class ConvChannelGate(NeuronGate):
+    """Neuron gate over the output channels of conv feature-encoder layer ``index`` (unit kind
+    ``conv``): a channel's score is its filter's mean squared weight; the mask multiplies the
+    matching input channels of layer ``index + 1``.
+
+    Layer 0 of a ``feat_extract_norm: group`` model normalises each channel on its own, so a
+    channel slices out exactly. Consecutive conv layers share weights (layer i+1's filters read
+    layer i's channels), so each weight is counted once: a channel carries its bias and group-norm
+    scale/shift (and, in layer 0, its filter), plus its input slice of every filter of layer i+1
+    that the next gate keeps — a product of two masks, still differentiable.
+    """
+
+    def __init__(self, conv_layers: nn.ModuleList, index: int, threshold_init: float, tau: float):
+        conv, following = conv_layers[index].conv, conv_layers[index + 1].conv
+        norm = getattr(conv_layers[index], "layer_norm", None)
+        self_params = (conv.bias is not None) + 2 * (norm is not None) + (raw_weight(conv)[0].numel() if index == 0 else 0)
+        next_units, next_width = following.out_channels, following.kernel_size[0]
+        ThresholdGate.__init__(self, threshold_init, tau, conv.out_channels * (self_params + next_units * next_width))
+        self.kind, self.index, self.num_units, self.width = "conv", index, conv.out_channels, 1
+        self.self_params, self.next_units, self.next_width = self_params, next_units, next_width
+        self.__dict__["_owner"] = conv_layers
+        self.__dict__["_next"] = None  # the gate of layer index + 1, set by attach_neuron_gates
+
+    @property
+    def sources(self) -> list[nn.Conv1d]:
+        return [self._owner[self.index].conv]
+
+    @property
+    def unit_params(self) -> int:
+        """Parameters per channel with the next layer's current hard mask (for calibration)."""
+        kept_next = self.next_units if self._next is None else int(self._next.unit_hard_mask().sum())
+        return self.self_params + kept_next * self.next_width
+
+    def _masked(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return weight * mask[None, :, None]
+
+    def kept_params(self, mask: torch.Tensor, soft: bool = True) -> torch.Tensor:
+        if self._next is None:
+            kept_next = self.next_units
+        elif soft:
+            kept_next = self._next.unit_soft_mask().sum()
+        else:
+            kept_next = self._next.unit_hard_mask().sum()
+        return mask.sum() * (self.self_params + kept_next * self.next_width)
+
+    @torch.no_grad()
+    def remove_units(self, target: nn.Module, keep: torch.Tensor) -> None:
+        keep = keep.nonzero().flatten()
+        parametrize.remove_parametrizations(target, "weight", leave_parametrized=False)
+        layer, following = self._owner[self.index], self._owner[self.index + 1]
+        layer.conv = _sliced_conv(layer.conv, out_channels=keep)
+        following.conv = _sliced_conv(following.conv, in_channels=keep)
+        norm = getattr(layer, "layer_norm", None)
+        if norm is not None:
+            new = nn.GroupNorm(len(keep), len(keep), eps=norm.eps, affine=True,
+                               device=norm.weight.device, dtype=norm.weight.dtype)
+            new.weight.copy_(norm.weight[keep])
+            new.bias.copy_(norm.bias[keep])
+            layer.layer_norm = new
+
+
+def _sliced_conv(conv: nn.Conv1d, out_channels: torch.Tensor | None = None,
+                 in_channels: torch.Tensor | None = None) -> nn.Conv1d:
+    weight = conv.weight
+    weight = weight[out_channels] if out_channels is not None else weight
+    weight = weight[:, in_channels] if in_channels is not None else weight
+    new = nn.Conv1d(weight.shape[1], weight.shape[0], kernel_size=conv.kernel_size, stride=conv.stride,
+                    padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+    new.weight.copy_(weight)
+    if conv.bias is not None:
+        new.bias.copy_(conv.bias[out_channels] if out_channels is not None else conv.bias)
+    new.weight.requires_grad_(conv.weight.requires_grad)
+    return new
+
+
+def raw_weight(module: nn.Module) -> torch.Tensor:
+    """A module's weight without its gate (the plain weight if it has none)."""
+    return gates_lib.unmasked_weight(module) if parametrize.is_parametrized(module, "weight") else module.weight
+
+
+def _source_names(kind: str) -> tuple[str, ...]:
+    return ("intermediate_dense",) if kind == "ffn" else ("q_proj", "k_proj", "v_proj")
+
+
+def _target_name(kind: str) -> str:
+    return "output_dense" if kind == "ffn" else "out_proj"
+
+
+def _unit_layout(kind: str, owner: nn.Module) -> tuple[list[nn.Linear], nn.Linear, int]:
+    """(source Linear layers, target Linear, rows per unit) of a feed-forward / attention module."""
+    width = 1 if kind == "ffn" else owner.head_dim
+    return [getattr(owner, name) for name in _source_names(kind)], getattr(owner, _target_name(kind)), width
+
+
+def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> nn.Linear:
+    weight = linear.weight
+    weight = weight[rows] if rows is not None else weight
+    weight = weight[:, columns] if columns is not None else weight
+    new = resized_linear(linear, in_features=weight.shape[1], out_features=weight.shape[0])
+    new.weight.copy_(weight)
+    if linear.bias is not None:
+        new.bias.copy_(linear.bias[rows] if rows is not None else linear.bias)
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    return new
+
+
+def neuron_owners(model: nn.Module, units: list[str]) -> list[tuple[str, str, nn.Module]]:
+    """``(name, kind, module)`` of every unit owner: the feed-forward (``ffn``) and attention
+    (``heads``) modules of the transformer layers, then the conv feature encoder (``conv``).
+
+    ``units == ["auto"]``: every kind this model supports (ffn always; heads unless the attention
+    computes a per-head position bias from its input, as WavLM's does; conv when the feature
+    encoder normalises each channel on its own); the kinds left out are logged. A kind listed
+    explicitly that the model cannot prune is an error.
+
+    Raises:
+        ConfigError: a model without transformer layers, or a listed kind it cannot prune, naming
+            ``gates.neuron_units`` and the fix.
+    """
+    auto = list(units) == ["auto"]
+    found, problems, skipped = [], [], []
+    for name, module in model.named_modules():
+        if not LAYER_PATTERN.fullmatch(name):
+            continue
+        ff, attention = getattr(module, "feed_forward", None), getattr(module, "attention", None)
+        if (auto or "ffn" in units) and ff is not None and all(
+                isinstance(getattr(ff, n, None), nn.Linear) for n in ("intermediate_dense", "output_dense")):
+            found.append((f"{name}.feed_forward", "ffn", ff))
+        if (auto or "heads" in units) and attention is not None:
+            reason = _heads_unsupported(attention)
+            if reason is None:
+                found.append((f"{name}.attention", "heads", attention))
+            elif auto:
+                skipped.append(f"heads ({reason})")
+            else:
+                problems.append(f"gates.neuron_units: heads: {type(attention).__name__} ({name}.attention) {reason}; "
+                                "remove heads from the list (or use [auto])")
+    if auto or "conv" in units:
+        conv, reason = _conv_owner(model)
+        if conv is not None:
+            found.append(conv)
+        elif auto:
+            skipped.append(f"conv ({reason})")
+        else:
+            problems.append(f"gates.neuron_units: conv: {reason}; remove conv from the list (or use [auto])")
+    if not any(kind != "conv" for _, kind, _ in found) and not problems:
+        problems.append(f"gates.granularity: neuron needs transformer layers (encoder.layers.N) with feed_forward "
+                        f"/ attention modules; {type(model).__name__} has none, use granularity: weight")
+    if problems:
+        raise ConfigError(problems, source="gate settings")
+    for reason in dict.fromkeys(skipped):
+        log.info("neuron gates: not gating %s", reason)
+    return found
+
+
+def _heads_unsupported(attention: nn.Module) -> str | None:
+    """Why the heads of an attention module cannot be pruned here, or None if they can."""
+    if not all(isinstance(getattr(attention, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "out_proj")):
+        return "has no q_proj/k_proj/v_proj/out_proj Linear layers"
+    if hasattr(attention, "rel_attn_embed") or hasattr(attention, "gru_rel_pos_linear"):
+        return "computes a per-head position bias from its input, so a head cannot be removed alone"
+    return None
+
+
+def _conv_owner(model: nn.Module) -> tuple[tuple[str, str, nn.Module] | None, str]:
+    """``((name, "conv", conv_layers), "")`` for a conv feature encoder whose channels can be
+    removed exactly, else ``(None, why not)``."""
+    encoders = [(name, m) for name, m in model.named_modules()
+                if name.endswith("feature_extractor") and isinstance(getattr(m, "conv_layers", None), nn.ModuleList)]
+    if not encoders:
+        return None, f"{type(model).__name__} has no conv feature encoder (feature_extractor.conv_layers)"
+    name, encoder = encoders[0]
+    for layer in list(encoder.conv_layers)[:-1]:
+        norm = getattr(layer, "layer_norm", None)
+        if norm is not None and not (isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels):
+            return None, (f"{name} normalises across channels ({type(norm).__name__}, feat_extract_norm: layer), "
+                          "so a channel cannot be removed exactly")
+    return (f"{name}.conv_layers", "conv", encoder.conv_layers), ""
+
+
+def attach_neuron_gates(model: nn.Module, units: list[str], threshold_init: float, tau: float) -> dict[str, NeuronGate]:
+    """Give every feed-forward / attention module of the encoder a :class:`NeuronGate`; returns
+    the gates by the name of the module whose weight they parametrize."""
+    gates = {}
+    for name, kind, owner in neuron_owners(model, units):
+        if kind == "conv":  # every layer but the last: its channels feed the feature projection's norm
+            chain = []
+            for index in range(len(owner) - 1):
+                target = owner[index + 1].conv
+                chain.append(ConvChannelGate(owner, index, threshold_init, tau).to(raw_weight(target).device))
+                parametrize.register_parametrization(target, "weight", chain[-1], unsafe=True)
+                gates[f"{name}.{index + 1}.conv"] = chain[-1]
+            for gate, following in zip(chain, chain[1:]):
+                gate.__dict__["_next"] = following
+            continue
+        target = getattr(owner, _target_name(kind))
+        gate = NeuronGate(kind, owner, threshold_init, tau).to(target.weight.device)
+        parametrize.register_parametrization(target, "weight", gate, unsafe=True)
+        gates[f"{name}.{_target_name(kind)}"] = gate
+    return gates

@@ -1,0 +1,159 @@
+"""Neuron-granularity gates: whole FFN neurons and attention heads, physically removed on export."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCTC
+
+from pinch_ray import export, gates, neurons, pruned_modeling
+from pinch_ray.config import ConfigError, GateConfig
+from pinch_ray.models import count_parameters, load_model
+
+from test_train import compressor, random_batches
+
+NO_RANDOMNESS = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                     feat_proj_dropout=0.0, final_dropout=0.0, mask_time_prob=0.0)
+UNITS = {"tiny": ["ffn", "heads", "conv"], "tiny-hubert": ["ffn", "heads"], "tiny-wavlm": ["ffn", "conv"]}
+
+
+def audio(batch=2, seconds=1.0, seed=0):
+    return torch.randn(batch, int(seconds * 16_000), generator=torch.Generator().manual_seed(seed))
+
+
+def neuron_model(arch="tiny", threshold=0.9, **overrides):
+    model, processor = load_model(arch, **NO_RANDOMNESS, **overrides)
+    found = gates.attach_gates(model, GateConfig(granularity="neuron", neuron_units=UNITS[arch],
+                                                 threshold_init=threshold))
+    return model, processor, found
+
+
+@pytest.mark.parametrize("arch", list(UNITS))
+def test_one_threshold_per_layer_and_unit_kind_and_gradients_reach_them(arch):
+    model, _, found = neuron_model(arch)
+    layers = model.config.num_hidden_layers
+    assert len(found) == layers * len(UNITS[arch])
+    assert all(p.numel() == 1 for name, p in model.named_parameters() if "threshold" in name)
+    assert sum(1 for name, _ in model.named_parameters() if "threshold" in name) == len(found)
+    model.train()
+    labels = torch.randint(5, 32, (2, 8), generator=torch.Generator().manual_seed(1))
+    loss = model(audio(), labels=labels).loss + gates.soft_sparsity(model)
+    loss.backward()
+    for gate in found.values():
+        assert gate.threshold.grad is not None and gate.threshold.grad != 0
+        # the units' rows get gradient through the mask too (self-pinching), not only through CTC
+        assert all(neurons.raw_weight(m).grad is not None and neurons.raw_weight(m).grad.abs().sum() > 0
+                   for m in gate.sources)
+
+
+def test_soft_sparsity_counts_the_parameters_each_unit_carries():
+    model, _ = load_model("tiny", **NO_RANDOMNESS)
+    found = gates.attach_gates(model, GateConfig(granularity="neuron", neuron_units=["ffn", "heads"], threshold_init=0.9))
+    hidden, head_dim = model.config.hidden_size, model.config.hidden_size // model.config.num_attention_heads
+    ffn, heads = [g for g in found.values() if g.kind == "ffn"], [g for g in found.values() if g.kind == "heads"]
+    assert ffn[0].unit_params == hidden + 1 + hidden  # intermediate row + bias, output column
+    assert heads[0].unit_params == 3 * head_dim * (hidden + 1) + head_dim * hidden  # q/k/v rows + biases, out cols
+    model.train()
+    model(audio())
+    expected = 1 - sum(g.unit_soft_mask().sum() * g.unit_params for g in found.values()) / sum(
+        g.numel for g in found.values())
+    torch.testing.assert_close(gates.soft_sparsity(model), expected)
+
+
+@pytest.mark.parametrize("arch", list(UNITS))
+def test_exported_model_is_smaller_and_equals_the_hard_masked_model(arch, tmp_path):
+    model, processor, _ = neuron_model(arch)
+    before, after = gates.calibrate_thresholds(model, 0.5)
+    assert abs(after - 0.5) <= 0.01, (before, after)  # parameter reduction of the gated units, +-1 pt
+    model.eval()
+    x = audio(seed=3)
+    with torch.no_grad():
+        hard_logits = model(x).logits
+    counts_gated = count_parameters(model)
+    plain = export.pruned_copy(model)
+    assert not gates.gated_modules(plain) and not any("threshold" in n for n, _ in plain.named_parameters())
+    # physically smaller: fewer parameters, none of them zeroed
+    assert sum(p.numel() for p in plain.parameters()) == counts_gated.nonzero
+    assert count_parameters(plain).total == counts_gated.total
+    assert count_parameters(plain).nonzero == counts_gated.nonzero
+    shapes = pruned_modeling.layer_shapes(plain)
+    assert sum(shapes["intermediate_size"]) < model.config.num_hidden_layers * model.config.intermediate_size
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, hard_logits, atol=1e-4, rtol=0)
+
+    export.export_model(plain, processor, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config[pruned_modeling.PRUNED_KEY].items() >= shapes.items()
+    assert (tmp_path / pruned_modeling.MODULE_FILE).is_file()
+    # stock transformers, through the loader shipped in the directory
+    stock = AutoModelForCTC.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    reloaded, _ = load_model(str(tmp_path))  # pinch_ray: the same loader, no remote code
+    for loaded in (stock, reloaded.eval()):
+        assert pruned_modeling.layer_shapes(loaded) == shapes
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x).logits, hard_logits, atol=1e-4, rtol=0)
+    compact = tmp_path / "compact"
+    export.save_compact(tmp_path, compact)
+    assert pruned_modeling.layer_shapes(export.load_compact(compact)) == shapes
+
+
+@pytest.mark.slow
+def test_sspg_neuron_training_reaches_the_target_with_mixed_layers():
+    run = compressor("sspg-neuron", 0.5, steps=300)
+    assert run.gate_cfg.granularity == "weight"  # the method, not the config, picks the granularity
+    for batch in random_batches(300):
+        run.step([batch])
+    achieved = gates.achieved_sparsity(run.model)  # measured from hard masks, no calibration
+    assert abs(achieved - 0.5) <= 0.01, achieved
+    per_layer = [layer.sparsity for layer in gates.layer_sparsity(run.model)]
+    assert max(per_layer) - min(per_layer) > 0.05, per_layer
+    assert all(isinstance(g, neurons.NeuronGate) for g in gates.gates_of(run.model))
+
+
+def test_calibration_closes_the_gap_a_whole_head_leaves():
+    model, _, found = neuron_model(threshold=0.9)
+    for i, gate in enumerate(found.values()):
+        gate.threshold.data.fill_(0.7 + 0.05 * i)
+    for target in (0.3, 0.45, 0.6):
+        _, after = gates.calibrate_thresholds(model, target)
+        assert abs(after - target) <= 0.002, (target, after)
+
+
+def test_a_layer_keeps_at_least_one_unit():
+    model, _, found = neuron_model(threshold=50.0)  # every score is far under the threshold
+    assert all(int(g.unit_hard_mask().sum()) == 1 for g in found.values())
+    plain = export.pruned_copy(model)
+    assert pruned_modeling.layer_shapes(plain) == {"intermediate_size": [1, 1, 1], "num_attention_heads": [1, 1, 1]}
+    with torch.no_grad():
+        assert torch.isfinite(plain(audio()).logits).all()
+
+
+def test_auto_units_take_what_the_model_supports_and_listed_units_must_fit():
+    wavlm, _ = load_model("tiny-wavlm")
+    found = gates.attach_gates(wavlm, GateConfig(granularity="neuron"))  # [auto]: ffn + conv, no heads
+    assert sorted({g.kind for g in found.values()}) == ["conv", "ffn"]
+    layer_norm_convs, _ = load_model("tiny", feat_extract_norm="layer")
+    found = gates.attach_gates(layer_norm_convs, GateConfig(granularity="neuron"))
+    assert sorted({g.kind for g in found.values()}) == ["ffn", "heads"]
+
+    with pytest.raises(ConfigError) as err:
+        gates.attach_gates(load_model("tiny-wavlm")[0], GateConfig(granularity="neuron", neuron_units=["ffn", "heads"]))
+    assert "gates.neuron_units: heads: WavLMAttention" in str(err.value) and "remove heads" in str(err.value)
+    with pytest.raises(ConfigError, match=r"gates.neuron_units: conv: .*normalises across channels.*remove conv"):
+        gates.attach_gates(load_model("tiny", feat_extract_norm="layer")[0],
+                           GateConfig(granularity="neuron", neuron_units=["ffn", "conv"]))
+
+
+def test_bad_neuron_settings_are_named():
+    class NoLayers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+    with pytest.raises(ConfigError, match="gates.granularity: neuron needs transformer layers"):
+        gates.attach_gates(NoLayers(), GateConfig(granularity="neuron"))
+    problems = GateConfig(granularity="block", neuron_units=["ffn", "rows"]).problems()
+    assert any(p.startswith("gates.granularity: 'block'") for p in problems)
+    assert any(p.startswith("gates.neuron_units:") for p in problems)
+    assert not GateConfig(granularity="neuron").problems()
