@@ -12,5 +12,5 @@ failed=()  # every check runs; the exit status says whether one failed
 python3 benchmarks/gate_overhead.py --device cuda --steps 30 --warmup 5 \
     --models tiny wav2vec2-base-size wav2vec2-base-size-32x16s "$@" || failed+=(gate_overhead)
 python3 benchmarks/gpu_2to4.py || failed+=(gpu_2to4)
-python3 benchmarks/inference_speed.py --device cuda --repeats 20 --batch8-repeats 20 || failed+=(inference_speed)
+python3 benchmarks/inference_speed.py --device cuda --repeats 20 --batch8-repeats 20 --extra-batch 64 || failed+=(inference_speed)
 if ((${#failed[@]})); then echo "failed: ${failed[*]}" >&2; exit 1; fi
