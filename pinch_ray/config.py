@@ -84,10 +84,6 @@ class GateConfig:
     # [auto]: every kind the model supports (the others are logged). The conv encoder is about a
     # third of base-size CPU inference time, so conv is what makes a pruned model much faster.
     neuron_units: list[str] = field(default_factory=lambda: ["auto"])
-
-    def for_method(self, method: str) -> "GateConfig":
-        """These settings as a trial of ``method`` uses them (sspg-neuron: granularity neuron)."""
-        return dataclasses.replace(self, granularity="neuron") if method == "sspg-neuron" else self
     # Temperature of the soft mask, relative to the layer's mean squared weight (unitless):
     # tau_l = tau * mean(W_l^2). Annealed geometrically from tau_start to tau_end over training.
     tau_start: float = 0.05
@@ -106,6 +102,10 @@ class GateConfig:
     # 0.5 points). Both values are reported.
     calibrate: bool = True
     calibration_tolerance: float = 0.005  # see calibrate (fraction of the gated weights)
+
+    def for_method(self, method: str) -> "GateConfig":
+        """These settings as a trial of ``method`` uses them (sspg-neuron: granularity neuron)."""
+        return dataclasses.replace(self, granularity="neuron") if method == "sspg-neuron" else self
 
     def all_patterns(self) -> list[str]:
         extra = [FEATURE_ENCODER_PATTERN] * self.gate_feature_encoder + [POS_CONV_PATTERN] * self.gate_pos_conv
@@ -398,7 +398,8 @@ class ModelConfig:
 class SweepConfig:
     """The compression trials (Ray Tune): every method at each of its target sparsities."""
 
-    methods: list[str] = field(default_factory=lambda: ["sspg", "ump"])  # sspg / sspg-neuron / ump; dense: dense_baseline
+    # sspg / sspg-neuron / ump (dense is the baseline: dense_baseline)
+    methods: list[str] = field(default_factory=lambda: ["sspg", "ump"])
     # Fractions of the gated weights to remove; one trial per (method, target).
     target_sparsities: list[float] = field(default_factory=lambda: [0.5, 0.65, 0.75])
     # Per-method target lists replacing target_sparsities for that method: {ump: [0.65]} runs ump

@@ -155,7 +155,8 @@ class ConvChannelGate(NeuronGate):
     def __init__(self, conv_layers: nn.ModuleList, index: int, threshold_init: float, tau: float):
         conv, following = conv_layers[index].conv, conv_layers[index + 1].conv
         norm = getattr(conv_layers[index], "layer_norm", None)
-        self_params = (conv.bias is not None) + 2 * (norm is not None) + (raw_weight(conv)[0].numel() if index == 0 else 0)
+        self_params = ((conv.bias is not None) + 2 * (norm is not None)
+                       + (raw_weight(conv)[0].numel() if index == 0 else 0))
         next_units, next_width = following.out_channels, following.kernel_size[0]
         ThresholdGate.__init__(self, threshold_init, tau, conv.out_channels * (self_params + next_units * next_width))
         self.kind, self.index, self.num_units, self.width = "conv", index, conv.out_channels, 1

@@ -212,8 +212,8 @@ def run(cfg: PipelineConfig, *, from_stage: str | None = None, only: str | None 
     Ray must be initialised (the CLI calls ``ray.init()``). ``from_stage`` / ``only`` redo that
     stage (and, for ``from_stage``, the later ones) even if finished; with ``only``, the earlier
     stages must have finished. A redone baseline/compress reuses finished training runs (delete
-    ``<output_dir>/runs/<trial>`` to retrain one); a redone finalize rewrites every trial directory. ``fail_at``: fault injection for tests (trial name ->
-    ``worker_config`` ``fail_at``).
+    ``<storage_path or output_dir/runs>/<trial>`` to retrain one); a redone finalize rewrites every
+    trial directory. ``fail_at``: fault injection for tests (trial name -> ``worker_config`` ``fail_at``).
 
     Raises:
         ValueError: bad ``from_stage`` / ``only``, or ``only`` before its earlier stages finished.

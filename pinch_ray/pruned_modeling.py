@@ -166,5 +166,6 @@ class PinchRayPrunedWavLMForCTC(WavLMForCTC):
 def loader_class(model_type: str) -> type:
     """The loader class for a neuron-pruned model of ``model_type`` (wav2vec2, hubert, wavlm)."""
     if model_type not in PRUNED_CLASSES:
-        raise ValueError(f"no neuron-pruned loader for model type {model_type!r}; supported: {', '.join(PRUNED_CLASSES)}")
+        raise ValueError(f"no neuron-pruned loader for model type {model_type!r}; "
+                         f"supported: {', '.join(PRUNED_CLASSES)}")
     return globals()[PRUNED_CLASSES[model_type]]

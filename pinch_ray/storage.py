@@ -30,7 +30,8 @@ def scheme_problem(key: str, path: str) -> str | None:
     """A problem line if ``path`` is a URI with a scheme pyarrow cannot open, else None."""
     scheme = path.split("://", 1)[0].lower()
     if is_uri(path) and scheme not in SCHEMES:
-        return f"{key}: {path!r} has scheme {scheme!r}; use a local path or one of {', '.join(s + '://' for s in SCHEMES)}"
+        schemes = ", ".join(s + "://" for s in SCHEMES)
+        return f"{key}: {path!r} has scheme {scheme!r}; use a local path or one of {schemes}"
     return None
 
 
@@ -66,7 +67,8 @@ def final_checkpoint(run_dir: str | os.PathLike, marker: str, model_dir: str) ->
     for child in children:
         if child.type != pafs.FileType.Directory:
             continue
-        has_marker, has_model = fs.get_file_info([posixpath.join(child.path, marker), posixpath.join(child.path, model_dir)])
+        has_marker, has_model = fs.get_file_info([posixpath.join(child.path, marker),
+                                                  posixpath.join(child.path, model_dir)])
         if has_marker.type == pafs.FileType.File and has_model.type == pafs.FileType.Directory:
             finished.append(child.base_name)
     # checkpoint directories are named step-NNNNNNN: the last sorts last

@@ -33,7 +33,7 @@ from pinch_ray.train import CHECKPOINT_MODEL, TRAIN_RESULT, metrics_log_callback
 log = logging.getLogger(__name__)
 
 LOGS_DIR = "logs"  # <output_dir>/logs/<trial>.jsonl: rank 0's metrics of every report
-SWEEP_NAME = "sweep"  # the Ray Tune experiment, <output_dir>/runs/sweep
+SWEEP_NAME = "sweep"  # the Ray Tune experiment, <run storage>/sweep
 # CPUs kept free of Train workers when sizing the sweep, for Ray Data to stream training batches.
 DATA_CPU_RESERVE = 1.0
 # What a Tune trial itself reserves: it only waits on its TorchTrainer (whose workers reserve

@@ -49,7 +49,8 @@ def test_one_threshold_per_layer_and_unit_kind_and_gradients_reach_them(arch):
 
 def test_soft_sparsity_counts_the_parameters_each_unit_carries():
     model, _ = load_model("tiny", **NO_RANDOMNESS)
-    found = gates.attach_gates(model, GateConfig(granularity="neuron", neuron_units=["ffn", "heads"], threshold_init=0.9))
+    found = gates.attach_gates(model, GateConfig(granularity="neuron", neuron_units=["ffn", "heads"],
+                                                 threshold_init=0.9))
     hidden, head_dim = model.config.hidden_size, model.config.hidden_size // model.config.num_attention_heads
     ffn, heads = [g for g in found.values() if g.kind == "ffn"], [g for g in found.values() if g.kind == "heads"]
     assert ffn[0].unit_params == hidden + 1 + hidden  # intermediate row + bias, output column
