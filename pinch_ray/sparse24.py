@@ -62,10 +62,11 @@ def selected_linears(model: nn.Module, patterns: Sequence[str]) -> dict[str, nn.
 def prune_2to4(model: nn.Module, patterns: Sequence[str]) -> list[dict]:
     """Give every selected Linear weight the 2:4 pattern, in place; returns per-layer sparsity
     ``{"layer", "numel", "sparsity_before", "sparsity_after"}`` (after is 0.5 unless the layer was
-    sparser already: zeros stay zeros).
+    sparser already: zeros stay zeros). A layer whose input size is not a multiple of 4 (e.g. a
+    neuron-pruned ``output_dense``) stays as it is and says so under ``"skipped"``.
 
     Raises:
-        ValueError: no Linear layer matches the patterns, or one's input size is not a multiple of 4.
+        ValueError: no Linear layer matches the patterns.
     """
     layers = selected_linears(model, patterns)
     if not layers:
@@ -74,9 +75,12 @@ def prune_2to4(model: nn.Module, patterns: Sequence[str]) -> list[dict]:
     for name, linear in layers.items():
         weight = linear.weight
         before = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
-        weight.mul_(mask_2to4(weight).to(weight.dtype))
-        report.append({"layer": name, "numel": weight.numel(), "sparsity_before": before,
-                       "sparsity_after": 1.0 - int(torch.count_nonzero(weight)) / weight.numel()})
+        entry = {"layer": name, "numel": weight.numel(), "sparsity_before": before}
+        if linear.in_features % GROUP:
+            entry["skipped"] = f"{linear.in_features} inputs, not a multiple of {GROUP}"
+        else:
+            weight.mul_(mask_2to4(weight).to(weight.dtype))
+        report.append({**entry, "sparsity_after": 1.0 - int(torch.count_nonzero(weight)) / weight.numel()})
     return report
 
 

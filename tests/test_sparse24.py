@@ -37,6 +37,14 @@ def test_prune_2to4_reports_before_and_after_and_keeps_zeros():
     assert report[0]["sparsity_before"] == pytest.approx(8 / first.in_features)
     assert all(r["sparsity_after"] >= 0.5 for r in report)
     assert [r["sparsity_after"] for r in report[1:]] == [0.5] * (len(report) - 1)
+    # an input size 2:4 cannot tile (a neuron-pruned output_dense) is left dense and reported
+    odd = torch.nn.Sequential()
+    odd.add_module("encoder", torch.nn.Module())
+    odd.encoder.add_module("layers", torch.nn.ModuleList([torch.nn.Module()]))
+    odd.encoder.layers[0].add_module("feed_forward", torch.nn.Module())
+    odd.encoder.layers[0].feed_forward.output_dense = torch.nn.Linear(6, 4)
+    (entry,) = sparse24.prune_2to4(odd, DEFAULT_GATE_PATTERNS)
+    assert entry["skipped"].startswith("6 inputs") and entry["sparsity_after"] == entry["sparsity_before"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message; GPUs run benchmarks/gpu_check.sh")
