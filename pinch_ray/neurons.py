@@ -48,7 +48,7 @@ from torch.nn.utils import parametrize
 from pinch_ray.config import ConfigError
 from pinch_ray import gates as gates_lib
 from pinch_ray.gates import ThresholdGate
-from pinch_ray.pruned_modeling import resized_linear
+from pinch_ray.pruned_modeling import resized_linear, unit_parameters
 
 LAYER_PATTERN = re.compile(r".*encoder\.layers\.\d+")
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class NeuronGate(ThresholdGate):
     def __init__(self, kind: str, owner: nn.Module, threshold_init: float, tau: float):
         sources, target, width = _unit_layout(kind, owner)
         num_units = sources[0].out_features // width
-        unit_params = sum(width * (m.in_features + (m.bias is not None)) for m in sources) + width * target.out_features
+        unit_params = unit_parameters(sources, target, width)
         super().__init__(threshold_init, tau, num_units * unit_params)
         self.kind, self.num_units, self.unit_params, self.width = kind, num_units, unit_params, width
         self.__dict__["_owner"] = owner  # a plain reference: not a submodule, not in state_dict

@@ -40,6 +40,12 @@ def resized_linear(linear: nn.Linear, in_features: int | None = None, out_featur
                      bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
 
 
+def unit_parameters(sources: list[nn.Linear], target: nn.Linear, width: int) -> int:
+    """Parameters one unit carries: its ``width`` rows (and biases) of each source Linear, and its
+    ``width`` input columns of the target (an FFN neuron: width 1; a head: width ``head_dim``)."""
+    return sum(width * (m.in_features + (m.bias is not None)) for m in sources) + width * target.out_features
+
+
 def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
     """Feed-forward neurons and attention heads of every layer, read from the modules' shapes."""
     layers = encoder_layers(model)
@@ -87,14 +93,13 @@ def unit_reduction(model: nn.Module) -> list[tuple[str, int, int]]:
     out = []
     for i, layer in enumerate(encoder_layers(model)):
         ff, attention = layer.feed_forward, layer.attention
-        neuron = (ff.intermediate_dense.in_features + (ff.intermediate_dense.bias is not None)
-                  + ff.output_dense.out_features)
+        neuron = unit_parameters([ff.intermediate_dense], ff.output_dense, 1)
         kept = ff.intermediate_dense.out_features
         if "ffn" in units:
             out.append((f"{prefix}.{i}.feed_forward", model.config.intermediate_size * neuron,
                         (model.config.intermediate_size - kept) * neuron))
-        head = attention.head_dim * (sum(getattr(attention, n).in_features + (getattr(attention, n).bias is not None)
-                                         for n in ("q_proj", "k_proj", "v_proj")) + attention.out_proj.out_features)
+        head = unit_parameters([attention.q_proj, attention.k_proj, attention.v_proj], attention.out_proj,
+                               attention.head_dim)
         kept = attention.q_proj.out_features // attention.head_dim
         if "heads" in units:
             out.append((f"{prefix}.{i}.attention", model.config.num_attention_heads * head,
