@@ -56,50 +56,86 @@ GATEABLE_TYPES = (nn.Linear, nn.Conv1d)
 
 
 # ----------------------------------------------------------------------------------------------
-# The soft mask, fused: one pass computes W * M and sum(M), backward in closed form.
+# The soft mask, fused: forward computes W * M and sum(M), backward in closed form.
 # ----------------------------------------------------------------------------------------------
+
+# The sigmoid's argument z is clamped so no mask value, exp(-z) or product of them is a denormal
+# float: x86 CPUs run denormal arithmetic ~100x slower, and late in training, with a small
+# temperature, most pruned weights sit at z < -100 (M < 4e-44). In float32, sigmoid(z) is 1.0
+# above z = 17, so the upper clamp (20) changes nothing; below -40, M becomes sigmoid(-40) ~ 4e-18
+# instead of something smaller (W * M moves by < 1e-17 |W|). float64 (tests) gets its own, wider
+# bounds with the same properties. Measured on 2 cores, z ~ 25 W^2 - 16 over 2.4M weights: a
+# fused forward 3.0 ms unclamped, 1.3 ms clamped; wav2vec2-base-size sspg/dense step 1.06 -> 1.03.
+_Z_BOUNDS = {torch.float64: (-700.0, 40.0)}
+_Z_BOUNDS_DEFAULT = (-40.0, 20.0)
+
+
+def _mask_from_squares(w2, threshold, tau, inv_scale):
+    """``M = sigmoid(clamp((W^2/s - threshold^2) / (2 tau)))`` computed in place in ``w2 = W^2``."""
+    z = w2.mul_(inv_scale / (2 * tau)).sub_(threshold * threshold / (2 * tau))
+    return z.clamp_(*_Z_BOUNDS.get(w2.dtype, _Z_BOUNDS_DEFAULT)).sigmoid_()
 
 
 def _soft_mask_forward(weight, threshold, tau):
-    """``W * M``, ``sum(M)``, ``M``, ``1/s`` for ``M = sigmoid((W^2/s - threshold^2) / (2 tau))``."""
+    """``W * M``, ``sum(M)``, ``1/s`` for ``M = sigmoid((W^2/s - threshold^2) / (2 tau))``.
+
+    ``M`` is not kept: backward recomputes it from ``W`` (an ``exp`` per weight, fused into the
+    backward kernel), where keeping it would hold one more tensor per gated weight until backward.
+    """
     w2 = weight * weight
     inv_scale = 1.0 / w2.mean().clamp_min(1e-30)  # 1/s, no gradient by construction
-    # z = (W^2/s - threshold^2) / (2 tau), then M = sigmoid(z), in place in w2
-    mask = w2.mul_(inv_scale / (2 * tau)).sub_(threshold * threshold / (2 * tau)).sigmoid_()
-    return weight * mask, mask.sum(), mask, inv_scale
+    mask = _mask_from_squares(w2, threshold, tau, inv_scale)
+    return weight * mask, mask.sum(), inv_scale
 
 
-def _soft_mask_backward(grad_out, grad_mask_sum, weight, threshold, mask, inv_scale, tau):
+def _soft_mask_backward(grad_out, grad_mask_sum, weight, threshold, inv_scale, tau):
     """Gradients of ``(W * M, sum(M))`` w.r.t. ``W`` and ``threshold``.
 
     dz/dW = W / (tau s), dz/dthreshold = -threshold / tau, dM/dz = M (1 - M); upstream of z, per
     element: ``grad_out * W`` (through W * M) + ``grad_mask_sum`` (through sum(M)).
     """
+    mask = _mask_from_squares(weight * weight, threshold, tau, inv_scale)
     dz = (grad_out * weight).add_(grad_mask_sum).mul_(mask).mul_(1 - mask)
     grad_threshold = -(threshold / tau) * dz.sum()
     grad_weight = dz.mul_(weight).mul_(inv_scale / tau).add_(grad_out * mask)
     return grad_weight, grad_threshold
 
 
+# Below this many entries a CPU weight runs the kernels eagerly: they cost per-op dispatch there,
+# not memory passes, and compiling (~20 s once per process on 2 cores) would not pay off.
+CPU_COMPILE_MIN_NUMEL = 1 << 18
 _compiled: dict = {}
 
 
-def _run(fn, device_type: str, *args):
-    """``fn(*args)``: eagerly on CPU; on GPUs compiled by ``torch.compile`` into a few fused kernels.
+def _compiled_kernel(fn, device_type: str):
+    """``fn`` compiled by ``torch.compile`` for ``device_type`` (cached per process).
 
-    Measured on an H100 (benchmarks/gpu_check.sh, wav2vec2-base size, 32 x 16 s): sspg/dense step
-    time 1.04 compiled vs 1.11 eager. On CPU the eager in-place version is as fast as it gets
-    (1.03) and needs no compiler. A compiler failure logs a warning and falls back to eager.
+    GPUs: one graph per weight shape. CPUs: one dynamic-shape graph, Inductor's C++ backend
+    (needs a C++ compiler; without one the caller falls back to eager).
     """
-    if device_type == "cpu" or _compiled.get("disabled"):
+    key = (fn, device_type)
+    if key not in _compiled:
+        _compiled[key] = torch.compile(fn, dynamic=device_type == "cpu", fullgraph=True)
+    return _compiled[key]
+
+
+def _run(fn, *args):
+    """``fn(*args)``, compiled into a few fused kernels on GPUs and for large CPU weights (the
+    first argument is shaped like the weight).
+
+    Measured (benchmarks/gate_overhead.py, wav2vec2-base size): on an H100 at 32 x 16 s sspg/dense
+    step time 1.04 compiled vs 1.11 eager; on 2 CPU cores at 2 x 4 s 1.03 compiled (with the
+    clamp above and ``train.keep_freed_cpu_memory``) where eager kernels gave 1.10-1.16. A
+    compiler failure logs a warning and runs eagerly from then on.
+    """
+    device_type = args[0].device.type
+    if _compiled.get("disabled") or (device_type == "cpu" and args[0].numel() < CPU_COMPILE_MIN_NUMEL):
         return fn(*args)
     try:
         # Autocast off: the inputs are fp32 master weights, and one autocast state means one
-        # compiled graph per weight shape (no recompiles when the caller toggles autocast).
+        # compiled graph (no recompiles when the caller toggles autocast).
         with torch.autocast(device_type, enabled=False):
-            if fn not in _compiled:
-                _compiled[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
-            return _compiled[fn](*args)
+            return _compiled_kernel(fn, device_type)(*args)
     except Exception as err:  # noqa: BLE001 - any compiler failure: keep training, eagerly
         logging.getLogger(__name__).warning("torch.compile of the gate kernels failed (%s); running eagerly", err)
         _compiled["disabled"] = True
@@ -109,24 +145,24 @@ def _run(fn, device_type: str, *args):
 class _SoftMaskedWeight(torch.autograd.Function):
     """``(W * M, sum(M))`` with ``M = sigmoid((W^2/s - threshold^2) / (2 tau))``, ``s = mean(W^2)``.
 
-    Hand-written backward so the mask is computed once and the step costs a few elementwise passes
-    over ``W`` (autograd through the same expression stores several temporaries per layer).
-    ``tau`` is a 0-dim tensor, so an annealed temperature never triggers recompilation.
+    Hand-written backward so the step costs a few elementwise passes over ``W`` (autograd through
+    the same expression stores several temporaries per layer) and keeps no tensor of its own for
+    backward. ``tau`` is a 0-dim tensor, so an annealed temperature never recompiles.
     """
 
     @staticmethod
     def forward(ctx, weight, threshold, tau):
-        masked, mask_sum, mask, inv_scale = _run(_soft_mask_forward, weight.device.type, weight, threshold, tau)
-        ctx.save_for_backward(weight, threshold, mask, inv_scale, tau)
+        masked, mask_sum, inv_scale = _run(_soft_mask_forward, weight, threshold, tau)
+        ctx.save_for_backward(weight, threshold, inv_scale, tau)
         return masked, mask_sum
 
     @staticmethod
     def backward(ctx, grad_out, grad_mask_sum):
-        weight, threshold, mask, inv_scale, tau = ctx.saved_tensors
+        weight, threshold, inv_scale, tau = ctx.saved_tensors
         if grad_mask_sum is None:
             grad_mask_sum = torch.zeros((), dtype=weight.dtype, device=weight.device)
-        grad_weight, grad_threshold = _run(_soft_mask_backward, weight.device.type, grad_out.contiguous(),
-                                           grad_mask_sum, weight, threshold, mask, inv_scale, tau)
+        grad_weight, grad_threshold = _run(_soft_mask_backward, grad_out.contiguous(), grad_mask_sum, weight,
+                                           threshold, inv_scale, tau)
         return grad_weight, grad_threshold, None
 
 
@@ -168,7 +204,7 @@ class ThresholdGate(nn.Module):
     def soft_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """The soft mask itself (no gradient), for inspection and tests."""
         w2 = weight.detach().pow(2)
-        return torch.sigmoid((w2 / w2.mean() - self.threshold.detach() ** 2) / (2 * self.tau))
+        return _mask_from_squares(w2, self.threshold.detach(), self.tau, 1.0 / w2.mean())
 
 
 class FixedMask(nn.Module):

@@ -33,6 +33,42 @@ log = logging.getLogger(__name__)
 MODEL_KEYS = ("input_values", "attention_mask", "labels")
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+_allocator_tuned: list[bool] = []
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS.
+
+    By default glibc serves every tensor above a few MB with a fresh ``mmap`` and gives the top of
+    its heap back after every step, so each training step page-faults (and the kernel zeroes)
+    every large tensor it allocates again: weight gradients and activations for a dense step,
+    plus one masked copy of every gated weight and its gradient for sspg. Measured on 2 CPU cores
+    (wav2vec2-base size, 2 x 4 s): 40-90k page faults a dense step, ~190k an sspg step, ~0.25 s
+    of kernel time the difference; with this, none after the second step (what jemalloc/tcmalloc,
+    which PyTorch recommends for CPU training, also do). Tensors up to 32 MB come from the heap
+    and freed memory stays mapped, so the process keeps its peak footprint. Idempotent; a no-op
+    returning False where the C library is not glibc.
+    """
+    if _allocator_tuned:
+        return _allocator_tuned[0]
+    ok = False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):
+            ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+                      and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1)))
+    except OSError:
+        ok = False
+    _allocator_tuned.append(ok)
+    log.debug("glibc malloc keeps freed memory for reuse: %s", ok)
+    return ok
+
+
 def prepare_method(model: nn.Module, method: str, target_sparsity: float, gate_cfg: GateConfig) -> None:
     """Make ``model`` ready for ``method``: attach gates (sspg), fixed masks (ump) or nothing (dense).
 
@@ -117,6 +153,8 @@ class Compressor:
                use_attention_mask: bool = True) -> "Compressor":
         raise_if_problems(train_cfg.problems() + gate_cfg.problems(), source="training settings")
         device = torch.device(device)
+        if device.type == "cpu":
+            keep_freed_cpu_memory()
         if train_cfg.freeze_feature_encoder and hasattr(model, "freeze_feature_encoder"):
             model.freeze_feature_encoder()
         prepare_method(model, method, target_sparsity, gate_cfg)
