@@ -3,11 +3,13 @@
 Generates a synthetic corpus (espeak-ng, LibriSpeech layout; reports the generator's speed),
 then featurizes its train split (80% of the utterances) into fresh output directories, in turns,
 ``--repeats`` times each: with a plain loop in this process (list, then :func:`write_shard` per
-shard: the same featurize and parquet-write code as the stage) and with ``prepare_split`` on a
-local Ray cluster of all cores. The cluster is started before the clock, as in the pipeline, and
+shard: the same featurize and parquet-write code as the stage), with ``prepare_split`` on a
+local Ray cluster of all cores, and -- the reference for what this machine allows -- with a
+hand-written pool of one process per core (``concurrent.futures``, one shard per job, handed out
+as workers free up). The cluster is started before the clock, as in the pipeline, and
 its dev split is prepared first (that first job starts the worker processes and Ray Data's
 actors; its time is reported as well). ``speedup`` is median single-process seconds / median
-Ray Data seconds; every run is listed. Prints one JSON object; run it on an otherwise idle
+Ray Data seconds, ``process_pool_speedup`` the same for the pool; every run is listed. Prints one JSON object; run it on an otherwise idle
 machine. Usage (about 2 minutes on 2 cores, 45 s of it generating the corpus)::
 
     python benchmarks/prepare_throughput.py --utterances 7500
@@ -16,10 +18,13 @@ machine. Usage (about 2 minutes on 2 cores, 45 s of it generating the corpus)::
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import logging
 import os
 import statistics
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +48,29 @@ def single_process_prepare(root: str, split: str, out_dir: Path, cfg: DataConfig
     return sum(write_shard(rows[start:start + cfg.rows_per_shard], out_dir / f"{start:08d}.parquet", VOCAB,
                            settings, cfg.prepare_batch_size)["kept"]
                for start in range(0, len(rows), cfg.rows_per_shard))
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # as in a Ray worker (OMP_NUM_THREADS=1 for a 1-CPU task)
+
+
+def _pool_shard(job: tuple) -> int:
+    rows, path, cfg = job
+    return write_shard(rows, path, VOCAB, PrepareSettings.from_config(cfg), cfg.prepare_batch_size)["kept"]
+
+
+def process_pool_prepare(root: str, split: str, out_dir: Path, cfg: DataConfig,
+                         pool: concurrent.futures.Executor) -> int:
+    """The hand-written parallel reference: the same shards as :func:`single_process_prepare`,
+    one job each, on a pool of one process per core (already started)."""
+    listing = list_split(root, split)
+    out_dir.mkdir(parents=True)
+    rows = [u.as_row() for u in listing.utterances]
+    jobs = [(rows[start:start + cfg.rows_per_shard], out_dir / f"{start:08d}.parquet", cfg)
+            for start in range(0, len(rows), cfg.rows_per_shard)]
+    return sum(pool.map(_pool_shard, jobs))
 
 
 def main() -> None:
@@ -72,8 +100,15 @@ def main() -> None:
         prepare_split(str(corpus), "dev", VOCAB, cfg, cache_dir=work / f"warmup-{time.time_ns()}")
         warmup_s = time.perf_counter() - started
 
-        single_s, ray_s = [], []
-        for _ in range(args.repeats):  # in turns, so both see the same machine load
+        pool = concurrent.futures.ProcessPoolExecutor(os.cpu_count(), multiprocessing.get_context("spawn"),
+                                                      initializer=_one_thread)
+        process_pool_prepare(str(corpus), "dev", work / f"pool-warmup-{time.time_ns()}", cfg, pool)
+
+        single_s, ray_s, pool_s = [], [], []
+        for _ in range(args.repeats):  # in turns, so all see the same machine load
+            for earlier in work.glob("*-[0-9]*"):  # the last run's outputs (~1.5 GB at 6,000 utterances)
+                if not earlier.name.startswith("synth-"):
+                    shutil.rmtree(earlier)
             started = time.perf_counter()
             single_rows = single_process_prepare(str(corpus), "train", work / f"single-{time.time_ns()}", cfg)
             single_s.append(time.perf_counter() - started)
@@ -81,6 +116,10 @@ def main() -> None:
             prepared = prepare_split(str(corpus), "train", VOCAB, cfg, cache_dir=work / f"cache-{time.time_ns()}")
             ray_s.append(time.perf_counter() - started)
             assert prepared.num_utterances == single_rows and not prepared.from_cache
+            started = time.perf_counter()
+            assert process_pool_prepare(str(corpus), "train", work / f"pool-{time.time_ns()}", cfg, pool) == single_rows
+            pool_s.append(time.perf_counter() - started)
+        pool.shutdown()
         started = time.perf_counter()
         cached = prepare_split(str(corpus), "train", VOCAB, cfg, cache_dir=Path(prepared.path).parent)
         cached_s = time.perf_counter() - started
@@ -92,8 +131,11 @@ def main() -> None:
         "single_process_s": round(statistics.median(single_s), 2),
         "ray_data_s": round(statistics.median(ray_s), 2),
         "speedup": round(statistics.median(single_s) / statistics.median(ray_s), 2),
+        "process_pool_s": round(statistics.median(pool_s), 2),
+        "process_pool_speedup": round(statistics.median(single_s) / statistics.median(pool_s), 2),
         "single_process_runs_s": [round(s, 2) for s in single_s],
         "ray_data_runs_s": [round(s, 2) for s in ray_s],
+        "process_pool_runs_s": [round(s, 2) for s in pool_s],
         "cpus": os.cpu_count(),
         "ray_worker_niceness": int(os.environ["RAY_worker_niceness"]),
         "ray_first_job_dev_split_s": round(warmup_s, 2),
