@@ -1,11 +1,14 @@
 """Per-step cost of self-pinching gates: sspg vs dense training steps, side by side.
 
 Prints one JSON line per model:
-    {"model": ..., "device": ..., "dense_step_s": ..., "sspg_step_s": ..., "ratio": ...}
+    {"model": ..., "device": ..., "dense_step_s": ..., "sspg_step_s": ..., "ratio": ...,
+     "late_dense_step_s": ..., "late_sspg_step_s": ..., "late_ratio": ...}
 
 Each step is forward + backward + optimizer step (the same ``Compressor.step`` training uses), on
 random audio with random transcripts. Steps alternate between the dense and the gated model
 (interleaved, so machine noise hits both alike); the figures are medians after warm-up steps.
+``ratio`` is measured at the start of training; ``late_ratio`` with the gates as they are at its
+end (temperature ``tau_end``, every threshold above 65% of its matrix: near-hard masks).
 
     python benchmarks/gate_overhead.py                      # tiny + wav2vec2-base size, CPU
     python benchmarks/gate_overhead.py --models tiny --steps 20
@@ -16,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
 import torch
 from transformers import AutoModelForCTC, Wav2Vec2Config
 
+from pinch_ray import gates
 from pinch_ray.config import GateConfig, TrainConfig
 from pinch_ray.models import CHAR_VOCAB, load_model
 from pinch_ray.train import Compressor
@@ -53,6 +58,30 @@ def measure(name: str, steps: int, warmup: int, device: str) -> dict:
     generator = torch.Generator().manual_seed(0)
     batch = {"input_values": torch.randn(batch_size, int(seconds * 16_000), generator=generator),
              "labels": torch.randint(5, len(CHAR_VOCAB), (batch_size, label_len), generator=generator)}
+    early = interleaved_medians(runs, batch, steps, warmup, device)
+    # Late in training: the temperature at its end value and every threshold where 65% of its
+    # matrix lies below it, so the soft masks are near-hard (the regime where mask values and
+    # gradients used to underflow into denormal floats).
+    gate_cfg = runs["sspg"].gate_cfg
+    runs["sspg"].step_count = train_cfg.max_steps  # the schedules give tau_end
+    with torch.no_grad():
+        for module, gate in gates.gated_modules(runs["sspg"].unwrapped).values():
+            w2 = gates.unmasked_weight(module).float().pow(2).flatten()
+            sample = w2[torch.randperm(w2.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
+            gate.threshold.fill_(float((sample.quantile(0.65) / w2.mean()).sqrt()))
+    late = interleaved_medians(runs, batch, max(steps // 2, 5), warmup, device, after_each=lambda: setattr(
+        runs["sspg"], "step_count", train_cfg.max_steps))
+    assert all(math.isclose(float(g.tau), gate_cfg.tau_end, rel_tol=1e-6) for g in gates.gates_of(runs["sspg"].unwrapped))
+    device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    return {"model": name, "device": device_name, "steps": steps, "batch": f"{batch_size}x{seconds}s",
+            "dense_step_s": round(early["dense"], 5), "sspg_step_s": round(early["sspg"], 5),
+            "ratio": round(early["sspg"] / early["dense"], 4),
+            "late_dense_step_s": round(late["dense"], 5), "late_sspg_step_s": round(late["sspg"], 5),
+            "late_ratio": round(late["sspg"] / late["dense"], 4)}
+
+
+def interleaved_medians(runs: dict, batch: dict, steps: int, warmup: int, device: str, after_each=None) -> dict:
+    """Median seconds of a training step per method, steps alternating between the methods."""
     times = {method: [] for method in runs}
     for i in range(warmup + steps):
         for method, run in runs.items():
@@ -64,10 +93,9 @@ def measure(name: str, steps: int, warmup: int, device: str) -> dict:
                 torch.cuda.synchronize()
             if i >= warmup:
                 times[method].append(time.perf_counter() - started)
-    dense, sspg = statistics.median(times["dense"]), statistics.median(times["sspg"])
-    device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    return {"model": name, "device": device_name, "steps": steps, "batch": f"{batch_size}x{seconds}s",
-            "dense_step_s": round(dense, 5), "sspg_step_s": round(sspg, 5), "ratio": round(sspg / dense, 4)}
+            if after_each:
+                after_each()
+    return {method: statistics.median(t) for method, t in times.items()}
 
 
 def main() -> None:

@@ -59,15 +59,17 @@ GATEABLE_TYPES = (nn.Linear, nn.Conv1d)
 # The soft mask, fused: forward computes W * M and sum(M), backward in closed form.
 # ----------------------------------------------------------------------------------------------
 
-# The sigmoid's argument z is clamped so no mask value, exp(-z) or product of them is a denormal
-# float: x86 CPUs run denormal arithmetic ~100x slower, and late in training, with a small
-# temperature, most pruned weights sit at z < -100 (M < 4e-44). In float32, sigmoid(z) is 1.0
-# above z = 17, so the upper clamp (20) changes nothing; below -40, M becomes sigmoid(-40) ~ 4e-18
-# instead of something smaller (W * M moves by < 1e-17 |W|). float64 (tests) gets its own, wider
-# bounds with the same properties. Measured on 2 cores, z ~ 25 W^2 - 16 over 2.4M weights: a
-# fused forward 3.0 ms unclamped, 1.3 ms clamped; wav2vec2-base-size sspg/dense step 1.06 -> 1.03.
+# The sigmoid's argument z is clamped to [-20, 20] so that no mask value, exp(-z), product with
+# them or AdamW state built from them is a denormal float: x86 CPUs run denormal arithmetic ~100x
+# slower, and late in training, with a small temperature, most pruned weights sit at z < -100
+# (M < 4e-44; their gradients g * M square to nothing in AdamW). In float32, sigmoid(z) is 1.0
+# above z = 17, so the upper clamp changes nothing; below -20, M becomes sigmoid(-20) = 2.1e-9
+# instead of something smaller: W * M moves by < 2.1e-9 |W|, and such weights got (and get) no
+# learning signal (M (1 - M) < 2.1e-9). float64 (tests) gets wider bounds with the same
+# properties. Measured on 2 cores, wav2vec2-base size, late in training (tau_end, 65% of weights
+# under their thresholds): sspg step 37x a dense one unclamped, 1.03-1.10x clamped (gate_overhead.py).
 _Z_BOUNDS = {torch.float64: (-700.0, 40.0)}
-_Z_BOUNDS_DEFAULT = (-40.0, 20.0)
+_Z_BOUNDS_DEFAULT = (-20.0, 20.0)
 
 
 def _mask_from_squares(w2, threshold, tau, inv_scale):
@@ -124,9 +126,9 @@ def _run(fn, *args):
     first argument is shaped like the weight).
 
     Measured (benchmarks/gate_overhead.py, wav2vec2-base size): on an H100 at 32 x 16 s sspg/dense
-    step time 1.04 compiled vs 1.11 eager; on 2 CPU cores at 2 x 4 s 1.03 compiled (with the
-    clamp above and ``train.keep_freed_cpu_memory``) where eager kernels gave 1.10-1.16. A
-    compiler failure logs a warning and runs eagerly from then on.
+    step time 1.04 compiled vs 1.11 eager; on 2 CPU cores at 2 x 4 s 1.03-1.11 compiled (median
+    of three runs 1.05, with the clamp above and ``train.keep_freed_cpu_memory``) where eager
+    kernels gave 1.10-1.16. A compiler failure logs a warning and runs eagerly from then on.
     """
     device_type = args[0].device.type
     if _compiled.get("disabled") or (device_type == "cpu" and args[0].numel() < CPU_COMPILE_MIN_NUMEL):
