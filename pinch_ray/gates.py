@@ -9,7 +9,8 @@ forward pass uses ``W_l * M_l`` with the soft mask
     M_l = sigmoid((W_l^2 - t_l^2) / (2 tau_l))          (elementwise)
 
 so gradients reach both ``W_l`` and ``t_l``; weights under the threshold pinch themselves off while
-the rest keep learning. After training the hard mask is ``|W_l| > t_l``.
+the rest keep learning. After training the hard mask is ``|W_l| > t_l``. (The sigmoid's argument
+is clamped to [-20, 20] so no value is a denormal float; see :func:`_mask_from_squares`.)
 
 Scale normalisation (our choice, documented here): weights of different layers live on different
 scales, so threshold and temperature are expressed relative to the layer's own scale
