@@ -9,8 +9,9 @@ hand-written pool of one process per core (``concurrent.futures``, one shard per
 as workers free up). The cluster is started before the clock, as in the pipeline, and
 its dev split is prepared first (that first job starts the worker processes and Ray Data's
 actors; its time is reported as well). ``speedup`` is median single-process seconds / median
-Ray Data seconds, ``process_pool_speedup`` the same for the pool; every run is listed. Prints one JSON object; run it on an otherwise idle
-machine. Usage (about 2 minutes on 2 cores, 45 s of it generating the corpus)::
+Ray Data seconds, ``process_pool_speedup`` the same for the pool; every run is listed. Prints one
+JSON object; run it on an otherwise idle machine. Usage (about 3 minutes on 2 cores, 30-45 s of
+it generating the corpus)::
 
     python benchmarks/prepare_throughput.py --utterances 7500
 """
@@ -20,11 +21,11 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import multiprocessing
 import logging
+import multiprocessing
 import os
-import statistics
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
