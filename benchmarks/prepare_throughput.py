@@ -39,39 +39,38 @@ VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "'": 5,
          **{chr(ord("A") + i): 6 + i for i in range(26)}}
 
 
-def single_process_prepare(root: str, split: str, out_dir: Path, cfg: DataConfig) -> int:
-    """The baseline: list, then featurize and write one parquet file of ``rows_per_shard``
-    utterances at a time (``prepare_batch_size`` per row group). Returns the rows written."""
+def shard_jobs(root: str, split: str, out_dir: Path, cfg: DataConfig) -> list[tuple]:
+    """List the split and cut it into ``rows_per_shard`` utterances per parquet file (the unit of
+    work of both hand-written baselines): ``(rows, path, cfg)`` per shard."""
     listing = list_split(root, split)
-    settings = PrepareSettings.from_config(cfg)
     out_dir.mkdir(parents=True)
     rows = [u.as_row() for u in listing.utterances]
-    return sum(write_shard(rows[start:start + cfg.rows_per_shard], out_dir / f"{start:08d}.parquet", VOCAB,
-                           settings, cfg.prepare_batch_size)["kept"]
-               for start in range(0, len(rows), cfg.rows_per_shard))
+    return [(rows[start:start + cfg.rows_per_shard], out_dir / f"{start:08d}.parquet", cfg)
+            for start in range(0, len(rows), cfg.rows_per_shard)]
 
 
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # as in a Ray worker (OMP_NUM_THREADS=1 for a 1-CPU task)
-
-
-def _pool_shard(job: tuple) -> int:
+def write_job(job: tuple) -> int:
+    """Featurize and write one shard (``prepare_batch_size`` per row group); returns the rows kept."""
     rows, path, cfg = job
     return write_shard(rows, path, VOCAB, PrepareSettings.from_config(cfg), cfg.prepare_batch_size)["kept"]
+
+
+def single_process_prepare(root: str, split: str, out_dir: Path, cfg: DataConfig) -> int:
+    """The baseline: list, then featurize and write one shard at a time. Returns the rows written."""
+    return sum(map(write_job, shard_jobs(root, split, out_dir, cfg)))
 
 
 def process_pool_prepare(root: str, split: str, out_dir: Path, cfg: DataConfig,
                          pool: concurrent.futures.Executor) -> int:
     """The hand-written parallel reference: the same shards as :func:`single_process_prepare`,
     one job each, on a pool of one process per core (already started)."""
-    listing = list_split(root, split)
-    out_dir.mkdir(parents=True)
-    rows = [u.as_row() for u in listing.utterances]
-    jobs = [(rows[start:start + cfg.rows_per_shard], out_dir / f"{start:08d}.parquet", cfg)
-            for start in range(0, len(rows), cfg.rows_per_shard)]
-    return sum(pool.map(_pool_shard, jobs))
+    return sum(pool.map(write_job, shard_jobs(root, split, out_dir, cfg)))
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # as in a Ray worker (OMP_NUM_THREADS=1 for a 1-CPU task)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -36,9 +37,9 @@ MODEL_KEYS = ("input_values", "attention_mask", "labels")
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
-_allocator_tuned: list[bool] = []
 
 
+@functools.cache
 def keep_freed_cpu_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS.
 
@@ -52,8 +53,6 @@ def keep_freed_cpu_memory() -> bool:
     and freed memory stays mapped, so the process keeps its peak footprint. Idempotent; a no-op
     returning False where the C library is not glibc.
     """
-    if _allocator_tuned:
-        return _allocator_tuned[0]
     ok = False
     try:
         import ctypes
@@ -64,7 +63,6 @@ def keep_freed_cpu_memory() -> bool:
                       and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1)))
     except OSError:
         ok = False
-    _allocator_tuned.append(ok)
     log.debug("glibc malloc keeps freed memory for reuse: %s", ok)
     return ok
 
