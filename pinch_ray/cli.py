@@ -62,13 +62,14 @@ def _init_ray(verbose: bool) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pinch_ray import pipeline
     from pinch_ray.config import load_pipeline
+    from pinch_ray.sweep import SettingsChangedError
 
     pipeline.stages_to_run(args.from_stage, args.only)  # ValueError (exit 2) before anything starts
     cfg = load_pipeline(args.pipeline, args.overrides, check_paths=True)  # ConfigError: every problem
     _init_ray(args.verbose)
     try:
         pipeline.run(cfg, from_stage=args.from_stage, only=args.only)
-    except ConfigError:
+    except (ConfigError, SettingsChangedError):  # bad input: exit 2, the message without a traceback
         raise
     except Exception:  # noqa: BLE001 - finished work is kept; the exit code and the log report it
         logger.exception("pinch-ray run failed; finished stages and trials are kept: rerun the same "

@@ -75,6 +75,25 @@ def final_checkpoint(run_dir: str | os.PathLike, marker: str, model_dir: str) ->
     return join(run_dir, max(finished)) if finished else None
 
 
+def parent(path: str | os.PathLike) -> str:
+    """The directory holding ``path`` (a local path or a URI, keeping its scheme and query)."""
+    path = os.fspath(path).rstrip("/")
+    if not is_uri(path):
+        return os.path.dirname(path)
+    head, _, query = path.partition("?")
+    scheme, _, inner = head.partition("://")
+    up = f"{scheme}://{posixpath.dirname(inner)}"
+    return f"{up}?{query}" if query else up
+
+
+def is_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (a local path or a URI) is an existing file."""
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type == pafs.FileType.File
+
+
 def read_text(path: str | os.PathLike) -> str:
     """A (small) text file's contents, from a local path or a URI."""
     fs, inner = filesystem(path)

@@ -5,7 +5,10 @@ not the deprecated Trainer-in-Tuner): :func:`train_trial` runs the training unde
 of the trial (``sspg-0.65``) in the run storage (``storage_path``: a local directory or an
 object-store URI; default ``<output_dir>/runs``), so
 
-- a trial whose final checkpoint (``train_result.json`` + ``model/``) exists is not retrained;
+- a trial whose final checkpoint (``train_result.json`` + ``model/``) exists is not retrained,
+  provided it was trained with the same settings (:func:`run_settings`, recorded in
+  ``train_result.json``); one trained with other settings stops the run with what changed, before
+  anything trains (a changed ``gates.tau_end`` must not be reported under a finished run's figures);
 - an interrupted trial resumes its own Ray Train run from its last checkpoint.
 
 The Train workers are scheduled by Ray Train outside the Tune trial's own (near-zero) reservation,
@@ -19,6 +22,7 @@ CPUs/GPUs and the per-trial resources, and the remaining trials queue.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -54,6 +58,78 @@ def final_result_dir(storage_path: str | os.PathLike, name: str) -> str | None:
     return storage.final_checkpoint(storage.join(storage_path, name), TRAIN_RESULT, CHECKPOINT_MODEL)
 
 
+# Keys of a run's worker config and training settings that do not change what it trains (where it
+# reports, evaluates, checkpoints; intra-op threads), so a finished run is reused whatever they are.
+_NOT_SETTINGS = ("dev_path", "tensorboard_dir", "fail_at", "settings")
+_NOT_TRAINING_SETTINGS = ("report_every", "checkpoint_every", "eval_every", "eval_batch_size", "torch_threads")
+
+
+class SettingsChangedError(ValueError):
+    """A finished run was trained with other settings than the ones the pipeline asks for now
+    (bad input: the command line exits 2 with the message)."""
+
+
+def run_settings(config: dict, train_path: str, num_workers: int) -> dict:
+    """What a run's result depends on: its worker config (``dense`` ignores the gates), the
+    prepared train split (its cache directory name is a hash of the corpus and data settings), the
+    number of DDP ranks, and the settings of the run its starting model came from (so trials of a
+    retrained baseline are not reused) in place of that model's path. JSON-normalised."""
+    settings = {key: value for key, value in config.items() if key not in _NOT_SETTINGS}
+    settings["training"] = {key: value for key, value in config["training"].items()
+                            if key not in _NOT_TRAINING_SETTINGS}
+    if config["method"] == "dense":
+        settings.pop("gates")
+    settings["train_data"] = Path(train_path).name
+    settings["num_workers"] = num_workers
+    init_from = config["init_from"].rstrip("/")
+    upstream = storage.join(storage.parent(init_from), TRAIN_RESULT)
+    # starts from the final checkpoint of a run of ours (the pipeline's baseline: <run>/step-N/model)
+    if init_from.split("?")[0].endswith("/" + CHECKPOINT_MODEL) and storage.is_file(upstream):
+        recorded = json.loads(storage.read_text(upstream)).get("settings")
+        if recorded is not None:
+            settings["init_from"] = {"run_settings": recorded}
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _changes(recorded: Any, wanted: Any, key: str = "") -> list[str]:
+    """``key: recorded -> wanted`` for every leaf where the two settings dicts differ."""
+    if isinstance(recorded, dict) and isinstance(wanted, dict):
+        return [change for k in sorted(set(recorded) | set(wanted))
+                for change in _changes(recorded.get(k), wanted.get(k), f"{key}.{k}" if key else k)]
+    return [] if recorded == wanted else [f"{key}: {_short(recorded)} -> {_short(wanted)}"]
+
+
+def reusable_result_dir(job: "TrialJob", name: str, config: dict) -> str | None:
+    """The final checkpoint directory of run ``name`` if it finished with ``config``'s settings;
+    None when it has not finished.
+
+    Raises:
+        SettingsChangedError: it finished with other settings (what changed, and how to go on).
+    """
+    done = final_result_dir(job.storage_path, name)
+    if done is None:
+        return None
+    recorded = json.loads(storage.read_text(storage.join(done, TRAIN_RESULT))).get("settings")
+    if recorded is None:
+        log.warning("trial %s: the finished run %s recorded no settings (made by an older pinch_ray); "
+                    "reused as it is", name, done)
+        return done
+    changes = _changes(recorded, config["settings"])
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        run_dir = storage.join(job.storage_path, name)
+        raise SettingsChangedError(
+            f"trial {name}: a finished run with other settings is in {run_dir} ({shown}). Delete that "
+            f"directory to train {name} again with the settings asked for now, or set output_dir (or "
+            "storage_path) to a new place to keep both.")
+    return done
+
+
 @dataclass
 class TrialJob:
     """Everything a trial needs besides its (method, target): plain values, sent to Tune trials."""
@@ -79,6 +155,18 @@ class TrialJob:
                    output_dir=os.fspath(output_dir), storage_path=cfg.run_storage(), fail_at=fail_at)
 
 
+def trial_config(job: TrialJob, method: str, target_sparsity: float, name: str,
+                 training: TrainConfig | None = None) -> dict:
+    """The worker config of trial ``name``, with its :func:`run_settings` under ``settings``."""
+    cfg = job.cfg
+    config = worker_config(job.init_from, method, target_sparsity, training or cfg.training, cfg.gates,
+                           train_rows=job.train_rows, dev_path=job.dev_path,
+                           model_overrides=cfg.model.overrides, trust_remote_code=cfg.model.trust_remote_code,
+                           fail_at=(job.fail_at or {}).get(name))
+    config["settings"] = run_settings(config, job.train_path, cfg.resources.num_workers)
+    return config
+
+
 def train_trial(job: TrialJob, method: str, target_sparsity: float, *, name: str | None = None,
                 training: TrainConfig | None = None) -> str:
     """Train one trial (or reuse its finished run); returns its final checkpoint directory.
@@ -87,6 +175,7 @@ def train_trial(job: TrialJob, method: str, target_sparsity: float, *, name: str
     ``job.cfg.training`` (the dense baseline's).
 
     Raises:
+        SettingsChangedError: the run finished earlier with other settings.
         ray.train.TrainingFailedError: the run failed more than ``resources.max_failures`` times.
         RuntimeError: the run ended without a final checkpoint.
     """
@@ -94,14 +183,11 @@ def train_trial(job: TrialJob, method: str, target_sparsity: float, *, name: str
 
     cfg, name = job.cfg, name or trial_name(method, target_sparsity)
     training = training or cfg.training
-    done = final_result_dir(job.storage_path, name)
+    config = trial_config(job, method, target_sparsity, name, training)
+    done = reusable_result_dir(job, name, config)
     if done is not None:
         log.info("trial %s: finished run found (%s); not retrained", name, done)
         return done
-    config = worker_config(job.init_from, method, target_sparsity, training, cfg.gates,
-                           train_rows=job.train_rows, dev_path=job.dev_path,
-                           model_overrides=cfg.model.overrides, trust_remote_code=cfg.model.trust_remote_code,
-                           fail_at=(job.fail_at or {}).get(name))
     logs = Path(job.output_dir) / LOGS_DIR
     logs.mkdir(parents=True, exist_ok=True)
     log.info("trial %s: training %d steps from %s", name, training.max_steps, job.init_from)
@@ -151,6 +237,7 @@ def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, out
     :func:`pinch_ray.train.worker_config` ``fail_at``).
 
     Raises:
+        SettingsChangedError: a trial finished earlier with other settings (nothing was trained).
         RuntimeError: some trials failed (listed); the finished ones are kept for a rerun.
     """
     import ray
@@ -160,6 +247,9 @@ def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, out
     if not trials:
         return {}
     job = TrialJob.create(cfg, prepared, init_from, output_dir, fail_at)
+    for method, target in trials:  # a finished trial with other settings stops the sweep before it starts
+        name = trial_name(method, target)
+        reusable_result_dir(job, name, trial_config(job, method, target, name))
     concurrent = max_concurrent_trials(cfg.resources, len(trials), ray.cluster_resources(),
                                        cfg.sweep.max_concurrent_trials)
     log.info("sweep: %d trials (%s), %d at a time", len(trials),

@@ -339,6 +339,17 @@ def _dev_scores(run: Compressor, processor, dev_path: str, batch_size: int) -> d
     return {"dev_wer": scores.wer, "dev_cer": scores.cer}
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs each ``ray.train.report`` call of every worker at INFO ("Reporting training
+    result 7: TrainingReport(...) from rank 0"), hundreds of lines a run on the driver's console
+    beside the one progress line per report the driver prints itself; keep its warnings only."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # a Ray without that module: its logging stays as it is
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # Ray names that logger by file
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: train ``config["method"]`` on this rank's shard of the ``train`` dataset.
 
@@ -358,6 +369,7 @@ def train_loop_per_worker(config: dict) -> None:
     from pinch_ray.export import export_model, pruned_copy
     from pinch_ray.models import load_model
 
+    _quiet_ray_train_reports()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     train_cfg, gate_cfg = TrainConfig(**config["training"]), GateConfig(**config["gates"])
@@ -421,7 +433,8 @@ def train_loop_per_worker(config: dict) -> None:
                 export_model(pruned_copy(run.model), processor, directory / CHECKPOINT_MODEL)
                 (directory / TRAIN_RESULT).write_text(json.dumps(
                     {"method": run.method, "target_sparsity": run.target_sparsity, "steps": step,
-                     "init_from": config["init_from"], "compression_seconds": progress["elapsed_s"], **metrics}, indent=2, default=float))
+                     "init_from": config["init_from"], "compression_seconds": progress["elapsed_s"], **metrics,
+                     "settings": config.get("settings")}, indent=2, default=float))
             _save_checkpoint(directory, run, progress)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"step-{step:07d}")

@@ -17,7 +17,7 @@ from pinch_ray import pipeline, pruned_modeling
 from pinch_ray.config import ResourcesConfig, load_pipeline
 from pinch_ray.models import load_model
 from pinch_ray.report import METRICS_FILE
-from pinch_ray.sweep import RUNS_DIR, final_result_dir, max_concurrent_trials
+from pinch_ray.sweep import RUNS_DIR, SettingsChangedError, final_result_dir, max_concurrent_trials
 
 pytestmark = pytest.mark.slow
 
@@ -124,6 +124,26 @@ def test_rerun_skips_every_stage_and_touches_nothing(finished, caplog):
     after = {**mtimes(out), **{f"store/{path}": mtime for path, mtime in mtimes(store).items()}}
     changed = [path for path, mtime in before.items() if after.get(path) != mtime and path != "pipeline.yaml"]
     assert changed == []
+
+
+def test_finished_trials_are_reused_only_under_their_own_settings(finished):
+    cfg, store = finished["cfg"], finished["store"]
+    foundation, sspg = result(finished, "foundation")["settings"], result(finished, "sspg-0.5")["settings"]
+    assert "gates" not in foundation and sspg["gates"]["tau_end"] == cfg.gates.tau_end
+    assert sspg["init_from"] == {"run_settings": foundation}  # what it started from, not where
+    assert "report_every" not in sspg["training"] and sspg["training"]["lr"] == cfg.training.lr
+    # A new output_dir on the same run storage, with one gate setting changed: the foundation and
+    # the dense reference (gates do not concern them) are reused; the sspg trials, trained with the
+    # old value, stop the run before anything trains, saying what changed; nothing is touched.
+    before = mtimes(store)
+    changed = load_pipeline(finished["cfg"].output_dir + "/pipeline.yaml",
+                            overrides=[f"output_dir={Path(cfg.output_dir).parent / 'changed'}",
+                                       "gates.tau_end=0.004", "training.report_every=1"])
+    with pytest.raises(SettingsChangedError, match=r"sspg-0\.5: .*gates\.tau_end: 0\.005 -> 0\.004"):
+        pipeline.run(changed)
+    assert mtimes(store) == before
+    assert pipeline.marker_path(changed.output_dir, "baseline").is_file()  # the foundation was reused
+    assert not pipeline.marker_path(changed.output_dir, "compress").exists()
 
 
 def test_stage_selection():
