@@ -133,8 +133,9 @@ def test_finished_trials_are_reused_only_under_their_own_settings(finished):
     assert sspg["init_from"] == {"run_settings": foundation}  # what it started from, not where
     assert "report_every" not in sspg["training"] and sspg["training"]["lr"] == cfg.training.lr
     # A new output_dir on the same run storage, with one gate setting changed: the foundation and
-    # the dense reference (gates do not concern them) are reused; the sspg trials, trained with the
-    # old value, stop the run before anything trains, saying what changed; nothing is touched.
+    # the dense reference (checked first; gates do not concern them) are reused; the sspg trials,
+    # trained with the old value, stop the run before anything trains, saying what changed; a
+    # changed report interval changes no weights and is no reason to retrain; nothing is touched.
     before = mtimes(store)
     changed = load_pipeline(finished["cfg"].output_dir + "/pipeline.yaml",
                             overrides=[f"output_dir={Path(cfg.output_dir).parent / 'changed'}",
