@@ -155,7 +155,8 @@ def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False) 
     from pinch_ray.data import read_prepared_rows
     from pinch_ray.models import load_model
     from pinch_ray.report import TrialInfo, finalize_trial, read_trial_hypotheses, write_summary
-    from pinch_ray.train import CHECKPOINT_MODEL, TRAIN_RESULT
+    from pinch_ray.sweep import read_train_result
+    from pinch_ray.train import CHECKPOINT_MODEL
 
     prepared = _prepared(outputs)
     # evaluation.num_actors > 0: a Ray Data actor pool over these datasets (reusable for every
@@ -166,7 +167,7 @@ def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False) 
     trials = {name: trials[name] for name in sorted(trials, key=lambda name: name != "dense")}  # the reference first
     dense_hypotheses = None
     for name, result_dir in trials.items():
-        result = json.loads(storage.read_text(storage.join(result_dir, TRAIN_RESULT)))
+        result = read_train_result(result_dir)
         info = TrialInfo(trial=name, method=result["method"], target_sparsity=result["target_sparsity"],
                          compression_seconds=result.get("compression_seconds"),
                          achieved_sparsity_trained=result.get("achieved_sparsity_trained"),

@@ -58,6 +58,11 @@ def final_result_dir(storage_path: str | os.PathLike, name: str) -> str | None:
     return storage.final_checkpoint(storage.join(storage_path, name), TRAIN_RESULT, CHECKPOINT_MODEL)
 
 
+def read_train_result(result_dir: str | os.PathLike) -> dict:
+    """The ``train_result.json`` of a final checkpoint directory (a local path or a URI)."""
+    return json.loads(storage.read_text(storage.join(result_dir, TRAIN_RESULT)))
+
+
 # Keys of a run's worker config and training settings that do not change what it trains (where it
 # reports, evaluates, checkpoints; intra-op threads), so a finished run is reused whatever they are.
 _NOT_SETTINGS = ("dev_path", "tensorboard_dir", "fail_at", "settings")
@@ -82,12 +87,13 @@ def run_settings(config: dict, train_path: str, num_workers: int) -> dict:
     settings["train_data"] = Path(train_path).name
     settings["num_workers"] = num_workers
     init_from = config["init_from"].rstrip("/")
-    upstream = storage.join(storage.parent(init_from), TRAIN_RESULT)
     # starts from the final checkpoint of a run of ours (the pipeline's baseline: <run>/step-N/model)
-    if init_from.split("?")[0].endswith("/" + CHECKPOINT_MODEL) and storage.is_file(upstream):
-        recorded = json.loads(storage.read_text(upstream)).get("settings")
-        if recorded is not None:
-            settings["init_from"] = {"run_settings": recorded}
+    if init_from.split("?")[0].endswith("/" + CHECKPOINT_MODEL):
+        upstream = storage.parent(init_from)
+        if storage.is_file(storage.join(upstream, TRAIN_RESULT)):
+            recorded = read_train_result(upstream).get("settings")
+            if recorded is not None:
+                settings["init_from"] = {"run_settings": recorded}
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
@@ -114,7 +120,7 @@ def reusable_result_dir(job: "TrialJob", name: str, config: dict) -> str | None:
     done = final_result_dir(job.storage_path, name)
     if done is None:
         return None
-    recorded = json.loads(storage.read_text(storage.join(done, TRAIN_RESULT))).get("settings")
+    recorded = read_train_result(done).get("settings")
     if recorded is None:
         log.warning("trial %s: the finished run %s recorded no settings (made by an older pinch_ray); "
                     "reused as it is", name, done)
