@@ -1,10 +1,10 @@
-"""One-pass compression (sspg) against the two-stage recipe, each run until dev WER stops improving.
+"""One-pass compression (sspg) against the two-stage recipe: the time each needs to reach a common
+quality, over seeds.
 
 Prints one JSON object:
-    {"one_pass_s": ..., "two_stage_s": ..., "ratio": ..., "one_pass_wer": ..., "two_stage_wer": ...,
-     "target_sparsity": ..., "one_pass_sparsity": ..., "two_stage_sparsity": ..., ...}
+    {"ratio_mean": ..., "ratio_std": ..., "ratios": [...], "seeds": [...], "runs": [{per seed}], ...}
 
-From the same starting model (a dense checkpoint: by default the demo's ``foundation``):
+From the same starting model (a dense checkpoint: by default the demo's ``foundation``), per seed:
 
 - **one pass**: ``sspg`` fine-tuning at the target until dev WER (of the hard-pruned model) stops
   improving; the sparsity target ramps over ``--ramp-steps`` and stopping is only considered after.
@@ -14,19 +14,21 @@ From the same starting model (a dense checkpoint: by default the demo's ``founda
 
 Every stage uses the same constant learning rate after the same warm-up, evaluates the dev split
 every ``--eval-every`` steps and stops after ``--patience`` evaluations without a new best of the
-dev WER averaged over the last ``--smooth`` evaluations (a single evaluation jumps by a point or
-two on this small dev set, so an unsmoothed rule stops on noise, and wherever that happens to be
-decides both figures); the model kept is the one with the best single dev WER. Times are
-training seconds (evaluation excluded; each stage's evaluations cost the same per call); WERs are
-of the kept models on the held-out test split. Runs in this process on the core API (no Ray),
-``--threads`` torch threads.
+dev WER averaged over the last ``--smooth`` evaluations. Each arm records its smoothed dev WER
+against its cumulative training seconds (evaluation excluded; the two-stage clock includes its
+dense stage; only compressed models count: sspg after its ramp, two-stage in its second stage).
+The figure is **time to a common quality**: the worse arm's best smoothed dev WER, and the seconds
+each arm took to first reach it; ``ratio`` = one pass / two stage. So where a stopping rule happens
+to end a run no longer decides the result. Test WERs are of each arm's kept (best) model.
+Runs in this process on the core API (no Ray), ``--threads`` torch threads.
 
     pinch-ray run pipelines/demo.yaml      # once: the corpus, its prepared shards, the foundation
-    python benchmarks/compression_time.py  # ~10 minutes on 2 CPU cores
+    python benchmarks/compression_time.py --seeds 0 1 2
 
-    # from the synthetic benchmark's converged foundation (its gates settings too), ~8 minutes:
+    # from the synthetic benchmark's converged foundation (its gates settings too):
     pinch-ray run pipelines/synthetic_benchmark.yaml
-    python benchmarks/compression_time.py --pipeline pipelines/synthetic_benchmark.yaml --dev-utterances 500
+    python benchmarks/compression_time.py --pipeline pipelines/synthetic_benchmark.yaml \\
+        --dev-utterances 500 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import copy
 import dataclasses
 import json
 import os
+import statistics
 import time
 from itertools import islice
 from pathlib import Path
@@ -95,7 +98,6 @@ class Stage:
                 self.run.step([batch])
             seconds += time.perf_counter() - started
             wer = dev_wer(self.run.model, self.processor, self.dev_rows)  # eval(): hard masks
-            curve.append([self.run.step_count, round(wer, 4)])
             print(f"# {self.name} step {self.run.step_count}: dev WER {wer:.4f} ({seconds:.0f} s)", flush=True)
             if self.run.step_count < self.min_steps:  # sspg: not at the target yet, not a candidate
                 continue
@@ -103,6 +105,7 @@ class Stage:
                 best, best_state, best_step = wer, copy.deepcopy(self.run.unwrapped.state_dict()), self.run.step_count
             recent = (recent + [wer])[-self.args.smooth:]
             smoothed = sum(recent) / len(recent)
+            curve.append([self.run.step_count, round(seconds, 2), round(wer, 4), round(smoothed, 4)])
             if smoothed < best_smoothed:
                 best_smoothed, stale = smoothed, 0
             else:
@@ -112,7 +115,13 @@ class Stage:
         self.run.unwrapped.load_state_dict(best_state)
         finish = self.run.finish()  # sspg: calibrated if the hard sparsity misses the target
         return {"seconds": seconds, "steps": self.run.step_count, "best_step": best_step, "dev_wer": best,
-                "sparsity": finish["achieved_sparsity"], "curve": curve}
+                "best_smoothed": best_smoothed, "sparsity": finish["achieved_sparsity"], "curve": curve}
+
+
+def seconds_to_reach(curve: list, quality: float, offset: float = 0.0) -> float | None:
+    """The cumulative seconds (plus ``offset``) at which a ``[step, seconds, wer, smoothed]`` curve's
+    smoothed dev WER first reaches ``quality`` or better; None if it never does."""
+    return next((offset + seconds for _, seconds, _, smoothed in curve if smoothed <= quality + 1e-12), None)
 
 
 def main() -> None:
@@ -120,7 +129,7 @@ def main() -> None:
     parser.add_argument("--pipeline", type=Path, default=Path("pipelines/demo.yaml"),
                         help="a pipeline whose prepare (and baseline) stages have run: its corpus and foundation")
     parser.add_argument("--init-from", default=None, help="starting model (default: the pipeline's foundation)")
-    parser.add_argument("--target", type=float, default=0.65)
+    parser.add_argument("--target", type=float, default=0.65, help="fraction of all parameters")
     parser.add_argument("--max-steps", type=int, default=2000, help="cap per stage")
     parser.add_argument("--ramp-steps", type=int, default=300, help="sspg: steps of the sparsity target ramp")
     parser.add_argument("--eval-every", type=int, default=50)
@@ -133,7 +142,7 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one pair of arms per seed")
     args = parser.parse_args()
     for flag in ("max_steps", "ramp_steps", "eval_every", "patience", "smooth", "dev_utterances"):
         if getattr(args, flag) < 1:
@@ -151,37 +160,59 @@ def main() -> None:
     def fresh():
         return load_model(start, **cfg.model.overrides)
 
-    def stage(name: str, model, method: str, target: float) -> Stage:
-        return Stage(name, model, processor, method, target, args, train_rows, dev_rows, cfg.gates)
+    def run_seed(seed: int) -> dict:
+        seeded = argparse.Namespace(**{**vars(args), "seed": seed})
+        torch.manual_seed(seed)
 
-    model, processor = fresh()
-    one = stage("one-pass sspg", model, "sspg", args.target).train()
-    one_model = model
+        def stage(name: str, model, method: str, target: float) -> Stage:
+            return Stage(f"seed {seed} {name}", model, processor, method, target, seeded, train_rows, dev_rows,
+                         cfg.gates)
 
-    model, processor = fresh()
-    dense = stage("two-stage 1/2 dense", model, "dense", 0.0).train()
-    pruned = stage("two-stage 2/2 ump", model, "ump", args.target)
-    ump = pruned.train()
-    two_model = pruned.run.model
+        model, processor = fresh()
+        one = stage("one-pass sspg", model, "sspg", args.target).train()
+        one_model = model
+        model, _ = fresh()
+        dense = stage("two-stage 1/2 dense", model, "dense", 0.0).train()
+        pruned = stage("two-stage 2/2 ump", model, "ump", args.target)
+        ump = pruned.train()
+        with torch.no_grad():
+            one_test = score(transcribe_rows(one_model, processor, test_rows, batch_size=32))
+            two_test = score(transcribe_rows(pruned.run.model, processor, test_rows, batch_size=32))
+        quality = max(one["best_smoothed"], ump["best_smoothed"])  # the worse arm's plateau: both reach it
+        one_s = seconds_to_reach(one["curve"], quality)
+        two_s = seconds_to_reach(ump["curve"], quality, offset=dense["seconds"])
+        return {
+            "seed": seed, "common_dev_wer": round(quality, 4),
+            "one_pass_s_to_quality": round(one_s, 1), "two_stage_s_to_quality": round(two_s, 1),
+            "ratio": round(one_s / two_s, 3),
+            "one_pass_s_total": round(one["seconds"], 1),
+            "two_stage_s_total": round(dense["seconds"] + ump["seconds"], 1),
+            "one_pass_best_smoothed_dev_wer": round(one["best_smoothed"], 4),
+            "two_stage_best_smoothed_dev_wer": round(ump["best_smoothed"], 4),
+            "one_pass_wer": round(one_test.wer, 4), "two_stage_wer": round(two_test.wer, 4),
+            # the WERs as word error counts over the same reference words: ties are exact
+            "one_pass_word_errors": round(one_test.wer * one_test.num_words),
+            "two_stage_word_errors": round(two_test.wer * two_test.num_words),
+            "one_pass_sparsity": round(one["sparsity"], 4), "two_stage_sparsity": round(ump["sparsity"], 4),
+            "one_pass_steps": one["steps"], "two_stage_steps": [dense["steps"], ump["steps"]],
+            # [step, cumulative training seconds, dev WER, smoothed dev WER]; two-stage: + its dense stage
+            "one_pass_dev_curve": one["curve"], "two_stage_dense_seconds": round(dense["seconds"], 1),
+            "two_stage_dev_curve": ump["curve"],
+        }
 
-    with torch.no_grad():
-        one_test = score(transcribe_rows(one_model, processor, test_rows, batch_size=32))
-        two_test = score(transcribe_rows(two_model, processor, test_rows, batch_size=32))
-    two_seconds = dense["seconds"] + ump["seconds"]
+    runs = [run_seed(seed) for seed in args.seeds]
+    ratios = [run["ratio"] for run in runs]
     print(json.dumps({
-        "one_pass_s": round(one["seconds"], 1), "two_stage_s": round(two_seconds, 1),
-        "ratio": round(one["seconds"] / two_seconds, 3),
-        "one_pass_wer": round(one_test.wer, 4), "two_stage_wer": round(two_test.wer, 4),
-        "one_pass_cer": round(one_test.cer, 4), "two_stage_cer": round(two_test.cer, 4),
-        # the WERs as word error counts over the same reference words: ties are exact
-        "one_pass_word_errors": round(one_test.wer * one_test.num_words),
-        "two_stage_word_errors": round(two_test.wer * two_test.num_words), "test_words": one_test.num_words,
-        "target_sparsity": args.target, "one_pass_sparsity": round(one["sparsity"], 4),
-        "two_stage_sparsity": round(ump["sparsity"], 4),
-        "one_pass_steps": one["steps"], "two_stage_steps": [dense["steps"], ump["steps"]],
-        "one_pass_dev_curve": one["curve"], "two_stage_dev_curves": [dense["curve"], ump["curve"]],
-        "start": start, "test_utterances": one_test.num_utterances, "dev_utterances": len(dev_rows),
-        "eval_every": args.eval_every, "patience": args.patience, "smooth": args.smooth, "threads": args.threads,
+        "ratio_mean": round(statistics.fmean(ratios), 3),
+        "ratio_std": round(statistics.stdev(ratios), 3) if len(ratios) > 1 else 0.0,
+        "ratio_min": min(ratios), "ratio_max": max(ratios), "ratios": ratios,
+        "ratio_of_summed_seconds": round(sum(r["one_pass_s_to_quality"] for r in runs)
+                                         / sum(r["two_stage_s_to_quality"] for r in runs), 3),
+        "one_pass_word_errors": sum(r["one_pass_word_errors"] for r in runs),
+        "two_stage_word_errors": sum(r["two_stage_word_errors"] for r in runs),
+        "seeds": args.seeds, "target_sparsity": args.target, "target_basis": "params", "start": start,
+        "test_utterances": len(test_rows), "dev_utterances": len(dev_rows), "eval_every": args.eval_every,
+        "patience": args.patience, "smooth": args.smooth, "threads": args.threads, "runs": runs,
     }))
 
 

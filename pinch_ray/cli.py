@@ -66,6 +66,9 @@ def _run(args: argparse.Namespace) -> int:
 
     pipeline.stages_to_run(args.from_stage, args.only)  # ValueError (exit 2) before anything starts
     cfg = load_pipeline(args.pipeline, args.overrides, check_paths=True)  # ConfigError: every problem
+    problems = pipeline.model_problems(cfg)  # the model's own: unreadable, unreachable targets
+    if problems:
+        raise ConfigError(problems, source=args.pipeline)
     _init_ray(args.verbose)
     try:
         pipeline.run(cfg, from_stage=args.from_stage, only=args.only)

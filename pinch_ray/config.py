@@ -23,13 +23,20 @@ import yaml
 
 from pinch_ray.storage import is_uri, scheme_problem
 
-# dense: no pruning; ump: uniform magnitude pruning (weights); sspg: self-pinching gates at
+# dense: no pruning; ump: uniform magnitude pruning (weights) of the trial's starting model, then
+# fine-tuning with the mask fixed; two-stage: the same, starting from the finished dense trial (the
+# paper's two-stage baseline: its time includes the dense run's); sspg: self-pinching gates at
 # gates.granularity; sspg-neuron: sspg with granularity neuron, so one sweep can hold both.
-METHODS = ("dense", "ump", "sspg", "sspg-neuron")
+METHODS = ("dense", "ump", "two-stage", "sspg", "sspg-neuron")
 SSPG_METHODS = ("sspg", "sspg-neuron")
+MAGNITUDE_METHODS = ("ump", "two-stage")  # fixed masks from |W|, uniform per gated matrix
 GRANULARITIES = ("weight", "neuron")
 NEURON_UNITS = ("ffn", "heads", "conv")
 MAX_TARGET_SPARSITY = 0.99
+# What a target sparsity is a fraction of. params: every parameter of the model (the paper's
+# figures: "-65% parameters", 4.26x = total / remaining); gated: the entries the gates (or ump's
+# masks) act on. The gated target of a params target is target x total / gated (exact).
+TARGET_BASES = ("params", "gated")
 
 
 class ConfigError(ValueError):
@@ -90,9 +97,16 @@ class GateConfig:
     tau_end: float = 0.005  # the temperature at the end of training (see tau_start)
     # Initial threshold, in units of the layer's RMS weight: t_l = threshold_init * rms(W_l).
     threshold_init: float = 0.1
-    # Sparsity objective: lambda_1 (s - s*) + penalty (s - s*)^2, lambda_1 trained by gradient
-    # ascent (a Lagrange multiplier), penalty fixed. Learning rate of lambda_1 (per step, unitless):
-    lagrangian_lr: float = 0.01
+    # One relative threshold shared by every gated matrix instead of one each: the control that
+    # shows what the learned per-layer allocation is worth (every layer then prunes at the same
+    # fraction of its own RMS weight; their sparsities differ only by their weight distributions).
+    shared_threshold: bool = False
+    # Sparsity objective: lambda_1 (s - s*) + penalty (s - s*)^2 over the gated soft sparsity s,
+    # lambda_1 a Lagrange multiplier trained by plain gradient ascent once the target ramp is over
+    # (while the target moves, integrating the lag would wind up and overshoot), penalty fixed.
+    # Integral gain of lambda_1 per run: each step lambda_1 += lagrangian_gain / max_steps * (s - s*),
+    # so a gap held for the whole run moves lambda_1 by lagrangian_gain x gap, whatever its length.
+    lagrangian_gain: float = 10000.0
     penalty: float = 1000.0  # weight of the quadratic term (unitless)
     # Fraction of the training steps over which the sparsity target ramps (ease-out) from the
     # initial soft sparsity to target_sparsity.
@@ -123,8 +137,9 @@ class GateConfig:
                        "a zero threshold receives no gradient")
         if not 0 <= self.target_warmup_fraction < 1:
             out.append(f"{prefix}.target_warmup_fraction: must be in [0, 1) (got {self.target_warmup_fraction})")
-        if not self.lagrangian_lr > 0:
-            out.append(f"{prefix}.lagrangian_lr: must be > 0 (got {self.lagrangian_lr})")
+        if not self.lagrangian_gain > 0:
+            out.append(f"{prefix}.lagrangian_gain: must be > 0 (got {self.lagrangian_gain}); it is lambda_1's "
+                       "change per unit of sparsity gap over a whole run")
         if not self.penalty >= 0:
             out.append(f"{prefix}.penalty: must be >= 0 (got {self.penalty})")
         if not 0 < self.calibration_tolerance < 0.1:
@@ -141,14 +156,21 @@ class GateConfig:
         return out
 
 
-def target_sparsity_problems(method: str, target_sparsity: float, key: str = "target_sparsity") -> list[str]:
-    """Problems with a (method, target) pair: unknown method, target outside [0, 0.99]."""
+def target_sparsity_problems(method: str, target_sparsity: float, key: str = "target_sparsity",
+                             target_basis: str = "params") -> list[str]:
+    """Problems with a (method, target, basis): unknown method or basis, target outside [0, 0.99].
+    (Whether the gated share of a model can reach a params target is checked on the model:
+    ``pinch_ray.train.gated_target``.)"""
     out = []
     if method not in METHODS:
         out.append(f"method: unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if target_basis not in TARGET_BASES:
+        out.append(f"target_basis: {target_basis!r}; use params (fraction of all parameters) or gated "
+                   "(fraction of the gated weights)")
     if not isinstance(target_sparsity, (int, float)) or not 0.0 <= target_sparsity <= MAX_TARGET_SPARSITY:
+        what = "all model parameters" if target_basis == "params" else "the gated weights"
         out.append(f"{key}: {target_sparsity!r} is outside [0, {MAX_TARGET_SPARSITY}]; "
-                   "it is the fraction of gated weights to remove, e.g. 0.65")
+                   f"it is the fraction of {what} to remove, e.g. 0.65")
     elif method == "dense" and target_sparsity != 0:
         out.append(f"{key}: method 'dense' prunes nothing; set {key}=0 or use method sspg/ump")
     return out
@@ -398,13 +420,22 @@ class ModelConfig:
 class SweepConfig:
     """The compression trials (Ray Tune): every method at each of its target sparsities."""
 
-    # sspg / sspg-neuron / ump (dense is the baseline: dense_baseline)
+    # sspg / sspg-neuron / ump / two-stage (dense is the baseline: dense_baseline)
     methods: list[str] = field(default_factory=lambda: ["sspg", "ump"])
-    # Fractions of the gated weights to remove; one trial per (method, target).
+    # Fractions to remove (of all parameters, see target_basis); one trial per (method, target).
     target_sparsities: list[float] = field(default_factory=lambda: [0.5, 0.65, 0.75])
+    # What the targets are fractions of: params (every parameter of the model, as the paper counts:
+    # 0.65 = "65% fewer parameters", 1 - 1/4.26 = 0.765 = "4.26x") or gated (the entries of the
+    # gated matrices only). A params target the gated share cannot reach is refused before the run.
+    target_basis: str = "params"
     # Per-method target lists replacing target_sparsities for that method: {ump: [0.65]} runs ump
     # at 0.65 only, while sspg runs every target_sparsities entry.
     method_targets: dict[str, list[float]] = field(default_factory=dict)
+    # Repeated trials: one per seed and (method, target), named <trial>-seed<k> (training.seed = k:
+    # batch order, fresh heads), and per seed a dense reference when the trials start from the
+    # baseline; summary.md then gives mean +- std per (method, target) and a significance test pooled
+    # over the seeds. []: one trial each at training.seed, no seed in its name.
+    seeds: list[int] = field(default_factory=list)
     max_concurrent_trials: int = 0  # trials running at once; 0: as many as the cluster's resources allow
     # Compression trials start from the dense baseline's fine-tuned weights (needs dense_baseline)
     # instead of model.init_from. The offline demo needs this: its tiny model starts from random
@@ -442,7 +473,12 @@ class SweepConfig:
             if len(set(targets)) != len(targets):
                 out.append(f"{key}: {targets} repeats a target; list each once")
             for i, target in enumerate(targets):  # the range check ("sspg" stands for any compression method)
-                out += target_sparsity_problems("sspg", target, key=f"{key}[{i}]")
+                out += target_sparsity_problems("sspg", target, key=f"{key}[{i}]", target_basis="params")
+        if self.target_basis not in TARGET_BASES:
+            out.append(f"{prefix}.target_basis: {self.target_basis!r}; use params (fraction of all parameters, "
+                       "the paper's figures) or gated (fraction of the gated weights)")
+        if len(set(self.seeds)) != len(self.seeds) or any(seed < 0 for seed in self.seeds):
+            out.append(f"{prefix}.seeds: {self.seeds} must be distinct integers >= 0, e.g. [0, 1, 2]")
         if not isinstance(self.max_concurrent_trials, int) or self.max_concurrent_trials < 0:
             out.append(f"{prefix}.max_concurrent_trials: must be an integer >= 0 (0: as many as resources "
                        f"allow), got {self.max_concurrent_trials!r}")
@@ -497,14 +533,16 @@ class PipelineConfig:
         it (``sweep.init_from_dense``; the sweep then adds a ``dense`` reference trial), else ``dense``."""
         return FOUNDATION_TRIAL if self.sweep.init_from_dense else "dense"
 
-    def compression_trials(self) -> list[tuple[str, float]]:
-        """(method, target) of every sweep trial: ``sweep.trials()``, preceded by ``("dense", 0.0)``
-        when the trials start from the baseline (``sweep.init_from_dense``). That reference gets the
-        same start and the same steps as every compressed model, so extra training never passes
-        for "no loss"."""
-        trials = self.sweep.trials()
+    def compression_trials(self) -> list[tuple[str, float, int | None]]:
+        """(method, target, seed) of every sweep trial: ``sweep.trials()`` once per ``sweep.seeds``
+        entry (seed None: no seeds listed, ``training.seed``), preceded by ``("dense", 0.0, seed)``
+        per seed when the trials start from the baseline (``sweep.init_from_dense``). That reference
+        gets the same start and the same steps as every compressed model, so extra training never
+        passes for "no loss"."""
+        seeds = self.sweep.seeds or [None]
+        trials = [(method, target, seed) for method, target in self.sweep.trials() for seed in seeds]
         if trials and self.sweep.init_from_dense and self.dense_baseline:
-            trials = [("dense", 0.0), *trials]
+            trials = [("dense", 0.0, seed) for seed in seeds] + trials
         return trials
 
     def problems(self) -> list[str]:
@@ -527,6 +565,9 @@ class PipelineConfig:
         out += self.corpus.problems("corpus") + self.data.problems("data") + self.model.problems("model")
         out += self.training.problems("training") + self.gates.problems("gates") + self.sweep.problems("sweep")
         out += self.resources.problems("resources") + self.evaluation.problems("evaluation")
+        if "two-stage" in self.sweep.methods and not self.dense_baseline:
+            out.append("sweep.methods: two-stage prunes the finished dense trial; set dense_baseline: true, "
+                       "or remove two-stage")
         if self.sweep.init_from_dense and not self.dense_baseline and self.sweep.methods:
             out.append("sweep.init_from_dense: needs the dense baseline; set dense_baseline: true, "
                        "or sweep.init_from_dense: false to start from model.init_from")

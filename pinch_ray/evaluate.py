@@ -224,11 +224,28 @@ def compare(system: Sequence[Utterance], baseline: Sequence[Utterance]) -> Signi
     Raises:
         ValueError: the two do not cover the same utterance ids.
     """
-    baseline_by_id = {u.id: u for u in baseline}
-    if set(baseline_by_id) != {u.id for u in system}:
-        raise ValueError("compare: the system and the baseline were not evaluated on the same utterances")
-    matched = [baseline_by_id[u.id] for u in system]
-    return mapsswe([u.reference for u in system], [u.hypothesis for u in system], [u.hypothesis for u in matched])
+    return compare_pooled([(system, baseline)])
+
+
+def compare_pooled(pairs: Sequence[tuple[Sequence[Utterance], Sequence[Utterance]]]) -> Significance:
+    """:func:`mapsswe` over the segments of several (system, baseline) pairs together, e.g. one
+    pair per seed (each seed's trial against the dense reference of its seed): every utterance of
+    every pair is one segment, matched by id within its pair.
+
+    Raises:
+        ValueError: no pairs, or a pair whose two sides do not cover the same utterance ids.
+    """
+    if not pairs:
+        raise ValueError("compare_pooled: no (system, baseline) pairs")
+    references, system_hypotheses, baseline_hypotheses = [], [], []
+    for system, baseline in pairs:
+        baseline_by_id = {u.id: u for u in baseline}
+        if set(baseline_by_id) != {u.id for u in system}:
+            raise ValueError("compare: the system and the baseline were not evaluated on the same utterances")
+        references += [u.reference for u in system]
+        system_hypotheses += [u.hypothesis for u in system]
+        baseline_hypotheses += [baseline_by_id[u.id].hypothesis for u in system]
+    return mapsswe(references, system_hypotheses, baseline_hypotheses)
 
 
 # ----------------------------------------------------------------------------------------------

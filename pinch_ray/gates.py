@@ -263,7 +263,8 @@ def _check_not_gated(model: nn.Module) -> None:
 def attach_gates(model: nn.Module, cfg: GateConfig) -> dict[str, ThresholdGate]:
     """Give every selected weight a :class:`ThresholdGate` (``cfg.granularity == "weight"``), or every
     feed-forward / attention module a ``NeuronGate`` (``"neuron"``, see :mod:`pinch_ray.neurons`);
-    returns them by the name of the module whose weight they parametrize."""
+    returns them by the name of the module whose weight they parametrize. With ``cfg.shared_threshold``
+    every gate holds the same threshold Parameter."""
     problems = cfg.problems()
     if problems:
         raise ConfigError(problems, source="gate settings")
@@ -271,12 +272,17 @@ def attach_gates(model: nn.Module, cfg: GateConfig) -> dict[str, ThresholdGate]:
     if cfg.granularity == "neuron":
         from pinch_ray.neurons import attach_neuron_gates
 
-        return attach_neuron_gates(model, list(cfg.neuron_units), cfg.threshold_init, cfg.tau_start)
-    gates = {}
-    for name, module in select_modules(model, cfg.all_patterns()).items():
-        gate = ThresholdGate(cfg.threshold_init, cfg.tau_start, module.weight.numel()).to(module.weight.device)
-        parametrize.register_parametrization(module, "weight", gate, unsafe=True)
-        gates[name] = gate
+        gates = attach_neuron_gates(model, list(cfg.neuron_units), cfg.threshold_init, cfg.tau_start)
+    else:
+        gates = {}
+        for name, module in select_modules(model, cfg.all_patterns()).items():
+            gate = ThresholdGate(cfg.threshold_init, cfg.tau_start, module.weight.numel()).to(module.weight.device)
+            parametrize.register_parametrization(module, "weight", gate, unsafe=True)
+            gates[name] = gate
+    if cfg.shared_threshold:  # one Parameter object in every gate: one gradient, one optimizer entry
+        shared = next(iter(gates.values())).threshold
+        for gate in gates.values():
+            gate.threshold = shared
     return gates
 
 
@@ -434,8 +440,9 @@ def target_at(step: int, max_steps: int, target_sparsity: float, cfg: GateConfig
     ramp_steps = cfg.target_warmup_fraction * max_steps
     if ramp_steps <= 0 or start >= target_sparsity:
         return target_sparsity
-    progress = min(1.0, step / ramp_steps)
-    return start + (target_sparsity - start) * math.sin(progress * math.pi / 2)
+    if step >= ramp_steps:
+        return target_sparsity  # exactly: the objective's integral action starts when the ramp is over
+    return start + (target_sparsity - start) * math.sin(step / ramp_steps * math.pi / 2)
 
 
 def set_tau(model: nn.Module, tau: float) -> None:
@@ -444,7 +451,7 @@ def set_tau(model: nn.Module, tau: float) -> None:
 
 
 class SparsityLagrangian(nn.Module):
-    """``lambda_1 (s - s*) + penalty (s - s*)^2``; optimise ``lambda_1`` with ``maximize=True``.
+    """``lambda_1 (s - s*) + penalty (s - s*)^2``; ``lambda_1`` rises by :meth:`ascend` after backward.
 
     ``lambda_1`` is a Lagrange multiplier trained by gradient ascent (integral action: it grows
     while the constraint is violated); the fixed quadratic ``penalty`` reacts at once to a gap
@@ -461,6 +468,18 @@ class SparsityLagrangian(nn.Module):
     def forward(self, soft_sparsity: torch.Tensor, target: float) -> torch.Tensor:
         gap = soft_sparsity - target
         return self.lambda_1 * gap + self.penalty * gap * gap
+
+    @torch.no_grad()
+    def ascend(self, step_size: float) -> None:
+        """``lambda_1 += step_size * gap`` (its gradient, the gap, accumulated by backward); clears it.
+
+        Plain gradient ascent, not Adam: the multiplier moves in proportion to the constraint's
+        violation (integral action), where Adam would move it by ~its learning rate every step
+        whatever the gap, and so wind up over a long run.
+        """
+        if self.lambda_1.grad is not None:
+            self.lambda_1.add_(self.lambda_1.grad, alpha=step_size)
+            self.lambda_1.grad = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,7 +528,8 @@ def calibrate_thresholds(model: nn.Module, target_sparsity: float, iterations: i
         pruned = 0
         for values, threshold, weight, most in relative:
             scaled = factor * threshold * (fine_factor if weight == finest else 1.0)
-            count = int(torch.searchsorted(values, torch.tensor(scaled ** 2), right=True))
+            bound = torch.tensor(scaled ** 2, dtype=values.dtype, device=values.device)  # the scores' device
+            count = int(torch.searchsorted(values, bound, right=True))
             pruned += min(count, most) * weight
         return pruned / total
 

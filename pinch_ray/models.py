@@ -138,6 +138,29 @@ def load_model(init_from: str, seed: int = 0, trust_remote_code: bool = False,
     return model, processor
 
 
+def model_skeleton(init_from: str, trust_remote_code: bool = False, **config_overrides) -> PreTrainedModel:
+    """The CTC model :func:`load_model` builds from ``init_from``, on the ``meta`` device: shapes,
+    no weights (reads only the config and processor files), to count parameters before a run.
+
+    Raises:
+        OSError / ValueError: ``init_from`` is not a preset or a readable checkpoint.
+    """
+    if init_from in TINY_PRESETS:
+        config = tiny_config(init_from, **config_overrides)
+        loader = AutoModelForCTC
+    else:
+        tokenizer = load_processor(init_from, trust_remote_code).tokenizer
+        config = AutoConfig.from_pretrained(init_from, trust_remote_code=trust_remote_code)
+        for key, value in {"vocab_size": len(tokenizer.get_vocab()), **config_overrides}.items():
+            setattr(config, key, value)
+        loader = (pruned_modeling.loader_class(config.model_type) if getattr(config, pruned_modeling.PRUNED_KEY, None)
+                  else AutoModelForCTC)
+    with torch.device("meta"):
+        if loader is AutoModelForCTC:
+            return AutoModelForCTC.from_config(config, trust_remote_code=trust_remote_code)
+        return loader(config)
+
+
 def load_processor(init_from: str, trust_remote_code: bool) -> Wav2Vec2Processor:
     """The checkpoint's own processor if it has a tokenizer, else the character vocabulary."""
     try:
@@ -176,6 +199,19 @@ class ParameterCounts:
     def reduction(self) -> float:
         """Fraction of all parameters removed: 1 - nonzero / total."""
         return 1.0 - self.nonzero / self.total
+
+
+def total_parameters(model: nn.Module) -> int:
+    """Every parameter of a plain (ungated) model, as the paper counts them: what
+    :func:`count_parameters` calls ``total``, from shapes alone (works on the ``meta`` device).
+
+    Raises:
+        ValueError: the model carries gates or masks.
+    """
+    if gates_lib.gated_modules(model):
+        raise ValueError("total_parameters: the model carries gates; count it before attaching them")
+    removed = pruned_modeling.removed_parameters(model) if isinstance(model, PreTrainedModel) else 0
+    return sum(p.numel() for p in model.parameters()) + removed
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pinch_ray import storage
-from pinch_ray.config import PipelineConfig, dump_pipeline
+from pinch_ray.config import FOUNDATION_TRIAL, PipelineConfig, dump_pipeline
 from pinch_ray.export import atomic_write_text, trial_dir
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,33 @@ def _model_vocab(cfg: PipelineConfig) -> dict[str, int]:
         return dict(models.CHAR_VOCAB)
     processor = models.load_processor(cfg.model.init_from, cfg.model.trust_remote_code)
     return processor.tokenizer.get_vocab()
+
+
+def model_problems(cfg: PipelineConfig) -> list[str]:
+    """Problems only the model shows, found before anything runs: ``model.init_from`` cannot be
+    read, a gate pattern matches no layer, or a sweep target the gated layers cannot reach
+    (``sweep.target_basis: params``). Builds the model on the ``meta`` device: no weights are read."""
+    from pinch_ray.config import ConfigError
+    from pinch_ray.models import model_skeleton
+    from pinch_ray.sweep import trial_name
+    from pinch_ray.train import prepare_method
+
+    def skeleton():
+        return model_skeleton(cfg.model.init_from, cfg.model.trust_remote_code, **cfg.model.overrides)
+
+    try:
+        skeleton()
+    except (OSError, ValueError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return [f"model.init_from: cannot load {cfg.model.init_from!r} ({reason}); name a preset (tiny, "
+                "tiny-hubert, tiny-wavlm), a checkpoint directory, or a hub id this machine can reach"]
+    problems = []
+    for method, target in cfg.sweep.trials():  # the seeds change no shapes
+        try:
+            prepare_method(skeleton(), method, target, cfg.gates, cfg.sweep.target_basis)
+        except ConfigError as error:
+            problems += [f"sweep ({trial_name(method, target)}): {problem}" for problem in error.problems]
+    return list(dict.fromkeys(problems))
 
 
 def ensure_corpus(cfg: PipelineConfig) -> None:
@@ -146,8 +173,10 @@ def compression_init_from(cfg: PipelineConfig, outputs: dict) -> str:
 def stage_compress(cfg: PipelineConfig, outputs: dict, fail_at: dict | None = None) -> dict:
     from pinch_ray.sweep import run_sweep
 
+    # the baseline is the dense reference when the trials do not start from it (two-stage prunes it)
+    dense = {} if cfg.sweep.init_from_dense or not cfg.dense_baseline else {None: outputs["baseline"]["dense"]}
     result_dirs = run_sweep(cfg, _prepared(outputs), compression_init_from(cfg, outputs), cfg.output_dir,
-                            fail_at=fail_at)
+                            dense_results=dense, fail_at=fail_at)
     return {name: str(path) for name, path in result_dirs.items()}
 
 
@@ -164,21 +193,33 @@ def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False) 
     datasets = ({split: prepared[split].dataset() for split in cfg.corpus.eval_splits}
                 if cfg.evaluation.num_actors else None)
     trials = {**outputs["baseline"], **outputs["compress"]}
-    trials = {name: trials[name] for name in sorted(trials, key=lambda name: name != "dense")}  # the reference first
-    dense_hypotheses = None
-    for name, result_dir in trials.items():
-        result = read_train_result(result_dir)
+    results = {name: read_train_result(result_dir) for name, result_dir in trials.items()}
+    # The dense references ("dense", or "dense-seed<k>" with sweep.seeds) go first: every other trial
+    # is compared with the reference of its seed, else with "dense"; a two-stage trial's time adds
+    # that reference's, the run it started from.
+    references = {(None if name == "dense" else results[name].get("seed")): name for name in trials
+                  if results[name]["method"] == "dense" and name != FOUNDATION_TRIAL}
+    dense_hypotheses = {}  # reference name -> {split: utterances}
+    for name in sorted(trials, key=lambda name: name not in references.values()):
+        result = results[name]
+        reference = (None if name in references.values()
+                     else references.get(result.get("seed"), references.get(None)))
+        seconds = result.get("compression_seconds")
+        if result["method"] == "two-stage" and seconds is not None and reference is not None:
+            seconds += results[reference]["compression_seconds"]
         info = TrialInfo(trial=name, method=result["method"], target_sparsity=result["target_sparsity"],
-                         compression_seconds=result.get("compression_seconds"),
+                         target_basis=result.get("target_basis", "gated"), seed=result.get("seed"),
+                         compression_seconds=seconds, training_seconds=result.get("compression_seconds"),
                          achieved_sparsity_trained=result.get("achieved_sparsity_trained"),
                          calibrated=result.get("calibrated"))
-        with storage.local_dir(storage.join(result_dir, CHECKPOINT_MODEL)) as model_dir:  # a copy if remote
+        with storage.local_dir(storage.join(trials[name], CHECKPOINT_MODEL)) as model_dir:  # a copy if remote
             model, processor = load_model(str(model_dir))
         eval_data = datasets or {split: read_prepared_rows(prepared[split].path) for split in cfg.corpus.eval_splits}
-        finalize_trial(model, processor, info, cfg.output_dir, eval_data, dense_hypotheses=dense_hypotheses,
-                       eval_cfg=cfg.evaluation, gate_patterns=cfg.gates.all_patterns(), overwrite=overwrite)
-        if name == "dense":
-            dense_hypotheses = read_trial_hypotheses(trial_dir(cfg.output_dir, name))
+        finalize_trial(model, processor, info, cfg.output_dir, eval_data,
+                       dense_hypotheses=dense_hypotheses.get(reference), eval_cfg=cfg.evaluation,
+                       gate_patterns=cfg.gates.all_patterns(), overwrite=overwrite)
+        if name in references.values():
+            dense_hypotheses[name] = read_trial_hypotheses(trial_dir(cfg.output_dir, name))
     write_summary(cfg.output_dir)
     return {name: str(trial_dir(cfg.output_dir, name)) for name in trials}
 

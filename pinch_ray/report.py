@@ -14,11 +14,15 @@ Plots use matplotlib's object API (``Figure``, Agg canvas): no pyplot state, no 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import os
+import re
+import statistics
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -77,13 +81,14 @@ def _short_name(name: str) -> str:
     return ".".join(name.split(".")[-2:])
 
 
-def plot_layer_sparsity(path: str | os.PathLike, layers: Sequence[gates.LayerSparsity], target_sparsity: float,
-                        title: str) -> None:
-    """Bar chart: one bar per gated matrix (module order), sparsity on y, the target as a line."""
+def plot_layer_sparsity(path: str | os.PathLike, layers: Sequence[gates.LayerSparsity], title: str) -> None:
+    """Bar chart: one bar per gated matrix (module order), sparsity on y, the sparsity of all gated
+    layers together as a line (bars spread around it when the per-layer allocation is learned)."""
+    overall = sum(l.pruned for l in layers) / max(sum(l.numel for l in layers), 1)
     fig = Figure(figsize=(max(6.0, 0.2 * len(layers) + 1.5), 4.0), layout="constrained")
     ax = fig.subplots()
     ax.bar(range(len(layers)), [l.sparsity for l in layers], color="tab:blue")
-    ax.axhline(target_sparsity, color="tab:red", linestyle="--", label=f"target {target_sparsity:.2f}")
+    ax.axhline(overall, color="tab:red", linestyle="--", label=f"all gated layers {overall:.3f}")
     ax.set_xticks(range(len(layers)), [_short_name(l.name) for l in layers], rotation=90, fontsize=7)
     ax.set(ylim=(0, 1), xlabel="gated layer", ylabel="sparsity (fraction pruned)", title=title)
     ax.legend(loc="upper right")
@@ -124,14 +129,28 @@ def _transcribe(plain, processor, source: Any, cfg: EvalConfig) -> list[evaluate
     return evaluate.transcribe_rows(plain, processor, source, batch_size=cfg.batch_size)
 
 
+@contextlib.contextmanager
+def _timed(seconds: dict, key: str):
+    """Add the block's wall time to ``seconds[key]``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - started
+
+
 @dataclass
 class TrialInfo:
     """What finalize needs to know about a trial besides its model."""
 
     trial: str  # directory name under output_dir, e.g. "sspg-0.65"
-    method: str  # dense | ump | sspg
-    target_sparsity: float  # configured fraction of gated weights to remove
-    compression_seconds: float | None = None  # wall time of the trial's training, seconds
+    method: str  # dense | ump | sspg | sspg-neuron
+    target_sparsity: float  # configured fraction of target_basis to remove
+    target_basis: str = "params"  # params (all parameters) or gated (SweepConfig.target_basis)
+    seed: int | None = None  # training.seed of the run (sweep.seeds: one trial per seed)
+    # wall time of the compression, seconds: the trial's training, plus the dense run's for two-stage
+    compression_seconds: float | None = None
+    training_seconds: float | None = None  # wall time of the trial's own training, seconds
     # From Compressor.finish(): hard sparsity before calibration, and whether calibration ran.
     achieved_sparsity_trained: float | None = None
     calibrated: bool | None = None
@@ -165,20 +184,25 @@ def finalize_trial(model: torch.nn.Module, processor, info: TrialInfo, output_di
         return json.loads((final / METRICS_FILE).read_text())
     export.remove_stale_tmp(final)
 
+    started = time.perf_counter()
+    seconds = {}  # where finalize spends its time: export, compact, evaluation, the rest
     unwrapped = getattr(model, "module", model)
     layer_names = list(gates.gated_modules(unwrapped)) or list(gates.select_modules(unwrapped, list(gate_patterns)))
     plain = export.pruned_copy(unwrapped)
     with export.atomic_dir(final) as tmp:
-        export.export_model(plain, processor, tmp / "model")
-        export.save_compact(tmp / "model", tmp / "compact")
+        with _timed(seconds, "export"):
+            export.export_model(plain, processor, tmp / "model")
+        with _timed(seconds, "compact"):
+            export.save_compact(tmp / "model", tmp / "compact")
         layers = measured_layer_sparsity(plain, layer_names)
         write_layer_csv(tmp / LAYER_CSV, layers)
-        plot_layer_sparsity(tmp / LAYER_PNG, layers, info.target_sparsity, f"{info.trial}: sparsity per layer")
+        plot_layer_sparsity(tmp / LAYER_PNG, layers, f"{info.trial}: sparsity per layer")
 
         (tmp / "hypotheses").mkdir()
         per_split = {}
         for split, source in eval_data.items():
-            utterances = _transcribe(plain, processor, source, eval_cfg)
+            with _timed(seconds, "evaluation"):
+                utterances = _transcribe(plain, processor, source, eval_cfg)
             evaluate.write_hypotheses(tmp / "hypotheses" / f"{split}.txt", utterances)
             per_split[split] = asdict(evaluate.score(utterances))
             baseline = (dense_hypotheses or {}).get(split)
@@ -189,6 +213,8 @@ def finalize_trial(model: torch.nn.Module, processor, info: TrialInfo, output_di
                      per_split[split]["cer"], per_split[split]["num_utterances"])
 
         metrics = _metrics(plain, info, layers, per_split, tmp)
+        seconds["other"] = time.perf_counter() - started - sum(seconds.values())
+        metrics["finalize_seconds"] = {key: round(value, 3) for key, value in seconds.items()}
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")  # last: the completion marker
     log.info("finalized %s", final)
     return metrics
@@ -196,25 +222,34 @@ def finalize_trial(model: torch.nn.Module, processor, info: TrialInfo, output_di
 
 def _metrics(plain, info: TrialInfo, layers, per_split: dict, directory: Path) -> dict:
     counts = count_parameters(plain)
-    gated_numel = sum(l.numel for l in layers)
+    gated_numel, gated_pruned = sum(l.numel for l in layers), sum(l.pruned for l in layers)
+    gated_sparsity = gated_pruned / gated_numel if gated_numel else 0.0
     model_bytes, compact_bytes = export.dir_bytes(directory / "model"), export.dir_bytes(directory / "compact")
     return {
         "trial": info.trial,
         "method": info.method,
         "target_sparsity": info.target_sparsity,
-        # measured on the exported weights, over the gated matrices (never the configured value)
-        "achieved_sparsity": sum(l.pruned for l in layers) / gated_numel if gated_numel else 0.0,
+        "target_basis": info.target_basis,
+        "seed": info.seed,
+        # measured on the exported weights (never the configured value), on the target's basis:
+        # pruned gated parameters over all parameters (params) or over the gated ones (gated)
+        "achieved_sparsity": gated_sparsity if info.target_basis == "gated" else gated_pruned / counts.total,
+        "gated_sparsity": gated_sparsity,
+        # how mixed the per-layer allocation is: the parameter-weighted std of the layers' sparsities
+        "layer_sparsity_std": (sum(l.numel * (l.sparsity - gated_sparsity) ** 2 for l in layers) / gated_numel) ** 0.5
+        if gated_numel else 0.0,
         "achieved_sparsity_trained": info.achieved_sparsity_trained,
         "calibrated": info.calibrated,
         "params_total": counts.total,
         "params_nonzero": counts.nonzero,
-        "param_reduction": counts.reduction,
-        "compression_ratio": counts.total / counts.nonzero,
+        "param_reduction": counts.reduction,  # 1 - nonzero / total: every exact zero of the model
+        "compression_ratio": counts.total / counts.nonzero,  # the paper's "4.26x"
         "wer": {split: s["wer"] for split, s in per_split.items()},
         "cer": {split: s["cer"] for split, s in per_split.items()},
         "p_value_vs_dense": {split: s["p_value_vs_dense"] for split, s in per_split.items()},
         "per_split": per_split,
         "compression_seconds": info.compression_seconds,
+        "training_seconds": info.training_seconds,
         "artifact_bytes": {"model": model_bytes, "compact": compact_bytes},
         "compact_ratio": compact_bytes / (directory / "model" / "model.safetensors").stat().st_size,
         "versions": versions(),
@@ -248,17 +283,82 @@ def _number(value, fmt: str) -> str:
 
 
 def summary_table(trials: Sequence[dict]) -> str:
-    """One markdown table: a row per trial; WER (%) and p-value vs dense per split."""
+    """One markdown table: a row per trial; parameters removed and compression ratio (measured on
+    the export), WER (%) and p-value vs dense per split. Targets of the gated basis say so."""
     splits = list(dict.fromkeys(s for m in trials for s in m["wer"]))
-    header = (["trial", "method", "target", "achieved", "params (M, nonzero / total)"]
+    header = (["trial", "method", "target", "achieved", "params removed (%)", "compression",
+               "params (M, nonzero / total)"]
               + [f"WER {s} (%)" for s in splits] + [f"p vs dense {s}" for s in splits] + ["time (s)"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in trials:
-        row = [m["trial"], m["method"], f"{m['target_sparsity']:.2f}", f"{m['achieved_sparsity']:.3f}",
+        basis = "" if m.get("target_basis", "gated") == "params" or m["method"] == "dense" else " (gated)"
+        target = "–" if m["method"] == "dense" else f"{m['target_sparsity']:.3g}{basis}"
+        row = [m["trial"], m["method"], target, f"{m['achieved_sparsity']:.3f}",
+               f"{100 * m['param_reduction']:.1f}", f"{m['compression_ratio']:.2f}x",
                f"{m['params_nonzero'] / 1e6:.3f} / {m['params_total'] / 1e6:.3f}"]
         row += [_number(None if m["wer"].get(s) is None else 100 * m["wer"][s], ".2f") for s in splits]
         row += [_number(m["p_value_vs_dense"].get(s), ".3g") for s in splits]
         row += [_number(m.get("compression_seconds"), ".0f")]
+        lines.append("| " + " | ".join(row) + " |")
+    note = ("target, achieved: fraction of all parameters removed (achieved: measured on the exported "
+            "model; \"(gated)\": of the gated weights only); compression: total / nonzero parameters; "
+            "time: seconds of compression training (two-stage: the dense run it pruned, plus its own)")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+SEEDED_TRIAL = re.compile(r"(?P<base>.+)-seed(?P<seed>\d+)")  # sweep.seeds: <trial>-seed<k>
+
+
+def over_seeds(output_dir: str | os.PathLike, trials: Sequence[dict]) -> list[dict]:
+    """Trials repeated over seeds (``<trial>-seed<k>``), one entry per ``<trial>``: the seeds, the
+    WER per split as mean and sample std, parameters removed (mean), and per split a MAPSSWE test
+    pooled over the seeds (each seed's hypotheses against the dense reference of its seed,
+    ``dense-seed<k>``, else ``dense``; :func:`pinch_ray.evaluate.compare_pooled`)."""
+    groups: dict[str, list[dict]] = {}
+    for m in trials:
+        match = SEEDED_TRIAL.fullmatch(m["trial"])
+        if match:
+            groups.setdefault(match["base"], []).append(m)
+    names = {m["trial"] for m in trials}
+    out = []
+    for base, members in groups.items():
+        splits = list(dict.fromkeys(s for m in members for s in m["wer"]))
+        entry = {"trial": base, "method": members[0]["method"], "target_sparsity": members[0]["target_sparsity"],
+                 "target_basis": members[0].get("target_basis", "gated"), "seeds": [m.get("seed") for m in members],
+                 "param_reduction": statistics.fmean(m["param_reduction"] for m in members),
+                 "wer_mean": {}, "wer_std": {}, "p_value_pooled_vs_dense": {}}
+        for split in splits:
+            wers = [m["wer"][split] for m in members if split in m["wer"]]
+            entry["wer_mean"][split] = statistics.fmean(wers)
+            entry["wer_std"][split] = statistics.stdev(wers) if len(wers) > 1 else 0.0
+            pairs = []
+            for m in members:
+                reference = f"dense-seed{m.get('seed')}" if f"dense-seed{m.get('seed')}" in names else "dense"
+                if m["method"] == "dense" or reference not in names:
+                    break
+                system = read_trial_hypotheses(Path(output_dir) / m["trial"]).get(split)
+                baseline = read_trial_hypotheses(Path(output_dir) / reference).get(split)
+                if system is None or baseline is None:
+                    break
+                pairs.append((system, baseline))
+            else:
+                entry["p_value_pooled_vs_dense"][split] = evaluate.compare_pooled(pairs).p_value
+        out.append(entry)
+    return out
+
+
+def over_seeds_table(groups: Sequence[dict]) -> str:
+    """Markdown: a row per (method, target) repeated over seeds; WER mean ± std, pooled p."""
+    splits = list(dict.fromkeys(s for g in groups for s in g["wer_mean"]))
+    header = (["trial", "method", "target", "seeds", "params removed (%)"]
+              + [f"WER {s} (%), mean ± std" for s in splits] + [f"pooled p vs dense {s}" for s in splits])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for g in groups:
+        row = [g["trial"], g["method"], f"{g['target_sparsity']:.3g}", ", ".join(map(str, g["seeds"])),
+               f"{100 * g['param_reduction']:.1f}"]
+        row += [f"{100 * g['wer_mean'][s]:.2f} ± {100 * g['wer_std'][s]:.2f}" if s in g["wer_mean"] else "–"
+                for s in splits]
+        row += [_number(g["p_value_pooled_vs_dense"].get(s), ".3g") for s in splits]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -272,7 +372,7 @@ def plot_wer_vs_params(path: str | os.PathLike, trials: Sequence[dict], split: s
     if start:
         ax.plot([start[0]["params_nonzero"] / 1e6], [100 * start[0]["wer"][split]], marker="x", markersize=9,
                 color="gray", linestyle="", label="start (foundation)")
-    for method, marker in zip(METHODS, "*os^"):
+    for method, marker in zip(METHODS, "*oDs^", strict=True):
         points = sorted((m["params_nonzero"] / 1e6, 100 * m["wer"][split]) for m in trials
                         if m["method"] == method and split in m["wer"] and m["trial"] != FOUNDATION_TRIAL)
         if not points:
@@ -301,9 +401,13 @@ def write_summary(output_dir: str | os.PathLike, plot_split: str | None = None) 
     if not trials:
         raise ValueError(f"write_summary: no complete trial (<trial>/{METRICS_FILE}) under {output_dir}")
     split = plot_split or default_plot_split(trials)
-    summary = {"plot_split": split, "trials": trials}
+    groups = over_seeds(output_dir, trials)
+    summary = {"plot_split": split, "trials": trials, "over_seeds": groups}
+    text = f"# pinch_ray summary\n\n{summary_table(trials)}"
+    if groups:
+        text += f"\n## Over seeds\n\n{over_seeds_table(groups)}"
     export.atomic_write_text(output_dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
-    export.atomic_write_text(output_dir / SUMMARY_MD, f"# pinch_ray summary\n\n{summary_table(trials)}")
+    export.atomic_write_text(output_dir / SUMMARY_MD, text)
     tmp_png = output_dir / f".{SUMMARY_PNG}.tmp-{os.getpid()}.png"
     plot_wer_vs_params(tmp_png, trials, split)
     os.replace(tmp_png, output_dir / SUMMARY_PNG)

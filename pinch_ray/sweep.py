@@ -22,6 +22,7 @@ CPUs/GPUs and the per-trial resources, and the remaining trials queue.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -47,9 +48,11 @@ DATA_CPU_RESERVE = 1.0
 DRIVER_RESOURCES = {"CPU": 0, "memory": 100 * 1024**2}
 
 
-def trial_name(method: str, target_sparsity: float) -> str:
-    """Run and artifact directory name of a trial: ``sspg-0.65``, ``ump-0.5``; ``dense``."""
-    return "dense" if method == "dense" else f"{method}-{target_sparsity:g}"
+def trial_name(method: str, target_sparsity: float, seed: int | None = None) -> str:
+    """Run and artifact directory name of a trial: ``sspg-0.65``, ``ump-0.5``, ``dense``; with a
+    seed (``sweep.seeds``) ``sspg-0.65-seed1``, ``dense-seed1``."""
+    name = "dense" if method == "dense" else f"{method}-{target_sparsity:g}"
+    return name if seed is None else f"{name}-seed{seed}"
 
 
 def final_result_dir(storage_path: str | os.PathLike, name: str) -> str | None:
@@ -82,8 +85,9 @@ def run_settings(config: dict, train_path: str, num_workers: int) -> dict:
     settings = {key: value for key, value in config.items() if key not in _NOT_SETTINGS}
     settings["training"] = {key: value for key, value in config["training"].items()
                             if key not in _NOT_TRAINING_SETTINGS}
-    if config["method"] == "dense":
+    if config["method"] == "dense":  # prunes nothing: no gates, no target
         settings.pop("gates")
+        settings.pop("target_basis")
     settings["train_data"] = Path(train_path).name
     settings["num_workers"] = num_workers
     init_from = config["init_from"].rstrip("/")
@@ -162,21 +166,30 @@ class TrialJob:
 
 
 def trial_config(job: TrialJob, method: str, target_sparsity: float, name: str,
-                 training: TrainConfig | None = None) -> dict:
-    """The worker config of trial ``name``, with its :func:`run_settings` under ``settings``."""
+                 training: TrainConfig | None = None, init_from: str | None = None) -> dict:
+    """The worker config of trial ``name``, with its :func:`run_settings` under ``settings``.
+    ``init_from``: where this trial starts, if not ``job.init_from`` (two-stage: the dense trial)."""
     cfg = job.cfg
-    config = worker_config(job.init_from, method, target_sparsity, training or cfg.training, cfg.gates,
-                           train_rows=job.train_rows, dev_path=job.dev_path,
+    config = worker_config(init_from or job.init_from, method, target_sparsity, training or cfg.training,
+                           cfg.gates, train_rows=job.train_rows, target_basis=cfg.sweep.target_basis,
+                           dev_path=job.dev_path,
                            model_overrides=cfg.model.overrides, trust_remote_code=cfg.model.trust_remote_code,
                            fail_at=(job.fail_at or {}).get(name))
     config["settings"] = run_settings(config, job.train_path, cfg.resources.num_workers)
     return config
 
 
-def train_trial(job: TrialJob, method: str, target_sparsity: float, *, name: str | None = None,
-                training: TrainConfig | None = None) -> str:
+def seeded(training: TrainConfig, seed: int | None) -> TrainConfig:
+    """``training`` with ``seed`` as its ``training.seed`` (None: as it is)."""
+    return training if seed is None else dataclasses.replace(training, seed=seed)
+
+
+def train_trial(job: TrialJob, method: str, target_sparsity: float, *, seed: int | None = None,
+                name: str | None = None, training: TrainConfig | None = None, init_from: str | None = None) -> str:
     """Train one trial (or reuse its finished run); returns its final checkpoint directory.
 
+    ``seed``: ``training.seed`` of this trial (a ``sweep.seeds`` entry; None: the configured one);
+    ``init_from``: its starting model, if not ``job.init_from`` (two-stage: the dense trial's model);
     ``name``: the run name (default :func:`trial_name`); ``training``: settings other than
     ``job.cfg.training`` (the dense baseline's).
 
@@ -187,16 +200,17 @@ def train_trial(job: TrialJob, method: str, target_sparsity: float, *, name: str
     """
     import ray.data
 
-    cfg, name = job.cfg, name or trial_name(method, target_sparsity)
-    training = training or cfg.training
-    config = trial_config(job, method, target_sparsity, name, training)
+    cfg, name = job.cfg, name or trial_name(method, target_sparsity, seed)
+    training = seeded(training or cfg.training, seed)
+    init_from = init_from or job.init_from
+    config = trial_config(job, method, target_sparsity, name, training, init_from)
     done = reusable_result_dir(job, name, config)
     if done is not None:
         log.info("trial %s: finished run found (%s); not retrained", name, done)
         return done
     logs = Path(job.output_dir) / LOGS_DIR
     logs.mkdir(parents=True, exist_ok=True)
-    log.info("trial %s: training %d steps from %s", name, training.max_steps, job.init_from)
+    log.info("trial %s: training %d steps from %s", name, training.max_steps, init_from)
     result = run_training(config, ray.data.read_parquet(job.train_files), cfg.resources, name=name,
                           storage_path=job.storage_path,
                           callbacks=[metrics_log_callback(logs / f"{name}.jsonl", name, training.max_steps)])
@@ -214,8 +228,10 @@ def _trial_driver(config: dict, job: TrialJob) -> None:
     from ray import tune
 
     trial = config["trial"]
-    done = train_trial(job, trial["method"], trial["target_sparsity"])
-    tune.report({"result_dir": str(done), "trial": trial_name(trial["method"], trial["target_sparsity"])})
+    done = train_trial(job, trial["method"], trial["target_sparsity"], seed=trial["seed"],
+                       init_from=trial["init_from"])
+    tune.report({"result_dir": str(done),
+                 "trial": trial_name(trial["method"], trial["target_sparsity"], trial["seed"])})
 
 
 def max_concurrent_trials(resources: ResourcesConfig, num_trials: int, cluster: dict[str, float],
@@ -232,11 +248,15 @@ def max_concurrent_trials(resources: ResourcesConfig, num_trials: int, cluster: 
 
 
 def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, output_dir: str | os.PathLike, *,
+              dense_results: dict[int | None, str] | None = None,
               fail_at: dict[str, dict] | None = None) -> dict[str, str]:
     """Run every trial of ``cfg.compression_trials()`` (the compression trials of ``cfg.sweep``, and
-    the ``dense`` reference when they start from the baseline) on Ray Tune; returns ``{trial: final
+    the ``dense`` references when they start from the baseline) on Ray Tune; returns ``{trial: final
     checkpoint dir}``.
 
+    ``two-stage`` trials start from the finished dense trial of their seed, so they run in a second
+    wave once the first has finished; ``dense_results`` names dense runs finished before the sweep
+    (``{None: <the baseline's final checkpoint dir>}`` when the baseline is the dense reference).
     ``prepared``: ``{split: PreparedSplit}`` with the train split (and ``dev``-like eval splits;
     the first eval split is evaluated during training). Finished trials are reused (see the module
     docstring); Ray must be initialised. ``fail_at``: fault injection for tests (trial name ->
@@ -246,32 +266,66 @@ def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, out
         SettingsChangedError: a trial finished earlier with other settings (nothing was trained).
         RuntimeError: some trials failed (listed); the finished ones are kept for a rerun.
     """
-    import ray
-    from ray import tune
-
     trials = cfg.compression_trials()
     if not trials:
         return {}
     job = TrialJob.create(cfg, prepared, init_from, output_dir, fail_at)
-    for method, target in trials:  # a finished trial with other settings stops the sweep before it starts
-        name = trial_name(method, target)
-        reusable_result_dir(job, name, trial_config(job, method, target, name))
+    dense = dict(dense_results or {})
+    for method, target, seed in trials:  # a finished trial with other settings stops the sweep up front
+        if method == "dense":
+            dense.setdefault(seed, final_result_dir(job.storage_path, trial_name(method, target, seed)))
+        start = _start_of(method, seed, dense)
+        if method != "two-stage" or start:  # a two-stage trial whose dense run is not finished: checked later
+            name = trial_name(method, target, seed)
+            config = trial_config(job, method, target, name, seeded(cfg.training, seed), start)
+            reusable_result_dir(job, name, config)
+    done = _run_wave(job, [t for t in trials if t[0] != "two-stage"], SWEEP_NAME, dense)
+    second = [t for t in trials if t[0] == "two-stage"]
+    if second:
+        dense.update({seed: done[trial_name(m, t, seed)] for m, t, seed in trials if m == "dense"})
+        done.update(_run_wave(job, second, f"{SWEEP_NAME}-two-stage", dense))
+    return done
+
+
+def _start_of(method: str, seed: int | None, dense: dict[int | None, str | None]) -> str | None:
+    """Where a trial starts if not the job's ``init_from``: a two-stage trial from the final model of
+    the dense run of its seed (else the one without a seed); None otherwise, or when not finished."""
+    if method != "two-stage":
+        return None
+    result_dir = dense.get(seed) or dense.get(None)
+    return storage.join(result_dir, CHECKPOINT_MODEL) if result_dir else None
+
+
+def _run_wave(job: TrialJob, trials: list[tuple[str, float, int | None]], experiment: str,
+              dense: dict[int | None, str | None]) -> dict[str, str]:
+    """One Ray Tune run over ``trials``; returns ``{trial: final checkpoint dir}``.
+
+    Raises:
+        RuntimeError: some trials did not finish (listed).
+    """
+    import ray
+    from ray import tune
+
+    if not trials:
+        return {}
+    cfg = job.cfg
     concurrent = max_concurrent_trials(cfg.resources, len(trials), ray.cluster_resources(),
                                        cfg.sweep.max_concurrent_trials)
     log.info("sweep: %d trials (%s), %d at a time", len(trials),
-             ", ".join(trial_name(m, t) for m, t in trials), concurrent)
-    grid = [{"method": method, "target_sparsity": float(target)} for method, target in trials]
+             ", ".join(trial_name(*trial) for trial in trials), concurrent)
+    grid = [{"method": method, "target_sparsity": float(target), "seed": seed,
+             "init_from": _start_of(method, seed, dense)} for method, target, seed in trials]
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial_driver, job=job), DRIVER_RESOURCES),
         param_space={"trial": tune.grid_search(grid)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=SWEEP_NAME, storage_path=job.storage_path,
+        run_config=tune.RunConfig(name=experiment, storage_path=job.storage_path,
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
     )
     results = tuner.fit()
     out, failed = {}, []
-    for method, target in trials:
-        name = trial_name(method, target)
+    for trial in trials:
+        name = trial_name(*trial)
         done = final_result_dir(job.storage_path, name)
         if done is None:
             failed.append(name)

@@ -1,4 +1,4 @@
-"""Training: the methods (``dense``, ``ump``, ``sspg``, ``sspg-neuron``) and the core training step.
+"""Training: the methods (``dense``, ``ump``, ``two-stage``, ``sspg``, ``sspg-neuron``) and the core training step.
 
 Everything here runs in a plain Python process; the Ray Train worker wraps :class:`Compressor`.
 One optimizer step = ``grad_accum_steps`` micro-batches of CTC loss (+ the sparsity Lagrangian for
@@ -26,8 +26,9 @@ from torch import nn
 
 from pinch_ray import gates as gates_lib
 from pinch_ray import storage
-from pinch_ray.config import (SSPG_METHODS, GateConfig, ResourcesConfig, TrainConfig, raise_if_problems,
-                              target_sparsity_problems)
+from pinch_ray.config import (MAGNITUDE_METHODS, MAX_TARGET_SPARSITY, SSPG_METHODS, ConfigError, GateConfig,
+                              ResourcesConfig, TrainConfig, raise_if_problems, target_sparsity_problems)
+from pinch_ray.models import total_parameters
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +68,52 @@ def keep_freed_cpu_memory() -> bool:
     return ok
 
 
-def prepare_method(model: nn.Module, method: str, target_sparsity: float, gate_cfg: GateConfig) -> None:
-    """Make ``model`` ready for ``method``: attach gates (sspg), fixed masks (ump) or nothing (dense).
+def gated_target(target_sparsity: float, target_basis: str, params_total: int, params_gated: int) -> float:
+    """The fraction of the gated parameters to remove so that ``target_sparsity`` of ``target_basis``
+    is removed: ``target x params_total / params_gated`` for ``params``, the target itself for ``gated``.
 
     Raises:
-        ConfigError: unknown method, target outside [0, 0.99], bad gate settings or patterns.
+        ConfigError: the gated share cannot reach the target (the largest reachable one is named).
     """
-    raise_if_problems(target_sparsity_problems(method, target_sparsity), source="method settings")
+    if target_basis == "gated" or target_sparsity == 0:
+        return float(target_sparsity)
+    fraction = target_sparsity * params_total / params_gated
+    if fraction > MAX_TARGET_SPARSITY:
+        reachable = MAX_TARGET_SPARSITY * params_gated / params_total
+        raise ConfigError([f"target_sparsity: {target_sparsity:g} of all {params_total:,} parameters cannot be "
+                           f"removed: the gated layers hold {params_gated:,} ({params_gated / params_total:.1%}), so at most "
+                           f"{reachable:.3f} is reachable; lower the target, or gate more layers "
+                           "(gates.patterns, gates.gate_feature_encoder)"], source="method settings")
+    return fraction
+
+
+def prepare_method(model: nn.Module, method: str, target_sparsity: float, gate_cfg: GateConfig,
+                   target_basis: str = "params") -> tuple[float, int, int]:
+    """Make ``model`` ready for ``method``: attach gates (sspg), fixed masks (ump, two-stage) or
+    nothing (dense).
+
+    Returns ``(gated target, parameters of the model, parameters the gates act on)``: the gated
+    target is the fraction of the gated parameters to remove (:func:`gated_target`); a neuron gate
+    counts the parameters its units carry, a weight gate or ump mask its matrix.
+
+    Raises:
+        ConfigError: unknown method or basis, target outside [0, 0.99] or out of the gated layers'
+            reach, bad gate settings or patterns.
+    """
+    raise_if_problems(target_sparsity_problems(method, target_sparsity, target_basis=target_basis),
+                      source="method settings")
+    params_total = total_parameters(model)
     if method in SSPG_METHODS:
-        gates_lib.attach_gates(model, gate_cfg.for_method(method))
-    elif method == "ump":
-        gates_lib.attach_uniform_masks(model, gate_cfg, target_sparsity)
+        attached = gates_lib.attach_gates(model, gate_cfg.for_method(method))
+        params_gated = sum(gate.numel for gate in attached.values())
+    elif method in MAGNITUDE_METHODS:
+        params_gated = sum(m.weight.numel() for m in gates_lib.select_modules(model, gate_cfg.all_patterns()).values())
+    else:
+        return 0.0, params_total, 0
+    target = gated_target(target_sparsity, target_basis, params_total, params_gated)
+    if method in MAGNITUDE_METHODS:
+        gates_lib.attach_uniform_masks(model, gate_cfg, target)
+    return target, params_total, params_gated
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
@@ -95,12 +131,12 @@ def _is_no_decay(name: str, param: nn.Parameter) -> bool:
     return param.dim() < 2 or "norm" in name.lower()
 
 
-def build_optimizer(model: nn.Module, lagrangian: nn.Module | None, cfg: TrainConfig,
-                    gate_cfg: GateConfig) -> torch.optim.AdamW:
-    """AdamW with separate groups: decayed weights, undecayed vectors/norms, thresholds, multipliers.
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with separate groups: decayed weights, undecayed vectors/norms, thresholds.
 
-    Group ``name`` keys: ``weights``, ``no_decay``, ``thresholds`` (``effective_threshold_lr``) and
-    ``lagrangian`` (``lagrangian_lr``, gradient *ascent*, no schedule).
+    Group ``name`` keys: ``weights``, ``no_decay`` and ``thresholds`` (``effective_threshold_lr``,
+    no decay). The fused implementation where torch has one for every parameter's device (CPU and
+    CUDA): one kernel over all tensors instead of a Python loop over each.
     """
     threshold_ids = {id(g.threshold) for g in gates_lib.gates_of(model)}
     groups = {"weights": [], "no_decay": [], "thresholds": []}
@@ -116,13 +152,12 @@ def build_optimizer(model: nn.Module, lagrangian: nn.Module | None, cfg: TrainCo
         {"name": "no_decay", "params": groups["no_decay"], "lr": cfg.lr, "weight_decay": 0.0},
         {"name": "thresholds", "params": groups["thresholds"], "lr": cfg.effective_threshold_lr, "weight_decay": 0.0},
     ]
-    if lagrangian is not None:
-        param_groups.append({"name": "lagrangian", "params": list(lagrangian.parameters()),
-                             "lr": gate_cfg.lagrangian_lr, "weight_decay": 0.0, "maximize": True})
     param_groups = [g for g in param_groups if g["params"]]
     for group in param_groups:
         group["base_lr"] = group["lr"]
-    return torch.optim.AdamW(param_groups, betas=tuple(cfg.adam_betas))
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                for group in param_groups for p in group["params"])
+    return torch.optim.AdamW(param_groups, betas=tuple(cfg.adam_betas), fused=fused or None)
 
 
 @dataclass
@@ -131,6 +166,9 @@ class Compressor:
 
     Build with :meth:`create`. ``model`` may be wrapped in DDP after creation (set
     ``compressor.model = ddp_model``); the gates and schedules act on the unwrapped module.
+    ``target_sparsity`` is a fraction of ``target_basis`` (all parameters, or the gated ones);
+    the objective, calibration and :meth:`hard_sparsity` work on the gated parameters, towards
+    ``gated_target`` (:func:`prepare_method`).
     """
 
     model: nn.Module
@@ -140,6 +178,10 @@ class Compressor:
     gate_cfg: GateConfig
     optimizer: torch.optim.Optimizer
     lagrangian: gates_lib.SparsityLagrangian | None
+    target_basis: str = "params"
+    gated_target: float = 0.0  # the fraction of the gated parameters to remove
+    params_total: int = 0  # parameters of the model before pruning
+    params_gated: int = 0  # parameters the gates / masks act on
     sparsity_start: float = 0.0  # soft sparsity before training (sspg): where the target ramp starts
     step_count: int = 0  # optimizer steps done
     autocast_dtype: torch.dtype | None = None
@@ -148,25 +190,27 @@ class Compressor:
     @classmethod
     def create(cls, model: nn.Module, method: str, target_sparsity: float, train_cfg: TrainConfig,
                gate_cfg: GateConfig, device: torch.device | str = "cpu",
-               use_attention_mask: bool = True) -> "Compressor":
+               use_attention_mask: bool = True, target_basis: str = "params") -> "Compressor":
         raise_if_problems(train_cfg.problems() + gate_cfg.problems(), source="training settings")
         device = torch.device(device)
         if device.type == "cpu":
             keep_freed_cpu_memory()
         if train_cfg.freeze_feature_encoder and hasattr(model, "freeze_feature_encoder"):
             model.freeze_feature_encoder()
-        prepare_method(model, method, target_sparsity, gate_cfg)
+        target, params_total, params_gated = prepare_method(model, method, target_sparsity, gate_cfg, target_basis)
         model.to(device)
         lagrangian, sparsity_start = None, 0.0
         if method in SSPG_METHODS:
             lagrangian = gates_lib.SparsityLagrangian(gate_cfg.penalty).to(device)
             with torch.no_grad():
                 sparsity_start = float(gates_lib.soft_sparsity(model))
-        optimizer = build_optimizer(model, lagrangian, train_cfg, gate_cfg)
+        optimizer = build_optimizer(model, train_cfg)
         use_bf16 = device.type == "cuda" and train_cfg.bf16_autocast
         return cls(model=model, method=method, target_sparsity=target_sparsity, train_cfg=train_cfg,
-                   gate_cfg=gate_cfg, optimizer=optimizer, lagrangian=lagrangian, sparsity_start=sparsity_start,
-                   autocast_dtype=torch.bfloat16 if use_bf16 else None, use_attention_mask=use_attention_mask)
+                   gate_cfg=gate_cfg, optimizer=optimizer, lagrangian=lagrangian, target_basis=target_basis,
+                   gated_target=target, params_total=params_total, params_gated=params_gated,
+                   sparsity_start=sparsity_start, autocast_dtype=torch.bfloat16 if use_bf16 else None,
+                   use_attention_mask=use_attention_mask)
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -186,7 +230,7 @@ class Compressor:
         if self.method in SSPG_METHODS:
             max_steps = self.train_cfg.max_steps
             now["tau"] = gates_lib.tau_at(self.step_count, max_steps, self.gate_cfg)
-            now["target_now"] = gates_lib.target_at(self.step_count, max_steps, self.target_sparsity, self.gate_cfg,
+            now["target_now"] = gates_lib.target_at(self.step_count, max_steps, self.gated_target, self.gate_cfg,
                                                     start=self.sparsity_start)
             gates_lib.set_tau(self.unwrapped, now["tau"])
         return now
@@ -224,6 +268,9 @@ class Compressor:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.lagrangian is not None:  # integral action once the target holds still (no windup on the ramp)
+            ramping = now["target_now"] != self.gated_target
+            self.lagrangian.ascend(0.0 if ramping else self.gate_cfg.lagrangian_gain / self.train_cfg.max_steps)
         self.step_count += 1
         sums["grad_norm"] = grad_norm * n
         if self.lagrangian is not None:
@@ -233,32 +280,43 @@ class Compressor:
                 "seconds": time.perf_counter() - started}
 
     def hard_sparsity(self) -> float:
-        """Measured hard-mask sparsity of the gated weights (0.0 for dense)."""
+        """Measured hard-mask sparsity of the gated parameters (0.0 for dense)."""
         if self.method == "dense":
             return 0.0
         return gates_lib.achieved_sparsity(self.unwrapped)
 
+    def on_basis(self, gated_sparsity: float) -> float:
+        """A sparsity of the gated parameters as a fraction of ``target_basis``."""
+        if self.target_basis == "gated" or self.method == "dense":
+            return gated_sparsity
+        return gated_sparsity * self.params_gated / self.params_total
+
     def finish(self) -> dict:
-        """End of training for sspg: calibrate if the hard sparsity misses the target; report both."""
-        out = {"achieved_sparsity_trained": self.hard_sparsity()}
-        out["achieved_sparsity"] = out["achieved_sparsity_trained"]
+        """End of training: calibrate (sspg) if the hard sparsity misses the target; report both.
+
+        ``achieved_sparsity`` / ``achieved_sparsity_trained`` are on ``target_basis`` (after / before
+        calibration), ``gated_sparsity`` of the gated parameters (after).
+        """
+        trained = self.hard_sparsity()
+        gated = trained
         if (self.method in SSPG_METHODS and self.gate_cfg.calibrate
-                and abs(out["achieved_sparsity"] - self.target_sparsity) > self.gate_cfg.calibration_tolerance):
-            _, out["achieved_sparsity"] = gates_lib.calibrate_thresholds(self.unwrapped, self.target_sparsity)
-        out["calibrated"] = out["achieved_sparsity"] != out["achieved_sparsity_trained"]
-        return out
+                and abs(trained - self.gated_target) > self.gate_cfg.calibration_tolerance):
+            _, gated = gates_lib.calibrate_thresholds(self.unwrapped, self.gated_target)
+        return {"achieved_sparsity_trained": self.on_basis(trained), "achieved_sparsity": self.on_basis(gated),
+                "gated_sparsity": gated, "calibrated": gated != trained}
 
     def state_dict(self) -> dict:
         """Everything needed to resume: model (with gates), multipliers, optimizer, step."""
         return {"model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "lagrangian": self.lagrangian.state_dict() if self.lagrangian is not None else None,
                 "step": self.step_count, "sparsity_start": self.sparsity_start,
-                "method": self.method, "target_sparsity": self.target_sparsity}
+                "method": self.method, "target_sparsity": self.target_sparsity, "target_basis": self.target_basis}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["method"] != self.method or state["target_sparsity"] != self.target_sparsity:
-            raise ValueError(f"checkpoint is for {state['method']}@{state['target_sparsity']}, "
-                             f"not {self.method}@{self.target_sparsity}")
+        saved = (state["method"], state["target_sparsity"], state.get("target_basis", "gated"))
+        if saved != (self.method, self.target_sparsity, self.target_basis):
+            raise ValueError(f"checkpoint is for {saved[0]}@{saved[1]} ({saved[2]}), "
+                             f"not {self.method}@{self.target_sparsity} ({self.target_basis})")
         self.unwrapped.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lagrangian is not None:
@@ -277,19 +335,23 @@ TRAIN_RESULT = "train_result.json"  # final checkpoint only: what the run achiev
 
 
 def worker_config(init_from: str, method: str, target_sparsity: float, train_cfg: TrainConfig,
-                  gate_cfg: GateConfig, *, train_rows: int, dev_path: str | None = None,
+                  gate_cfg: GateConfig, *, train_rows: int, target_basis: str = "params",
+                  dev_path: str | None = None,
                   tensorboard_dir: str | None = None, model_overrides: dict | None = None,
                   trust_remote_code: bool = False, fail_at: dict | None = None) -> dict:
     """The plain dict :func:`train_loop_per_worker` takes (validated here, before Ray starts).
 
     ``train_rows``: utterances of the prepared train split (fixes the batches per epoch per rank);
+    ``target_basis``: what ``target_sparsity`` is a fraction of (``SweepConfig.target_basis``);
     ``dev_path``: prepared dev shards, evaluated on rank 0 every ``eval_every`` steps.
     ``fail_at``: fault injection, ``{"step": k, "rank": r, "marker": path}``: worker ``r`` exits
     just before step ``k`` if ``marker`` does not exist yet (it creates it), so it fails once.
     """
-    raise_if_problems(train_cfg.problems() + gate_cfg.problems() + target_sparsity_problems(method, target_sparsity),
+    raise_if_problems(train_cfg.problems() + gate_cfg.problems()
+                      + target_sparsity_problems(method, target_sparsity, target_basis=target_basis),
                       source="training settings")
     return {"init_from": str(init_from), "method": method, "target_sparsity": float(target_sparsity),
+            "target_basis": target_basis,
             "training": dataclasses.asdict(train_cfg), "gates": dataclasses.asdict(gate_cfg),
             "train_rows": int(train_rows), "dev_path": str(dev_path) if dev_path else None,
             "tensorboard_dir": str(tensorboard_dir) if tensorboard_dir else None,
@@ -382,7 +444,7 @@ def train_loop_per_worker(config: dict) -> None:
         model, processor = load_model(str(init_from), seed=train_cfg.seed,
                                       trust_remote_code=config["trust_remote_code"], **overrides)
     run = Compressor.create(model, config["method"], config["target_sparsity"], train_cfg, gate_cfg,
-                            device=ray.train.torch.get_device(),
+                            device=ray.train.torch.get_device(), target_basis=config["target_basis"],
                             use_attention_mask=processor.feature_extractor.return_attention_mask)
     progress = {"epoch": 0, "batch_in_epoch": 0, "elapsed_s": 0.0, "resumed_at": []}
     checkpoint = ray.train.get_checkpoint()
@@ -411,11 +473,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     def report(metrics: dict, final: bool = False) -> None:
         progress["elapsed_s"] = time.perf_counter() - resumed_at
+        # every rank, before rank 0's calibration rescales its thresholds (it would look like drift)
+        spread = _threshold_rank_spread(run)
         if final and rank == 0:  # calibrate first, so the final figures describe the exported model
             metrics = {**metrics, **run.finish()}
-        metrics = {**metrics, "hard_sparsity": run.hard_sparsity(), "elapsed_s": progress["elapsed_s"],
+        # hard_sparsity: on the target's basis, so progress lines compare it with the trial's target
+        metrics = {**metrics, "hard_sparsity": run.on_basis(run.hard_sparsity()), "elapsed_s": progress["elapsed_s"],
                    "epoch": progress["epoch"], "resumed_at": list(progress["resumed_at"]),
-                   "threshold_rank_spread": _threshold_rank_spread(run)}
+                   "threshold_rank_spread": spread}
         step = run.step_count
         if rank == 0 and config["dev_path"] and train_cfg.eval_every and (final or step % train_cfg.eval_every == 0):
             metrics.update(_dev_scores(run, processor, config["dev_path"], train_cfg.eval_batch_size))
@@ -432,7 +497,9 @@ def train_loop_per_worker(config: dict) -> None:
             if final:
                 export_model(pruned_copy(run.model), processor, directory / CHECKPOINT_MODEL)
                 (directory / TRAIN_RESULT).write_text(json.dumps(
-                    {"method": run.method, "target_sparsity": run.target_sparsity, "steps": step,
+                    {"method": run.method, "target_sparsity": run.target_sparsity, "target_basis": run.target_basis,
+                     "seed": train_cfg.seed,
+                     "params_total": run.params_total, "params_gated": run.params_gated, "steps": step,
                      "init_from": config["init_from"], "compression_seconds": progress["elapsed_s"], **metrics,
                      "settings": config.get("settings")}, indent=2, default=float))
             _save_checkpoint(directory, run, progress)

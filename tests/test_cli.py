@@ -33,6 +33,11 @@ BAD_YAMLS = {
     "target 1.2": ("sweep:\n  target_sparsities: [0.5, 1.2]\n", ["sweep.target_sparsities[1]"]),
     "missing corpus": ("corpus:\n  root: {tmp}/no_corpus\n  synth_utterances: 0\n", ["corpus.root", "does not exist"]),
     "unwritable output": ("output_dir: {tmp}/a_file/out\n", ["output_dir:", "a_file is a file"]),
+    # only the model shows these: checked on its shapes (meta device) before anything is written
+    "unreachable target": ("sweep:\n  target_sparsities: [0.5, 0.9]\n",
+                           ["sweep (sspg-0.9): target_sparsity: 0.9 of all", "at most 0.884 is reachable"]),
+    "missing checkpoint": ("model:\n  init_from: {tmp}/no_checkpoint\n", ["model.init_from: cannot load"]),
+    "pattern matching nothing": ("gates:\n  patterns: ['.*no_such_layer']\n", ["gates.patterns[0]", "matches no"]),
 }
 
 

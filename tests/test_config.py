@@ -69,7 +69,10 @@ def test_every_pipeline_yaml_validates(path):
 def test_librispeech_pipelines_follow_the_paper():
     cfg = load_pipeline(PIPELINES[0].with_name("wav2vec2_base_ls100.yaml"), check_paths=False)
     assert cfg.model.init_from == "facebook/wav2vec2-base" and cfg.corpus.root == "/data/LibriSpeech"
-    assert cfg.sweep.trials() == [("sspg", 0.6), ("sspg", 0.65), ("sspg", 0.7), ("sspg", 0.76), ("ump", 0.65)]
+    # fractions of all parameters, as the paper counts: -65% and 4.26x (1 - 1/4.26 = 0.765)
+    assert cfg.sweep.trials() == [("sspg", 0.6), ("sspg", 0.65), ("sspg", 0.7), ("sspg", 0.765), ("ump", 0.65),
+                                  ("two-stage", 0.65)]
+    assert cfg.sweep.target_basis == "params"
     assert cfg.training.lr == 5e-5 and cfg.training.freeze_feature_encoder and cfg.resources.use_gpu
     assert cfg.corpus.splits() == ["train-clean-100", "dev-clean", "test-clean", "test-other"]
     moved = load_pipeline(PIPELINES[0].with_name("hubert_large_ls100.yaml"), ["corpus.root=s3://bucket/ls"])
@@ -235,9 +238,15 @@ def test_baseline_settings_and_the_fair_dense_reference():
     # trials start from the baseline: it is named "foundation" and the sweep adds a dense reference
     # trained like every compression trial
     assert cfg.baseline_trial() == "foundation"
-    assert cfg.compression_trials() == [("dense", 0.0), ("sspg", 0.5)]
+    assert cfg.compression_trials() == [("dense", 0.0, None), ("sspg", 0.5, None)]
+    # repeated over seeds: one trial per seed, and a dense reference per seed
+    cfg.sweep.seeds = [0, 1]
+    assert cfg.compression_trials() == [("dense", 0.0, 0), ("dense", 0.0, 1), ("sspg", 0.5, 0), ("sspg", 0.5, 1)]
     cfg.sweep.init_from_dense = False  # one pass from a pre-trained model: the baseline is the reference
-    assert cfg.baseline_trial() == "dense" and cfg.compression_trials() == [("sspg", 0.5)]
+    assert cfg.baseline_trial() == "dense" and cfg.compression_trials() == [("sspg", 0.5, 0), ("sspg", 0.5, 1)]
+    cfg.sweep.seeds = []
+    assert cfg.compression_trials() == [("sspg", 0.5, None)]
+    assert "sweep.seeds" in str(problems_of(None, ["sweep.seeds=[1, 1]"]))
     # a problem of training is reported once, under training
     error = problems_of(None, ["training.lr=-1", "baseline_training={max_steps: 10}"])
     assert [p.split(":")[0] for p in error.problems] == ["training.lr"]

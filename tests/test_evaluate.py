@@ -105,6 +105,24 @@ def test_compare_matches_by_id_and_rejects_different_utterances():
         evaluate.mapsswe(references, good[:-1], good)
 
 
+def test_pooled_comparison_is_mapsswe_over_every_seeds_segments():
+    """Seeds pooled: each seed's system against its own baseline, matched by id within the pair; the
+    same utterance ids in two pairs are two segments. Known answer by hand: differences per segment
+    (system - baseline word errors) 1, 0 (seed 0) and 1, 2 (seed 1): mean 1, sample std sqrt(2/3),
+    z = 1 / (sqrt(2/3) / 2) = 2.449, p = erfc(z / sqrt(2)) = 0.0143."""
+    U = evaluate.Utterance
+    seed0 = ([U("a", "THE CAT", "THE BAT"), U("b", "A MAT", "A MAT")],
+             [U("b", "A MAT", "A MAT"), U("a", "THE CAT", "THE CAT")])
+    seed1 = ([U("a", "THE CAT", "THE BAT"), U("b", "A MAT", "THE HAT")],
+             [U("a", "THE CAT", "THE CAT"), U("b", "A MAT", "A MAT")])
+    pooled = evaluate.compare_pooled([seed0, seed1])
+    assert pooled.num_segments == 4 and pooled.mean_difference == 1.0
+    assert pooled.z == pytest.approx(2.449490, abs=1e-6) and pooled.p_value == pytest.approx(0.014306, abs=1e-6)
+    assert evaluate.compare(*seed0).mean_difference == 0.5  # one seed alone
+    with pytest.raises(ValueError, match="no .system, baseline. pairs"):
+        evaluate.compare_pooled([])
+
+
 def test_hypotheses_file_round_trip(tmp_path):
     utterances = [evaluate.Utterance("a-1", "THE CAT", "THE CAT"), evaluate.Utterance("a-2", "ON A MAT", "")]
     evaluate.write_hypotheses(tmp_path / "test.txt", utterances)

@@ -1,6 +1,8 @@
 """Hard prune + export (stock transformers loads it), compact storage, atomic directories."""
 
+import gzip
 import json
+import lzma
 import os
 import subprocess
 import sys
@@ -103,6 +105,22 @@ def test_compact_round_trip_restores_weights_at_a_fifth_of_the_size(tmp_path):
         expected, got = plain(audio()).logits, restored(audio()).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-2)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))  # same greedy decoding, hence same WER
+
+
+def test_compact_directories_of_format_1_still_load(tmp_path):
+    """Format 1 is the same layout, xz-compressed: trials finalized before gzip keep loading."""
+    model, processor = pruned_model("ump", target_sparsity=0.65)
+    export.export_model(export.pruned_copy(model), processor, tmp_path / "model")
+    manifest = export.save_compact(tmp_path / "model", tmp_path / "v2")
+    old = tmp_path / "v1"
+    old.mkdir()
+    payload = gzip.decompress((tmp_path / "v2" / export.COMPACT_WEIGHTS).read_bytes())
+    (old / "weights.safetensors.xz").write_bytes(lzma.compress(payload))
+    (old / export.COMPACT_MANIFEST).write_text(json.dumps({**manifest, "format_version": 1,
+                                                           "weights": "weights.safetensors.xz"}))
+    for a, b in zip(export.load_compact(old).state_dict().values(),
+                    export.load_compact(tmp_path / "v2").state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_compact_rejects_an_unknown_format(tmp_path):

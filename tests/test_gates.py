@@ -237,3 +237,26 @@ def test_compiled_gate_kernels_equal_eager(device_type):
     for a, b in zip(gates._soft_mask_backward(grad_out, grad_sum, weight, threshold, inv_scale, tau),
                     backward(grad_out, grad_sum, weight, threshold, inv_scale, tau)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_shared_threshold_is_one_parameter_for_every_gated_matrix():
+    """The control of the learned allocation: one relative threshold moves every layer together."""
+    from pinch_ray.config import TrainConfig
+    from pinch_ray.train import Compressor
+
+    model, _ = load_model("tiny")
+    run = Compressor.create(model, "sspg", 0.65, TrainConfig(max_steps=10, warmup_steps=1),
+                            GateConfig(shared_threshold=True, threshold_init=0.8))
+    thresholds = {id(gate.threshold) for gate in gates.gates_of(run.model)}
+    assert len(thresholds) == 1 and len(gates.gates_of(run.model)) == 19
+    group = next(g for g in run.optimizer.param_groups if g["name"] == "thresholds")
+    assert len(group["params"]) == 1
+    batch = {"input_values": torch.randn(2, 16_000), "labels": torch.randint(5, 32, (2, 8))}
+    run.step([batch])
+    values = {round(gate.threshold.item(), 9) for gate in gates.gates_of(run.model)}
+    assert len(values) == 1 and values != {0.8}  # moved, together
+    # calibration scales it like any threshold: the target is met, the thresholds stay one
+    before, after = gates.calibrate_thresholds(run.unwrapped, run.gated_target)
+    assert abs(after - run.gated_target) < 1e-3 and len({id(g.threshold) for g in gates.gates_of(run.model)}) == 1
+    per_layer = [layer.sparsity for layer in gates.layer_sparsity(run.model)]
+    assert max(per_layer) - min(per_layer) < 0.15  # the same relative cut: only the weight shapes differ

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
-import lzma
+import gzip
 import os
 import signal
 import socket
@@ -119,7 +119,7 @@ def demo_job(ray_head, tmp_path_factory):
 
 def _parse(path: Path) -> None:
     """Read ``path`` with the parser its type calls for; raises if it does not parse."""
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".safetensors.xz") else path.suffix
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".safetensors.gz") else path.suffix
     if suffix in (".json", ".done"):
         json.loads(path.read_text())
     elif suffix == ".jsonl":
@@ -140,10 +140,10 @@ def _parse(path: Path) -> None:
         from safetensors.torch import load_file
 
         assert load_file(path), path
-    elif suffix == ".safetensors.xz":
+    elif suffix == ".safetensors.gz":
         from safetensors.torch import load
 
-        assert load(lzma.decompress(path.read_bytes())), path
+        assert load(gzip.decompress(path.read_bytes())), path
     elif suffix == ".py":  # the loader of a neuron-pruned model
         compile(path.read_text(), str(path), "exec")
     elif suffix in (".md", ".txt"):

@@ -106,6 +106,13 @@ def test_every_artifact_is_written(finished):
         assert result(finished, trial)["init_from"] == final_result_dir(cfg.run_storage(), "foundation") + "/model"
     assert not (out / RUNS_DIR).exists()  # every run and checkpoint went to storage_path
     assert [t["trial"] for t in summary["trials"]][:2] == ["foundation", "dense"]
+    # every compressed trial at its target, of ALL parameters (calibrated after 4 steps; ump exact),
+    # measured on the exported model
+    for trial in ("sspg-0.5", "sspg-neuron-0.5", "ump-0.5"):
+        metrics = json.loads((out / trial / METRICS_FILE).read_text())
+        assert metrics["target_basis"] == "params" and abs(metrics["achieved_sparsity"] - 0.5) <= 0.01, metrics
+        assert metrics["param_reduction"] == pytest.approx(metrics["achieved_sparsity"], abs=1e-4)
+        assert metrics["gated_sparsity"] > 0.5  # the gated layers are not the whole model
     # the neuron-pruned trial: physically smaller, with its loader, at its target (+-1 pt)
     neuron = out / "sspg-neuron-0.5"
     assert (neuron / "model" / pruned_modeling.MODULE_FILE).is_file()
@@ -165,3 +172,39 @@ def test_sweep_concurrency_fits_the_cluster_and_queues_the_rest():
     assert max_concurrent_trials(cpu, 3, {"CPU": 64}, requested=1) == 1
     gpu = ResourcesConfig(cpus_per_worker=1, use_gpu=True, gpus_per_worker=0.25)
     assert max_concurrent_trials(gpu, 8, {"CPU": 16, "GPU": 1}) == 4  # four small trials share one GPU
+
+
+def test_seeds_and_the_two_stage_baseline_from_a_pretrained_start(ray_cluster, tmp_path):
+    """One pass from a "pre-trained" model (init_from_dense: false, the paper pipelines' shape): the
+    baseline is the dense reference, every (method, target) runs once per seed, two-stage prunes the
+    finished dense run (second wave) and its time includes it; summary.md pools each group's seeds."""
+    spec = {**TINY, "output_dir": str(tmp_path / "out"), "data": {"cache_dir": str(tmp_path / "cache")},
+            "corpus": {**TINY["corpus"], "root": str(tmp_path / "corpus")},
+            "baseline_training": {"max_steps": 2}, "training": {**TINY["training"], "max_steps": 2},
+            "sweep": {"methods": ["sspg", "two-stage"], "target_sparsities": [0.5], "seeds": [0, 1],
+                      "init_from_dense": False}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    cfg = load_pipeline(tmp_path / "p.yaml")
+    outputs = pipeline.run(cfg)
+    out = Path(cfg.output_dir)
+    assert sorted(outputs["compress"]) == ["sspg-0.5-seed0", "sspg-0.5-seed1", "two-stage-0.5-seed0",
+                                           "two-stage-0.5-seed1"]
+    runs = {name: json.loads((Path(path) / "train_result.json").read_text())
+            for name, path in {**outputs["baseline"], **outputs["compress"]}.items()}
+    assert [runs[f"sspg-0.5-seed{k}"]["seed"] for k in (0, 1)] == [0, 1]
+    assert runs["sspg-0.5-seed1"]["settings"]["training"]["seed"] == 1
+    for k in (0, 1):  # two-stage: the finished dense run, pruned by magnitude and fine-tuned
+        assert runs[f"two-stage-0.5-seed{k}"]["init_from"] == outputs["baseline"]["dense"] + "/model"
+        metrics = json.loads((out / f"two-stage-0.5-seed{k}" / METRICS_FILE).read_text())
+        assert metrics["compression_seconds"] == pytest.approx(
+            runs["dense"]["compression_seconds"] + runs[f"two-stage-0.5-seed{k}"]["compression_seconds"])
+        assert metrics["training_seconds"] == pytest.approx(runs[f"two-stage-0.5-seed{k}"]["compression_seconds"])
+        assert abs(metrics["achieved_sparsity"] - 0.5) <= 0.01
+    summary = json.loads((out / "summary.json").read_text())
+    groups = {g["trial"]: g for g in summary["over_seeds"]}
+    assert set(groups) == {"sspg-0.5", "two-stage-0.5"}
+    for group in groups.values():
+        assert group["seeds"] == [0, 1] and set(group["p_value_pooled_vs_dense"]) == {"dev"}
+        wers = [json.loads((out / f"{group['trial']}-seed{k}" / METRICS_FILE).read_text())["wer"]["dev"] for k in (0, 1)]
+        assert group["wer_mean"]["dev"] == pytest.approx(sum(wers) / 2)
+    assert "## Over seeds" in (out / "summary.md").read_text()

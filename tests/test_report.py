@@ -18,6 +18,7 @@ from pinch_ray import evaluate, gates, report
 from pinch_ray.config import EvalConfig, GateConfig
 from pinch_ray.data import SHARD_SCHEMA
 from pinch_ray.models import CHAR_VOCAB, count_parameters, load_model
+from pinch_ray.train import prepare_method
 
 NO_RANDOMNESS = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
                      feat_proj_dropout=0.0, final_dropout=0.0, mask_time_prob=0.0)
@@ -39,9 +40,9 @@ def eval_rows(split, num_rows=5, seed=0):
 
 
 def ump_trial():
-    """A tiny ump model at 65% and its TrialInfo (what the pipeline hands to finalize)."""
+    """A tiny ump model at 65% of all parameters and its TrialInfo (what the pipeline hands to finalize)."""
     model, processor = load_model("tiny", **NO_RANDOMNESS)
-    gates.attach_uniform_masks(model, GateConfig(), 0.65)
+    prepare_method(model, "ump", 0.65, GateConfig(), target_basis="params")
     info = report.TrialInfo(trial="ump-0.65", method="ump", target_sparsity=0.65, compression_seconds=12.5,
                             achieved_sparsity_trained=0.65, calibrated=False)
     return model, processor, info
@@ -69,10 +70,15 @@ def test_finalize_writes_a_complete_self_describing_trial(tmp_path):
     assert json.loads((trial / "metrics.json").read_text()) == metrics
     assert AutoModelForCTC.from_pretrained(trial / "model") is not None
 
-    assert metrics["method"] == "ump" and metrics["target_sparsity"] == 0.65
-    assert metrics["achieved_sparsity"] == pytest.approx(gates.achieved_sparsity(model))
+    assert metrics["method"] == "ump" and metrics["target_sparsity"] == 0.65 and metrics["target_basis"] == "params"
+    # 65% of all parameters: measured on the export, within one weight per gated matrix
+    assert metrics["achieved_sparsity"] == pytest.approx(0.65, abs=19 / counts.total)
+    assert metrics["gated_sparsity"] == pytest.approx(gates.achieved_sparsity(model))
+    assert metrics["gated_sparsity"] == pytest.approx(0.65 * counts.total / counts.gated, abs=1e-4)
     assert (metrics["params_total"], metrics["params_nonzero"]) == (counts.total, counts.nonzero)
     assert metrics["param_reduction"] == pytest.approx(counts.reduction)
+    assert metrics["param_reduction"] == pytest.approx(metrics["achieved_sparsity"])  # no other zeros
+    assert metrics["layer_sparsity_std"] < 1e-3  # ump: every matrix at the same fraction
     assert metrics["compression_ratio"] == pytest.approx(counts.total / counts.nonzero)
     assert metrics["compression_seconds"] == 12.5 and metrics["calibrated"] is False
     assert metrics["artifact_bytes"]["compact"] < 0.21 * metrics["artifact_bytes"]["model"]
@@ -155,9 +161,11 @@ def test_finalize_dense_on_ray_data(tmp_path, ray_cluster):
     assert len(layers) == 3 * 6 + 1 and all(int(r["pruned"]) == 0 for r in layers)  # default patterns
 
 
-def fake_metrics(trial, method, target, nonzero, wer_test, p):
-    return {"trial": trial, "method": method, "target_sparsity": target, "achieved_sparsity": target,
-            "params_total": 1_000_000, "params_nonzero": nonzero, "wer": {"dev": wer_test - 0.01, "test": wer_test},
+def fake_metrics(trial, method, target, nonzero, wer_test, p, basis="params"):
+    return {"trial": trial, "method": method, "target_sparsity": target, "target_basis": basis,
+            "achieved_sparsity": target, "params_total": 1_000_000, "params_nonzero": nonzero,
+            "param_reduction": 1 - nonzero / 1_000_000, "compression_ratio": 1_000_000 / nonzero,
+            "wer": {"dev": wer_test - 0.01, "test": wer_test},
             "p_value_vs_dense": {"dev": p, "test": p}, "compression_seconds": 60.0}
 
 
@@ -165,7 +173,7 @@ def test_summary_lists_complete_trials_in_one_table_and_plots(tmp_path):
     trials = [fake_metrics("sspg-0.65", "sspg", 0.65, 400_000, 0.081, 0.21),
               fake_metrics("dense", "dense", 0.0, 1_000_000, 0.078, None),
               fake_metrics("ump-0.65", "ump", 0.65, 400_000, 0.095, 0.001),
-              fake_metrics("sspg-0.5", "sspg", 0.5, 550_000, 0.079, 0.6)]
+              fake_metrics("sspg-0.5", "sspg", 0.5, 550_000, 0.079, 0.6, basis="gated")]
     for m in trials:
         (tmp_path / m["trial"]).mkdir()
         (tmp_path / m["trial"] / "metrics.json").write_text(json.dumps(m))
@@ -180,9 +188,42 @@ def test_summary_lists_complete_trials_in_one_table_and_plots(tmp_path):
     table = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("|")]
     assert len(table) == 2 + 4  # header, separator, one row per complete trial
     assert "WER test (%)" in table[0] and "p vs dense test" in table[0]
-    assert "| sspg-0.65 | sspg | 0.65 | 0.650 | 0.400 / 1.000 | 7.10 | 8.10 | 0.21 | 0.21 | 60 |" in table
+    assert "| sspg-0.65 | sspg | 0.65 | 0.650 | 60.0 | 2.50x | 0.400 / 1.000 | 7.10 | 8.10 | 0.21 | 0.21 | 60 |" in table
+    assert "| sspg-0.5 | sspg | 0.5 (gated) | 0.500 | 45.0 | 1.82x |" in table[4]  # an older run's basis
     assert (tmp_path / "wer_vs_params.png").read_bytes()[:8] == PNG_MAGIC
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary files left
+
+
+def test_summary_pools_trials_repeated_over_seeds(tmp_path):
+    """sspg-0.65-seed<k> against dense-seed<k>: mean +- std per group, MAPSSWE pooled over the seeds."""
+    U = evaluate.Utterance
+    references = ["THE CAT SAT", "ON A MAT", "WITH ITS HAT"]
+    hypotheses = {"dense-seed0": ["THE CAT SAT", "ON A MAT", "WITH ITS HAT"],
+                  "dense-seed1": ["THE CAT SAT", "ON A BAT", "WITH ITS HAT"],
+                  "sspg-0.65-seed0": ["THE CAT SAT", "ON A BAT", "WITH ITS HAT"],
+                  "sspg-0.65-seed1": ["THE BAT SAT", "ON A BAT", "WITH A HAT"]}
+    for trial, texts in hypotheses.items():
+        method, target = ("dense", 0.0) if trial.startswith("dense") else ("sspg", 0.65)
+        metrics = {**fake_metrics(trial, method, target, 400_000, jiwer.wer(references, texts), None),
+                   "seed": int(trial[-1])}
+        (tmp_path / trial / "hypotheses").mkdir(parents=True)
+        (tmp_path / trial / "metrics.json").write_text(json.dumps(metrics))
+        for split in ("dev", "test"):
+            evaluate.write_hypotheses(tmp_path / trial / "hypotheses" / f"{split}.txt",
+                                      [U(f"u{i}", r, h) for i, (r, h) in enumerate(zip(references, texts))])
+    summary = report.write_summary(tmp_path)
+    groups = {g["trial"]: g for g in summary["over_seeds"]}
+    assert set(groups) == {"dense", "sspg-0.65"}
+    sspg = groups["sspg-0.65"]
+    assert sspg["seeds"] == [0, 1] and sspg["wer_mean"]["test"] == pytest.approx((1 / 9 + 3 / 9) / 2)
+    assert sspg["wer_std"]["test"] == pytest.approx(np.std([1 / 9, 3 / 9], ddof=1))
+    pairs = [([U(f"u{i}", r, h) for i, (r, h) in enumerate(zip(references, hypotheses[f"sspg-0.65-seed{k}"]))],
+              [U(f"u{i}", r, h) for i, (r, h) in enumerate(zip(references, hypotheses[f"dense-seed{k}"]))])
+             for k in (0, 1)]
+    assert sspg["p_value_pooled_vs_dense"]["test"] == pytest.approx(evaluate.compare_pooled(pairs).p_value)
+    assert groups["dense"]["p_value_pooled_vs_dense"] == {}  # the reference is not tested against itself
+    text = (tmp_path / "summary.md").read_text()
+    assert "## Over seeds" in text and "| sspg-0.65 | sspg | 0.65 | 0, 1 | 60.0 | 21.22 ± 15.71 | 22.22 ± 15.71 |" in text
 
 
 def test_summary_without_trials_says_so(tmp_path):

@@ -8,8 +8,8 @@ import torch
 
 from pinch_ray import gates
 from pinch_ray.config import ConfigError, GateConfig, TrainConfig
-from pinch_ray.models import load_model
-from pinch_ray.train import Compressor, lr_multiplier
+from pinch_ray.models import count_parameters, load_model
+from pinch_ray.train import Compressor, gated_target, lr_multiplier, prepare_method
 
 NO_RANDOMNESS = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
                      feat_proj_dropout=0.0, final_dropout=0.0, mask_time_prob=0.0)
@@ -23,25 +23,63 @@ def random_batches(n, batch=4, seconds=1.0, seed=0):
                "labels": torch.randint(5, 32, (batch, 12), generator=generator)}
 
 
-def compressor(method, target, steps, preset="tiny", seed=0, **train):
+def compressor(method, target, steps, preset="tiny", seed=0, target_basis="params", **train):
     model, _ = load_model(preset, seed=seed, **NO_RANDOMNESS)
     train_cfg = TrainConfig(max_steps=steps, warmup_steps=20, lr=1e-3, **train)
-    return Compressor.create(model, method, target, train_cfg, GateConfig(calibrate=False))
+    return Compressor.create(model, method, target, train_cfg, GateConfig(calibrate=False), target_basis=target_basis)
 
 
 @pytest.mark.slow
 def test_sspg_reaches_target_with_mixed_per_layer_sparsity():
     run = compressor("sspg", 0.65, steps=300)
     history = [run.step([batch]) for batch in random_batches(300)]
-    achieved = gates.achieved_sparsity(run.model)  # measured from hard masks, no calibration
+    gated = gates.achieved_sparsity(run.model)  # measured from hard masks, no calibration
+    counts = count_parameters(run.model)
+    achieved = 1 - counts.nonzero / counts.total  # 65% of ALL parameters, as the paper counts
     assert abs(achieved - 0.65) <= 0.005, achieved
+    assert run.gated_target == pytest.approx(0.65 * counts.total / counts.gated) and abs(gated - run.gated_target) < 0.006
     per_layer = [layer.sparsity for layer in gates.layer_sparsity(run.model)]
     assert max(per_layer) - min(per_layer) > 0.05, per_layer
     # the run followed the ramp: halfway through it had pruned a fair part, not all, of the target
-    assert 0.3 < history[75]["soft_sparsity"] < 0.6
+    assert 0.3 < history[75]["soft_sparsity"] < 0.65
     assert history[-1]["tau"] == pytest.approx(GateConfig().tau_end, rel=0.05)
-    assert run.finish() == {"achieved_sparsity_trained": achieved, "achieved_sparsity": achieved,
-                            "calibrated": False}
+    assert run.finish() == {"achieved_sparsity_trained": pytest.approx(achieved), "gated_sparsity": gated,
+                            "achieved_sparsity": pytest.approx(achieved), "calibrated": False}
+
+
+@pytest.mark.parametrize("method", ["sspg", "ump", "sspg-neuron"])
+def test_a_target_of_all_parameters_becomes_the_gated_fraction_that_removes_them(method):
+    model, _ = load_model("tiny")
+    total = sum(p.numel() for p in model.parameters())
+    fraction, params_total, params_gated = prepare_method(model, method, 0.65, GateConfig(), "params")
+    gated = {name: gate for name, (_, gate) in gates.gated_modules(model).items()}
+    expected_gated = sum(getattr(g, "numel", None) or g.mask.numel() for g in gated.values())
+    assert (params_total, params_gated) == (total, expected_gated)
+    assert fraction == pytest.approx(0.65 * total / params_gated) and fraction > 0.65
+    if method == "ump":  # the masks remove exactly that fraction: 65% of all parameters
+        assert 1 - count_parameters(model).nonzero / total == pytest.approx(0.65, abs=20 / total)
+    model, _ = load_model("tiny")
+    assert prepare_method(model, method, 0.65, GateConfig(), "gated")[0] == 0.65
+
+
+def test_a_target_the_gated_layers_cannot_reach_is_refused_with_the_largest_that_they_can():
+    with pytest.raises(ConfigError, match=r"at most 0\.884 is reachable"):
+        compressor("sspg", 0.9, steps=5)  # the default gated layers hold 89.3% of the tiny model
+    assert gated_target(0.5, "params", 1000, 800) == 0.625
+    assert gated_target(0.5, "gated", 1000, 800) == 0.5
+
+
+def test_lambda_rises_with_the_gap_by_the_same_amount_per_run_whatever_its_length():
+    """Plain gradient ascent at lagrangian_gain / max_steps: a gap held for a whole run moves
+    lambda_1 by lagrangian_gain x gap, for a short run and one 10x longer alike (Adam would move
+    it ~lr per step: 10x further in the longer run)."""
+    for max_steps in (100, 1000):
+        lagrangian = gates.SparsityLagrangian(penalty=0.0)
+        for _ in range(max_steps):
+            lagrangian(torch.tensor(0.51), 0.5).backward()
+            lagrangian.ascend(GateConfig().lagrangian_gain / max_steps)
+        assert lagrangian.lambda_1.item() == pytest.approx(GateConfig().lagrangian_gain * 0.01, rel=1e-3)
+        assert lagrangian.lambda_1.grad is None
 
 
 def test_finish_calibrates_a_missed_target_and_reports_both():
@@ -62,8 +100,9 @@ def test_every_method_runs_through_the_same_step(method, target):
     assert [m["step"] for m in metrics] == list(range(1, 7))
     assert all(torch.isfinite(torch.tensor(m["ctc_loss"])) for m in metrics)
     assert any(not torch.equal(a, b) for a, b in zip(before, run.model.parameters()))
-    if method == "ump":  # the mask stays fixed while the rest fine-tunes
-        assert run.hard_sparsity() == pytest.approx(0.65, abs=1e-4)
+    if method == "ump":  # the mask stays fixed while the rest fine-tunes: 65% of all parameters
+        assert run.on_basis(run.hard_sparsity()) == pytest.approx(0.65, abs=1e-4)
+        assert run.hard_sparsity() == pytest.approx(run.gated_target, abs=1e-4) and run.gated_target > 0.72
     if method.startswith("sspg"):
         assert {"soft_sparsity", "sparsity_loss", "target_now", "tau", "lambda_1"} <= set(metrics[-1])
     if method == "dense":
@@ -73,10 +112,10 @@ def test_every_method_runs_through_the_same_step(method, target):
 def test_optimizer_groups_and_lr_schedule():
     run = compressor("sspg", 0.65, steps=100)
     groups = {g["name"]: g for g in run.optimizer.param_groups}
-    assert set(groups) == {"weights", "no_decay", "thresholds", "lagrangian"}
+    assert set(groups) == {"weights", "no_decay", "thresholds"}  # lambda_1 ascends on its own (see above)
     assert len(groups["thresholds"]["params"]) == 19
     assert groups["thresholds"]["lr"] == pytest.approx(4.0 / 100) and groups["thresholds"]["weight_decay"] == 0
-    assert groups["lagrangian"]["maximize"] is True
+    assert run.optimizer.defaults["fused"] is True  # one kernel, not a Python loop over the tensors
     assert all(p.dim() < 2 for p in groups["no_decay"]["params"])
 
     cfg = TrainConfig(max_steps=100, warmup_steps=10, decay_fraction=0.3)
@@ -116,6 +155,8 @@ def test_resume_from_state_dict_continues_exactly():
 
     with pytest.raises(ValueError, match="sspg@0.65"):
         compressor("sspg", 0.5, steps=8).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"\(params\), not sspg@0.65 \(gated\)"):
+        compressor("sspg", 0.65, steps=8, target_basis="gated").load_state_dict(state)
 
 
 @pytest.mark.parametrize("method,target,key", [("sspg", 1.2, "target_sparsity"), ("sspg", -0.1, "target_sparsity"),
