@@ -31,6 +31,7 @@ METHODS = ("dense", "ump", "two-stage", "sspg", "sspg-neuron")
 SSPG_METHODS = ("sspg", "sspg-neuron")
 MAGNITUDE_METHODS = ("ump", "two-stage")  # fixed masks from |W|, uniform per gated matrix
 GRANULARITIES = ("weight", "neuron")
+THRESHOLD_UPDATES = ("adam", "shared")  # GateConfig.threshold_update
 NEURON_UNITS = ("ffn", "heads", "conv")
 MAX_TARGET_SPARSITY = 0.99
 # What a target sparsity is a fraction of. params: every parameter of the model (the paper's
@@ -97,6 +98,12 @@ class GateConfig:
     tau_end: float = 0.005  # the temperature at the end of training (see tau_start)
     # Initial threshold, in units of the layer's RMS weight: t_l = threshold_init * rms(W_l).
     threshold_init: float = 0.1
+    # How the thresholds learn. adam: Adam per threshold, so every threshold moves ~its learning rate
+    # a step whatever its gradient (all layers at one speed, whatever pruning costs each). shared:
+    # Adam with ONE second moment for all thresholds (the mean square of their gradients), so each
+    # moves in proportion to its own gradient: what pruning costs the layer against the parameters
+    # it frees, the signal a learned per-layer allocation needs.
+    threshold_update: str = "adam"
     # One relative threshold shared by every gated matrix instead of one each: the control that
     # shows what the learned per-layer allocation is worth (every layer then prunes at the same
     # fraction of its own RMS weight; their sparsities differ only by their weight distributions).
@@ -146,6 +153,8 @@ class GateConfig:
             out.append(f"{prefix}.calibration_tolerance: must be in (0, 0.1) (got {self.calibration_tolerance})")
         if not self.all_patterns():
             out.append(f"{prefix}.patterns: empty; list at least one module-name pattern to gate")
+        if self.threshold_update not in THRESHOLD_UPDATES:
+            out.append(f"{prefix}.threshold_update: {self.threshold_update!r}; use {' or '.join(THRESHOLD_UPDATES)}")
         if self.granularity not in GRANULARITIES:
             out.append(f"{prefix}.granularity: {self.granularity!r}; use {' or '.join(GRANULARITIES)}")
         bad_units = [unit for unit in self.neuron_units if unit not in NEURON_UNITS]

@@ -131,12 +131,46 @@ def _is_no_decay(name: str, param: nn.Parameter) -> bool:
     return param.dim() < 2 or "norm" in name.lower()
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with separate groups: decayed weights, undecayed vectors/norms, thresholds.
+class SharedScaleAdam(torch.optim.Optimizer):
+    """Adam whose second moment is one number for all its parameters: the running mean square of
+    every parameter's gradient. Each step is ``lr * m_i / sqrt(v)``, so parameters move in
+    proportion to their own (averaged) gradients, at an overall speed Adam's normalisation fixes.
 
-    Group ``name`` keys: ``weights``, ``no_decay`` and ``thresholds`` (``effective_threshold_lr``,
-    no decay). The fused implementation where torch has one for every parameter's device (CPU and
-    CUDA): one kernel over all tensors instead of a Python loop over each.
+    For the gate thresholds (``GateConfig.threshold_update: shared``): per-parameter Adam moves
+    each threshold ~``lr`` a step whatever its gradient, so every layer prunes at the same speed and
+    the per-layer allocation cannot follow what pruning costs each layer.
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            mean_square = torch.stack([p.grad.float().pow(2).mean() for p in params]).mean()
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros((), device=p.device))
+                state["step"] += 1
+                state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).add_(mean_square, alpha=1 - beta2)  # the same in every state
+                denominator = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt().add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1 ** state["step"]))
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig,
+                     gate_cfg: GateConfig) -> tuple[torch.optim.AdamW, torch.optim.Optimizer | None]:
+    """The model weights' AdamW (groups ``weights`` and ``no_decay``: vectors and norms undecayed)
+    and the thresholds' optimizer (None without gates): AdamW, or :class:`SharedScaleAdam` with
+    ``gate_cfg.threshold_update: shared``, at ``effective_threshold_lr``, no decay.
+
+    The weights' AdamW is the fused implementation where torch has one for every parameter's device
+    (CPU and CUDA): one kernel over all tensors instead of a Python loop over each.
     """
     threshold_ids = {id(g.threshold) for g in gates_lib.gates_of(model)}
     groups = {"weights": [], "no_decay": [], "thresholds": []}
@@ -150,14 +184,21 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     param_groups = [
         {"name": "weights", "params": groups["weights"], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         {"name": "no_decay", "params": groups["no_decay"], "lr": cfg.lr, "weight_decay": 0.0},
-        {"name": "thresholds", "params": groups["thresholds"], "lr": cfg.effective_threshold_lr, "weight_decay": 0.0},
     ]
     param_groups = [g for g in param_groups if g["params"]]
-    for group in param_groups:
-        group["base_lr"] = group["lr"]
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
                 for group in param_groups for p in group["params"])
-    return torch.optim.AdamW(param_groups, betas=tuple(cfg.adam_betas), fused=fused or None)
+    weights = torch.optim.AdamW(param_groups, betas=tuple(cfg.adam_betas), fused=fused or None)
+    thresholds = None
+    if groups["thresholds"]:
+        group = [{"name": "thresholds", "params": groups["thresholds"], "lr": cfg.effective_threshold_lr}]
+        thresholds = (SharedScaleAdam(group, lr=cfg.effective_threshold_lr, betas=tuple(cfg.adam_betas))
+                      if gate_cfg.threshold_update == "shared"
+                      else torch.optim.AdamW(group, betas=tuple(cfg.adam_betas), weight_decay=0.0))
+    for optimizer in (weights, thresholds):
+        for group in optimizer.param_groups if optimizer is not None else ():
+            group["base_lr"] = group["lr"]
+    return weights, thresholds
 
 
 @dataclass
@@ -176,7 +217,8 @@ class Compressor:
     target_sparsity: float
     train_cfg: TrainConfig
     gate_cfg: GateConfig
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer  # the model weights
+    threshold_optimizer: torch.optim.Optimizer | None  # the gate thresholds (None without gates)
     lagrangian: gates_lib.SparsityLagrangian | None
     target_basis: str = "params"
     gated_target: float = 0.0  # the fraction of the gated parameters to remove
@@ -204,13 +246,18 @@ class Compressor:
             lagrangian = gates_lib.SparsityLagrangian(gate_cfg.penalty).to(device)
             with torch.no_grad():
                 sparsity_start = float(gates_lib.soft_sparsity(model))
-        optimizer = build_optimizer(model, train_cfg)
+        optimizer, threshold_optimizer = build_optimizers(model, train_cfg, gate_cfg)
         use_bf16 = device.type == "cuda" and train_cfg.bf16_autocast
         return cls(model=model, method=method, target_sparsity=target_sparsity, train_cfg=train_cfg,
-                   gate_cfg=gate_cfg, optimizer=optimizer, lagrangian=lagrangian, target_basis=target_basis,
+                   gate_cfg=gate_cfg, optimizer=optimizer, threshold_optimizer=threshold_optimizer,
+                   lagrangian=lagrangian, target_basis=target_basis,
                    gated_target=target, params_total=params_total, params_gated=params_gated,
                    sparsity_start=sparsity_start, autocast_dtype=torch.bfloat16 if use_bf16 else None,
                    use_attention_mask=use_attention_mask)
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer] + ([self.threshold_optimizer] if self.threshold_optimizer is not None else [])
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -223,8 +270,8 @@ class Compressor:
     def _set_schedules(self) -> dict:
         """Set lr, temperature for this step; returns them (and the current sparsity target)."""
         multiplier = lr_multiplier(self.step_count, self.train_cfg)
-        for group in self.optimizer.param_groups:
-            if group["name"] != "lagrangian":
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * multiplier
         now = {"lr": multiplier * self.train_cfg.lr}
         if self.method in SSPG_METHODS:
@@ -266,8 +313,9 @@ class Compressor:
                 (loss / n).backward()
                 sums["ctc_loss"] = sums.get("ctc_loss", 0) + ctc_loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if self.lagrangian is not None:  # integral action once the target holds still (no windup on the ramp)
             ramping = now["target_now"] != self.gated_target
             self.lagrangian.ascend(0.0 if ramping else self.gate_cfg.lagrangian_gain / self.train_cfg.max_steps)
@@ -308,6 +356,7 @@ class Compressor:
     def state_dict(self) -> dict:
         """Everything needed to resume: model (with gates), multipliers, optimizer, step."""
         return {"model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "threshold_optimizer": self.threshold_optimizer.state_dict() if self.threshold_optimizer else None,
                 "lagrangian": self.lagrangian.state_dict() if self.lagrangian is not None else None,
                 "step": self.step_count, "sparsity_start": self.sparsity_start,
                 "method": self.method, "target_sparsity": self.target_sparsity, "target_basis": self.target_basis}
@@ -319,6 +368,8 @@ class Compressor:
                              f"not {self.method}@{self.target_sparsity} ({self.target_basis})")
         self.unwrapped.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.threshold_optimizer is not None:
+            self.threshold_optimizer.load_state_dict(state["threshold_optimizer"])
         if self.lagrangian is not None:
             self.lagrangian.load_state_dict(state["lagrangian"])
         self.step_count = int(state["step"])

@@ -249,7 +249,7 @@ def test_a_shared_threshold_is_one_parameter_for_every_gated_matrix():
                             GateConfig(shared_threshold=True, threshold_init=0.8))
     thresholds = {id(gate.threshold) for gate in gates.gates_of(run.model)}
     assert len(thresholds) == 1 and len(gates.gates_of(run.model)) == 19
-    group = next(g for g in run.optimizer.param_groups if g["name"] == "thresholds")
+    (group,) = run.threshold_optimizer.param_groups
     assert len(group["params"]) == 1
     batch = {"input_values": torch.randn(2, 16_000), "labels": torch.randint(5, 32, (2, 8))}
     run.step([batch])

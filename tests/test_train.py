@@ -9,7 +9,7 @@ import torch
 from pinch_ray import gates
 from pinch_ray.config import ConfigError, GateConfig, TrainConfig
 from pinch_ray.models import count_parameters, load_model
-from pinch_ray.train import Compressor, gated_target, lr_multiplier, prepare_method
+from pinch_ray.train import Compressor, SharedScaleAdam, build_optimizers, gated_target, lr_multiplier, prepare_method
 
 NO_RANDOMNESS = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
                      feat_proj_dropout=0.0, final_dropout=0.0, mask_time_prob=0.0)
@@ -112,16 +112,36 @@ def test_every_method_runs_through_the_same_step(method, target):
 def test_optimizer_groups_and_lr_schedule():
     run = compressor("sspg", 0.65, steps=100)
     groups = {g["name"]: g for g in run.optimizer.param_groups}
-    assert set(groups) == {"weights", "no_decay", "thresholds"}  # lambda_1 ascends on its own (see above)
-    assert len(groups["thresholds"]["params"]) == 19
-    assert groups["thresholds"]["lr"] == pytest.approx(4.0 / 100) and groups["thresholds"]["weight_decay"] == 0
+    assert set(groups) == {"weights", "no_decay"}  # lambda_1 ascends on its own (see above)
     assert run.optimizer.defaults["fused"] is True  # one kernel, not a Python loop over the tensors
+    (thresholds,) = run.threshold_optimizer.param_groups
+    assert isinstance(run.threshold_optimizer, torch.optim.AdamW) and len(thresholds["params"]) == 19
+    assert thresholds["lr"] == pytest.approx(4.0 / 100) and thresholds["weight_decay"] == 0
     assert all(p.dim() < 2 for p in groups["no_decay"]["params"])
 
     cfg = TrainConfig(max_steps=100, warmup_steps=10, decay_fraction=0.3)
     values = [lr_multiplier(s, cfg) for s in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == 1.0 and values[69] == 1.0
     assert values[70:] == sorted(values[70:], reverse=True) and values[-1] < 0.01
+
+
+def test_shared_scale_thresholds_move_by_their_own_gradients_where_adam_moves_all_alike():
+    """Two thresholds whose gradients differ 4x: Adam moves both ~lr a step; the shared second moment
+    keeps the 4x, which is what lets each layer's pruning follow its own cost."""
+    for optimizer_class, expected_ratio in ((torch.optim.Adam, 1.0), (SharedScaleAdam, 4.0)):
+        small, large = torch.nn.Parameter(torch.zeros(())), torch.nn.Parameter(torch.zeros(()))
+        optimizer = optimizer_class([small, large], lr=0.01)
+        for _ in range(20):
+            small.grad, large.grad = torch.tensor(0.1), torch.tensor(0.4)
+            optimizer.step()
+        assert large.item() / small.item() == pytest.approx(expected_ratio, rel=1e-4)
+        # the overall scale: Adam lr per step each; shared, lr x gradient / rms of both gradients
+        scale = 1.0 if expected_ratio == 1 else ((0.1 + 0.4) / 2) / ((0.1**2 + 0.4**2) / 2) ** 0.5
+        assert (small.item() + large.item()) / 2 == pytest.approx(-0.01 * 20 * scale, rel=1e-3)
+    cfg = GateConfig(threshold_update="shared")
+    run = Compressor.create(load_model("tiny")[0], "sspg", 0.5, TrainConfig(max_steps=10), cfg)
+    assert isinstance(run.threshold_optimizer, SharedScaleAdam)
+    assert "gates.threshold_update" in str(GateConfig(threshold_update="sgd").problems())
 
 
 def test_gradient_accumulation_matches_one_big_batch():
@@ -134,17 +154,26 @@ def test_gradient_accumulation_matches_one_big_batch():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
-def test_resume_from_state_dict_continues_exactly():
+@pytest.mark.parametrize("threshold_update", ["adam", "shared"])
+def test_resume_from_state_dict_continues_exactly(threshold_update):
     batches = list(random_batches(8))
-    straight = compressor("sspg", 0.65, steps=8)
+
+    def make(target=0.65, **kwargs):
+        run = compressor("sspg", target, steps=8, **kwargs)
+        if threshold_update == "shared":  # the thresholds' optimizer, rebuilt as the option builds it
+            run.gate_cfg = GateConfig(calibrate=False, threshold_update="shared")
+            run.optimizer, run.threshold_optimizer = build_optimizers(run.model, run.train_cfg, run.gate_cfg)
+        return run
+
+    straight = make()
     for batch in batches:
         straight.step([batch])
 
-    first = compressor("sspg", 0.65, steps=8)
+    first = make()
     for batch in batches[:4]:
         first.step([batch])
     state = first.state_dict()
-    resumed = compressor("sspg", 0.65, steps=8, seed=123)  # different init, overwritten by the state
+    resumed = make(seed=123)  # different init, overwritten by the state
     resumed.load_state_dict(state)
     assert resumed.step_count == 4
     for batch in batches[4:]:
@@ -154,7 +183,7 @@ def test_resume_from_state_dict_continues_exactly():
     assert resumed.lagrangian.lambda_1.item() == pytest.approx(straight.lagrangian.lambda_1.item())
 
     with pytest.raises(ValueError, match="sspg@0.65"):
-        compressor("sspg", 0.5, steps=8).load_state_dict(state)
+        make(target=0.5).load_state_dict(state)
     with pytest.raises(ValueError, match=r"\(params\), not sspg@0.65 \(gated\)"):
         compressor("sspg", 0.65, steps=8, target_basis="gated").load_state_dict(state)
 
