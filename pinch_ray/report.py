@@ -144,7 +144,7 @@ class TrialInfo:
     """What finalize needs to know about a trial besides its model."""
 
     trial: str  # directory name under output_dir, e.g. "sspg-0.65"
-    method: str  # dense | ump | sspg | sspg-neuron
+    method: str  # dense | ump | two-stage | sspg | sspg-neuron
     target_sparsity: float  # configured fraction of target_basis to remove
     target_basis: str = "params"  # params (all parameters) or gated (SweepConfig.target_basis)
     seed: int | None = None  # training.seed of the run (sweep.seeds: one trial per seed)
@@ -327,21 +327,20 @@ def over_seeds(output_dir: str | os.PathLike, trials: Sequence[dict]) -> list[di
                  "target_basis": members[0].get("target_basis", "gated"), "seeds": [m.get("seed") for m in members],
                  "param_reduction": statistics.fmean(m["param_reduction"] for m in members),
                  "wer_mean": {}, "wer_std": {}, "p_value_pooled_vs_dense": {}}
+        # (trial hypotheses, its reference's) per seed; none for the dense references themselves
+        hypotheses = []
+        for m in members:
+            reference = f"dense-seed{m.get('seed')}" if f"dense-seed{m.get('seed')}" in names else "dense"
+            if m["method"] != "dense" and reference in names:
+                hypotheses.append((read_trial_hypotheses(Path(output_dir) / m["trial"]),
+                                   read_trial_hypotheses(Path(output_dir) / reference)))
         for split in splits:
             wers = [m["wer"][split] for m in members if split in m["wer"]]
             entry["wer_mean"][split] = statistics.fmean(wers)
             entry["wer_std"][split] = statistics.stdev(wers) if len(wers) > 1 else 0.0
-            pairs = []
-            for m in members:
-                reference = f"dense-seed{m.get('seed')}" if f"dense-seed{m.get('seed')}" in names else "dense"
-                if m["method"] == "dense" or reference not in names:
-                    break
-                system = read_trial_hypotheses(Path(output_dir) / m["trial"]).get(split)
-                baseline = read_trial_hypotheses(Path(output_dir) / reference).get(split)
-                if system is None or baseline is None:
-                    break
-                pairs.append((system, baseline))
-            else:
+            pairs = [(system[split], baseline[split]) for system, baseline in hypotheses
+                     if split in system and split in baseline]
+            if pairs and len(pairs) == len(members):  # every seed has its comparison
                 entry["p_value_pooled_vs_dense"][split] = evaluate.compare_pooled(pairs).p_value
         out.append(entry)
     return out
@@ -354,7 +353,8 @@ def over_seeds_table(groups: Sequence[dict]) -> str:
               + [f"WER {s} (%), mean ± std" for s in splits] + [f"pooled p vs dense {s}" for s in splits])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in groups:
-        row = [g["trial"], g["method"], f"{g['target_sparsity']:.3g}", ", ".join(map(str, g["seeds"])),
+        target = "–" if g["method"] == "dense" else f"{g['target_sparsity']:.3g}"
+        row = [g["trial"], g["method"], target, ", ".join(map(str, g["seeds"])),
                f"{100 * g['param_reduction']:.1f}"]
         row += [f"{100 * g['wer_mean'][s]:.2f} ± {100 * g['wer_std'][s]:.2f}" if s in g["wer_mean"] else "–"
                 for s in splits]
@@ -365,7 +365,8 @@ def over_seeds_table(groups: Sequence[dict]) -> str:
 
 def plot_wer_vs_params(path: str | os.PathLike, trials: Sequence[dict], split: str) -> None:
     """WER on ``split`` against nonzero parameters: one marker style per method, dense as reference
-    (a dotted line), the ``foundation`` the trials started from as a grey cross."""
+    (a dotted line), the ``foundation`` the trials started from as a grey cross. Trials repeated over
+    seeds are one point: their mean, with the seeds' std as an error bar."""
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.subplots()
     start = [m for m in trials if m["trial"] == FOUNDATION_TRIAL and split in m["wer"]]
@@ -373,13 +374,20 @@ def plot_wer_vs_params(path: str | os.PathLike, trials: Sequence[dict], split: s
         ax.plot([start[0]["params_nonzero"] / 1e6], [100 * start[0]["wer"][split]], marker="x", markersize=9,
                 color="gray", linestyle="", label="start (foundation)")
     for method, marker in zip(METHODS, "*oDs^", strict=True):
-        points = sorted((m["params_nonzero"] / 1e6, 100 * m["wer"][split]) for m in trials
-                        if m["method"] == method and split in m["wer"] and m["trial"] != FOUNDATION_TRIAL)
-        if not points:
+        groups: dict[str, list[dict]] = {}
+        for m in trials:
+            if m["method"] == method and split in m["wer"] and m["trial"] != FOUNDATION_TRIAL:
+                seeded = SEEDED_TRIAL.fullmatch(m["trial"])
+                groups.setdefault(seeded["base"] if seeded else m["trial"], []).append(m)
+        if not groups:
             continue
-        x, y = zip(*points)
-        ax.plot(x, y, marker=marker, markersize=10 if method == "dense" else 7, label=method,
-                linestyle="" if method == "dense" else "-")
+        points = sorted((statistics.fmean(m["params_nonzero"] / 1e6 for m in group),
+                         statistics.fmean(100 * m["wer"][split] for m in group),
+                         statistics.stdev(100 * m["wer"][split] for m in group) if len(group) > 1 else 0.0)
+                        for group in groups.values())
+        x, y, spread = zip(*points)
+        ax.errorbar(x, y, yerr=spread, marker=marker, markersize=10 if method == "dense" else 7, capsize=3,
+                    label=method, linestyle="" if method == "dense" else "-")
         if method == "dense":
             ax.axhline(y[0], color="gray", linestyle=":", linewidth=1)
     ax.set(xlabel="nonzero parameters (M)", ylabel=f"WER on {split} (%)", title=f"WER vs. model size ({split})")
