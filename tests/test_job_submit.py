@@ -14,8 +14,8 @@ dashboard); it is stopped by terminating its ``ray start --block`` process, neve
 from __future__ import annotations
 
 import csv
-import json
 import gzip
+import json
 import os
 import signal
 import socket
