@@ -12,6 +12,7 @@ interrupted run picks up where it stopped. The resolved config is saved as ``<ou
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -94,11 +95,8 @@ def model_problems(cfg: PipelineConfig) -> list[str]:
     from pinch_ray.sweep import trial_name
     from pinch_ray.train import prepare_method
 
-    def skeleton():
-        return model_skeleton(cfg.model.init_from, cfg.model.trust_remote_code, **cfg.model.overrides)
-
     try:
-        skeleton()
+        skeleton = model_skeleton(cfg.model.init_from, cfg.model.trust_remote_code, **cfg.model.overrides)
     except (OSError, ValueError, KeyError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return [f"model.init_from: cannot load {cfg.model.init_from!r} ({reason}); name a preset (tiny, "
@@ -106,7 +104,7 @@ def model_problems(cfg: PipelineConfig) -> list[str]:
     problems = []
     for method, target in cfg.sweep.trials():  # the seeds change no shapes
         try:
-            prepare_method(skeleton(), method, target, cfg.gates, cfg.sweep.target_basis)
+            prepare_method(copy.deepcopy(skeleton), method, target, cfg.gates, cfg.sweep.target_basis)
         except ConfigError as error:
             problems += [f"sweep ({trial_name(method, target)}): {problem}" for problem in error.problems]
     return list(dict.fromkeys(problems))
@@ -209,6 +207,7 @@ def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False) 
             seconds += results[reference]["compression_seconds"]
         info = TrialInfo(trial=name, method=result["method"], target_sparsity=result["target_sparsity"],
                          target_basis=result.get("target_basis", "gated"), seed=result.get("seed"),
+                         dense_reference=reference,
                          compression_seconds=seconds, training_seconds=result.get("compression_seconds"),
                          achieved_sparsity_trained=result.get("achieved_sparsity_trained"),
                          calibrated=result.get("calibrated"))

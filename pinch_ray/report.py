@@ -148,6 +148,7 @@ class TrialInfo:
     target_sparsity: float  # configured fraction of target_basis to remove
     target_basis: str = "params"  # params (all parameters) or gated (SweepConfig.target_basis)
     seed: int | None = None  # training.seed of the run (sweep.seeds: one trial per seed)
+    dense_reference: str | None = None  # the dense trial p_value_vs_dense compares with (None: none)
     # wall time of the compression, seconds: the trial's training, plus the dense run's for two-stage
     compression_seconds: float | None = None
     training_seconds: float | None = None  # wall time of the trial's own training, seconds
@@ -231,6 +232,7 @@ def _metrics(plain, info: TrialInfo, layers, per_split: dict, directory: Path) -
         "target_sparsity": info.target_sparsity,
         "target_basis": info.target_basis,
         "seed": info.seed,
+        "dense_reference": info.dense_reference,
         # measured on the exported weights (never the configured value), on the target's basis:
         # pruned gated parameters over all parameters (params) or over the gated ones (gated)
         "achieved_sparsity": gated_sparsity if info.target_basis == "gated" else gated_pruned / counts.total,
@@ -312,8 +314,8 @@ SEEDED_TRIAL = re.compile(r"(?P<base>.+)-seed(?P<seed>\d+)")  # sweep.seeds: <tr
 def over_seeds(output_dir: str | os.PathLike, trials: Sequence[dict]) -> list[dict]:
     """Trials repeated over seeds (``<trial>-seed<k>``), one entry per ``<trial>``: the seeds, the
     WER per split as mean and sample std, parameters removed (mean), and per split a MAPSSWE test
-    pooled over the seeds (each seed's hypotheses against the dense reference of its seed,
-    ``dense-seed<k>``, else ``dense``; :func:`pinch_ray.evaluate.compare_pooled`)."""
+    pooled over the seeds (each seed's hypotheses against its ``dense_reference``, the dense trial
+    finalize compared it with; :func:`pinch_ray.evaluate.compare_pooled`)."""
     groups: dict[str, list[dict]] = {}
     for m in trials:
         match = SEEDED_TRIAL.fullmatch(m["trial"])
@@ -330,10 +332,9 @@ def over_seeds(output_dir: str | os.PathLike, trials: Sequence[dict]) -> list[di
         # (trial hypotheses, its reference's) per seed; none for the dense references themselves
         hypotheses = []
         for m in members:
-            reference = f"dense-seed{m.get('seed')}" if f"dense-seed{m.get('seed')}" in names else "dense"
-            if m["method"] != "dense" and reference in names:
+            if m.get("dense_reference") in names:
                 hypotheses.append((read_trial_hypotheses(Path(output_dir) / m["trial"]),
-                                   read_trial_hypotheses(Path(output_dir) / reference)))
+                                   read_trial_hypotheses(Path(output_dir) / m["dense_reference"])))
         for split in splits:
             wers = [m["wer"][split] for m in members if split in m["wer"]]
             entry["wer_mean"][split] = statistics.fmean(wers)

@@ -81,8 +81,8 @@ def gated_target(target_sparsity: float, target_basis: str, params_total: int, p
     if fraction > MAX_TARGET_SPARSITY:
         reachable = MAX_TARGET_SPARSITY * params_gated / params_total
         raise ConfigError([f"target_sparsity: {target_sparsity:g} of all {params_total:,} parameters cannot be "
-                           f"removed: the gated layers hold {params_gated:,} ({params_gated / params_total:.1%}), so at most "
-                           f"{reachable:.3f} is reachable; lower the target, or gate more layers "
+                           f"removed: the gated layers hold {params_gated:,} ({params_gated / params_total:.1%}), "
+                           f"so at most {reachable:.3f} is reachable; lower the target, or gate more layers "
                            "(gates.patterns, gates.gate_feature_encoder)"], source="method settings")
     return fraction
 
@@ -221,7 +221,6 @@ class Compressor:
     threshold_optimizer: torch.optim.Optimizer | None  # the gate thresholds (None without gates)
     lagrangian: gates_lib.SparsityLagrangian | None
     target_basis: str = "params"
-    gated_target: float = 0.0  # the fraction of the gated parameters to remove
     params_total: int = 0  # parameters of the model before pruning
     params_gated: int = 0  # parameters the gates / masks act on
     sparsity_start: float = 0.0  # soft sparsity before training (sspg): where the target ramp starts
@@ -239,7 +238,7 @@ class Compressor:
             keep_freed_cpu_memory()
         if train_cfg.freeze_feature_encoder and hasattr(model, "freeze_feature_encoder"):
             model.freeze_feature_encoder()
-        target, params_total, params_gated = prepare_method(model, method, target_sparsity, gate_cfg, target_basis)
+        _, params_total, params_gated = prepare_method(model, method, target_sparsity, gate_cfg, target_basis)
         model.to(device)
         lagrangian, sparsity_start = None, 0.0
         if method in SSPG_METHODS:
@@ -250,10 +249,15 @@ class Compressor:
         use_bf16 = device.type == "cuda" and train_cfg.bf16_autocast
         return cls(model=model, method=method, target_sparsity=target_sparsity, train_cfg=train_cfg,
                    gate_cfg=gate_cfg, optimizer=optimizer, threshold_optimizer=threshold_optimizer,
-                   lagrangian=lagrangian, target_basis=target_basis,
-                   gated_target=target, params_total=params_total, params_gated=params_gated,
+                   lagrangian=lagrangian, target_basis=target_basis, params_total=params_total,
+                   params_gated=params_gated,
                    sparsity_start=sparsity_start, autocast_dtype=torch.bfloat16 if use_bf16 else None,
                    use_attention_mask=use_attention_mask)
+
+    @property
+    def gated_target(self) -> float:
+        """The fraction of the gated parameters to remove (:func:`gated_target`)."""
+        return gated_target(self.target_sparsity, self.target_basis, self.params_total, self.params_gated)
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:

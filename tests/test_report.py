@@ -205,7 +205,8 @@ def test_summary_pools_trials_repeated_over_seeds(tmp_path):
     for trial, texts in hypotheses.items():
         method, target = ("dense", 0.0) if trial.startswith("dense") else ("sspg", 0.65)
         metrics = {**fake_metrics(trial, method, target, 400_000, jiwer.wer(references, texts), None),
-                   "seed": int(trial[-1])}
+                   "seed": int(trial[-1]),
+                   "dense_reference": None if method == "dense" else f"dense-seed{trial[-1]}"}
         (tmp_path / trial / "hypotheses").mkdir(parents=True)
         (tmp_path / trial / "metrics.json").write_text(json.dumps(metrics))
         for split in ("dev", "test"):
