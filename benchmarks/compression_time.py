@@ -50,11 +50,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from pinch_ray.config import GateConfig, PipelineConfig, TrainConfig, load_pipeline
-from pinch_ray.data import iter_train_batches, read_prepared_rows
-from pinch_ray.evaluate import score, transcribe_rows
-from pinch_ray.models import load_model
-from pinch_ray.pipeline import marker_path
-from pinch_ray.train import CHECKPOINT_MODEL, Compressor
+from pinch_ray.data.batches import iter_train_batches, read_prepared_rows
+from pinch_ray.core.scoring import score, transcribe_rows
+from pinch_ray.core.models import load_model
+from pinch_ray.pipeline.stages import marker_path
+from pinch_ray.core.compressor import Compressor
+from pinch_ray.pipeline.runs import CHECKPOINT_MODEL
 
 
 def stage_outputs(cfg: PipelineConfig, pipeline: Path, stage: str) -> dict:
@@ -152,7 +153,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one pair of arms per seed")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
-                        help="training seconds as CPU time of this process (default; robust to other load) or wall time")
+                        help="training seconds as CPU time of this process (default: robust to other load) "
+                             "or wall time")
     args = parser.parse_args()
     for flag in ("max_steps", "ramp_steps", "eval_every", "patience", "smooth", "dev_utterances"):
         if getattr(args, flag) < 1:

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCTC, Wav2Vec2Config
 
-from pinch_ray import export
+from pinch_ray.core import export
 from pinch_ray.config import GateConfig, TrainConfig
-from pinch_ray.models import CHAR_VOCAB, count_parameters, load_model, make_processor
-from pinch_ray.train import Compressor
+from pinch_ray.core.models import CHAR_VOCAB, count_parameters, load_model, make_processor
+from pinch_ray.core.compressor import Compressor
 
 SHAPES = {"tiny": (4, 2.0, 24), "wav2vec2-base-size": (4, 4.0, 60)}  # batch, seconds, label length
 

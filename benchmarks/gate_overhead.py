@@ -26,10 +26,10 @@ import time
 import torch
 from transformers import AutoModelForCTC, Wav2Vec2Config
 
-from pinch_ray import gates
+from pinch_ray.core import gates
 from pinch_ray.config import GateConfig, TrainConfig
-from pinch_ray.models import CHAR_VOCAB, load_model
-from pinch_ray.train import Compressor
+from pinch_ray.core.models import CHAR_VOCAB, load_model
+from pinch_ray.core.compressor import Compressor
 
 SHAPES = {  # model name -> (batch size, seconds of audio per utterance, label length)
     "tiny": (16, 2.0, 24),

@@ -24,9 +24,9 @@ import time
 import torch
 from transformers import AutoModelForCTC, Wav2Vec2Config
 
-from pinch_ray import sparse24
+from pinch_ray.core import sparse24
 from pinch_ray.config import DEFAULT_GATE_PATTERNS
-from pinch_ray.models import CHAR_VOCAB
+from pinch_ray.core.models import CHAR_VOCAB
 
 
 def main() -> None:

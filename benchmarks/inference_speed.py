@@ -29,9 +29,9 @@ import time
 import torch
 from transformers import AutoModelForCTC, Wav2Vec2Config
 
-from pinch_ray import export, gates, pruned_modeling
+from pinch_ray.core import export, gates, pruned_modeling
 from pinch_ray.config import GateConfig
-from pinch_ray.models import CHAR_VOCAB, count_parameters
+from pinch_ray.core.models import CHAR_VOCAB, count_parameters
 
 
 def build_pruned(reduction: float, units: list[str]) -> tuple[torch.nn.Module, torch.nn.Module, dict]:

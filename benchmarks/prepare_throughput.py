@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 
 from pinch_ray.config import DataConfig
-from pinch_ray.corpus.librispeech import list_split
-from pinch_ray.corpus.synth import generate_corpus
-from pinch_ray.data import PrepareSettings, prepare_split, write_shard
+from pinch_ray.data.librispeech import list_split
+from pinch_ray.data.synth import generate_corpus
+from pinch_ray.data.features import PrepareSettings, write_shard
+from pinch_ray.data.prepare import prepare_split
 
 VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "'": 5,
          **{chr(ord("A") + i): 6 + i for i in range(26)}}

@@ -30,10 +30,12 @@ import ray
 import torch
 
 from pinch_ray.config import DataConfig, GateConfig, ResourcesConfig, TrainConfig
-from pinch_ray.corpus import generate_corpus
-from pinch_ray.data import batches_per_epoch, iter_train_batches, prepare_split, read_prepared_rows
-from pinch_ray.models import CHAR_VOCAB, load_model
-from pinch_ray.train import Compressor, metrics_log_callback, run_training, worker_config
+from pinch_ray.data.synth import generate_corpus
+from pinch_ray.data.batches import batches_per_epoch, iter_train_batches, read_prepared_rows
+from pinch_ray.data.prepare import prepare_split
+from pinch_ray.core.models import CHAR_VOCAB, load_model
+from pinch_ray.core.compressor import Compressor
+from pinch_ray.pipeline.worker import metrics_log_callback, run_training, worker_config
 
 BATCH = 8
 

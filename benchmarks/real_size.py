@@ -26,7 +26,8 @@ import threading
 import time
 from pathlib import Path
 
-import psutil  # a Ray dependency
+import ray  # noqa: F401 - puts the psutil Ray bundles (ray/thirdparty_files) on sys.path
+import psutil  # noqa: E402
 from transformers import (HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor,
                           Wav2Vec2ForPreTraining)
 

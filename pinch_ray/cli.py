@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from pinch_ray import __version__
 from pinch_ray.config import ConfigError
 
 logger = logging.getLogger("pinch_ray.cli")
@@ -27,7 +28,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _corpus_synth(args: argparse.Namespace) -> int:
-    from pinch_ray.corpus.synth import DEFAULT_SPLITS, generate_corpus
+    from pinch_ray.data.synth import DEFAULT_SPLITS, generate_corpus
 
     fractions = DEFAULT_SPLITS
     if args.splits:
@@ -60,18 +61,18 @@ def _init_ray(verbose: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pinch_ray import pipeline
+    from pinch_ray.pipeline import stages
     from pinch_ray.config import load_pipeline
-    from pinch_ray.sweep import SettingsChangedError
+    from pinch_ray.pipeline.sweep import SettingsChangedError
 
-    pipeline.stages_to_run(args.from_stage, args.only)  # ValueError (exit 2) before anything starts
+    stages.stages_to_run(args.from_stage, args.only)  # ValueError (exit 2) before anything starts
     cfg = load_pipeline(args.pipeline, args.overrides, check_paths=True)  # ConfigError: every problem
-    problems = pipeline.model_problems(cfg)  # the model's own: unreadable, unreachable targets
+    problems = stages.model_problems(cfg)  # the model's own: unreadable, unreachable targets
     if problems:
         raise ConfigError(problems, source=args.pipeline)
     _init_ray(args.verbose)
     try:
-        pipeline.run(cfg, from_stage=args.from_stage, only=args.only)
+        stages.run(cfg, from_stage=args.from_stage, only=args.only)
     except (ConfigError, SettingsChangedError):  # bad input: exit 2, the message without a traceback
         raise
     except Exception:  # noqa: BLE001 - finished work is kept; the exit code and the log report it
@@ -98,8 +99,9 @@ def _add_run_commands(subparsers) -> None:
                "  pinch-ray run pipelines/demo.yaml\n"
                "  pinch-ray run pipelines/demo.yaml training.max_steps=100 output_dir=runs/short\n"
                "  pinch-ray run pipelines/demo.yaml --only finalize     # redo the evaluation and summary\n"
-               "  ray job submit --working-dir . -- pinch-ray run pipelines/wav2vec2_base_ls100.yaml")
-    run.add_argument("pipeline", help="pipeline YAML (keys: see pinch_ray/config.py; pipelines/demo.yaml)")
+               "  ray job submit --working-dir . -- python -m pinch_ray.cli run pipelines/wav2vec2_base_ls100.yaml\n"
+               "    (on a cluster: --working-dir ships this project, so nodes need only its dependencies)")
+    run.add_argument("pipeline", help="pipeline YAML (keys: see pinch_ray/config/schema.py; pipelines/demo.yaml)")
     run.add_argument("overrides", nargs="*", metavar="key=value",
                      help="settings overriding the YAML, e.g. training.max_steps=500 sweep.target_sparsities=[0.6]")
     stages = run.add_mutually_exclusive_group()
@@ -111,29 +113,31 @@ def _add_run_commands(subparsers) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from pinch_ray import storage
     from pinch_ray.config import DataConfig
 
     problems = []
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         problems.append(f"MODEL_DIR: {args.model_dir} is not an exported model directory (no config.json); "
                         "give a trial's model/ directory, e.g. runs/tiny-synth/sspg-0.65/model")
-    if "://" not in args.corpus and not os.path.isdir(os.path.join(args.corpus, args.split)):
+    if not storage.is_uri(args.corpus) and not os.path.isdir(os.path.join(args.corpus, args.split)):
         problems.append(f"--corpus/--split: {os.path.join(args.corpus, args.split)} is not a directory; "
                         "give a corpus root holding the split directory")
     if args.batch_size < 1:
         problems.append(f"--batch-size: must be >= 1 (got {args.batch_size})")
     if problems:
         raise ConfigError(problems, "pinch-ray evaluate")
-    from pinch_ray import evaluate
-    from pinch_ray.data import prepare_split
-    from pinch_ray.models import load_model
+    from pinch_ray.core import scoring
+    from pinch_ray.pipeline.transcribe import transcribe_dataset
+    from pinch_ray.data.prepare import prepare_split
+    from pinch_ray.core.models import load_model
 
     model, processor = load_model(args.model_dir)
     _init_ray(args.verbose)
     data_cfg = DataConfig(cache_dir=args.cache_dir) if args.cache_dir else DataConfig()
     prepared = prepare_split(args.corpus, args.split, processor.tokenizer.get_vocab(), data_cfg)
-    utterances = evaluate.transcribe_dataset(prepared.dataset(), model, processor, batch_size=args.batch_size)
-    scores = evaluate.score(utterances)
+    utterances = transcribe_dataset(prepared.dataset(), model, processor, batch_size=args.batch_size)
+    scores = scoring.score(utterances)
     print(json.dumps({"model_dir": args.model_dir, "corpus": args.corpus, "split": args.split,
                       "wer": scores.wer, "cer": scores.cer, "num_utterances": scores.num_utterances,
                       "num_words": scores.num_words}))
@@ -158,7 +162,7 @@ def _add_evaluate_commands(subparsers) -> None:
 
 
 def _export_2to4(args: argparse.Namespace) -> int:
-    from pinch_ray.sparse24 import export_2to4
+    from pinch_ray.core.sparse24 import export_2to4
 
     report = export_2to4(args.model_dir, args.out_dir)
     if report["kernels"] != "available":
@@ -174,7 +178,7 @@ def _add_export_commands(subparsers) -> None:
         description="Keep the 2 largest of every 4 consecutive weights in each gated Linear layer of an "
                     "exported model and write it as a stock Hugging Face directory (plus "
                     "sparsity_2to4.json: each layer's sparsity before and after). On an Ampere or newer GPU, "
-                    "pinch_ray.sparse24.to_semi_structured(model) then runs those layers on sparse tensor "
+                    "pinch_ray.core.sparse24.to_semi_structured(model) then runs those layers on sparse tensor "
                     "cores; on a CPU the model runs densely (said so, not an error).",
         epilog="example:\n  pinch-ray export-2to4 runs/demo/sspg-0.5/model runs/demo/sspg-0.5/model-2to4",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,13 +213,30 @@ def build_parser() -> argparse.ArgumentParser:
                "  pinch-ray run pipelines/demo.yaml\n"
                "then read runs/demo/summary.md. 'pinch-ray COMMAND --help' explains each command.\n"
                "exit codes: 0 success, 2 bad settings or input (nothing written), 1 failure.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (before or after COMMAND)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = _VerboseEverywhere(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     _add_run_commands(commands)
     _add_evaluate_commands(commands)
     _add_export_commands(commands)
     _add_corpus_commands(commands)
     return parser
+
+
+class _VerboseEverywhere:
+    """Subparsers whose every command (nested ones too) also takes ``-v``: given after the command,
+    it sets the same ``verbose``; not given, it leaves the top level's value (``SUPPRESS``)."""
+
+    def __init__(self, subparsers):
+        self.subparsers = subparsers
+
+    def add_parser(self, *args, **kwargs):
+        parser = self.subparsers.add_parser(*args, **kwargs)
+        parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                            help="debug logging")
+        add_subparsers = parser.add_subparsers
+        parser.add_subparsers = lambda **options: _VerboseEverywhere(add_subparsers(**options))
+        return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,11 +1,13 @@
 """The ``pinch-ray`` command line: help, exit codes, and bad inputs refused before anything is written."""
 
-import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from pinch_ray.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from pinch_ray import __version__
+from pinch_ray.cli import EXIT_BAD_INPUT, EXIT_OK, build_parser, main
 
 
 def test_help_names_every_command_and_the_first_step(capsys):
@@ -15,6 +17,21 @@ def test_help_names_every_command_and_the_first_step(capsys):
         assert word in text
     assert main(["run", "--help"]) == EXIT_OK
     assert "--from-stage" in capsys.readouterr().out
+
+
+def test_help_is_fast_and_version_and_verbose_work_anywhere(capsys):
+    # --help must not import torch / transformers / ray (seconds): the CLI imports them per command
+    code = ("import sys; from pinch_ray.cli import main; main(['--help']); main(['run', '--help']); "
+            "print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--version"])
+    assert capsys.readouterr().out.strip() == f"pinch-ray {__version__}"
+    parser = build_parser()
+    for argv in (["-v", "run", "x.yaml"], ["run", "x.yaml", "-v"], ["corpus", "synth", "out", "--verbose"]):
+        assert parser.parse_args(argv).verbose is True, argv
+    assert parser.parse_args(["run", "x.yaml"]).verbose is False
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -37,6 +54,8 @@ BAD_YAMLS = {
     "unreachable target": ("sweep:\n  target_sparsities: [0.5, 0.9]\n",
                            ["sweep (sspg-0.9): target_sparsity: 0.9 of all", "at most 0.884 is reachable"]),
     "missing checkpoint": ("model:\n  init_from: {tmp}/no_checkpoint\n", ["model.init_from: cannot load"]),
+    "unknown hub id (offline)": ("model:\n  init_from: nobody/no-such-model\n",
+                                 ["model.init_from: cannot load 'nobody/no-such-model'"]),
     "pattern matching nothing": ("gates:\n  patterns: ['.*no_such_layer']\n", ["gates.patterns[0]", "matches no"]),
 }
 

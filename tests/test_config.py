@@ -7,14 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pinch_ray.config import (
-    SYNTH_SPLITS,
-    ConfigError,
-    PipelineConfig,
-    check_paths,
-    dump_pipeline,
-    load_pipeline,
-)
+from pinch_ray.config import SYNTH_SPLITS, ConfigError, PipelineConfig, check_paths, dump_pipeline, load_pipeline
 
 PIPELINES = sorted((Path(__file__).parents[1] / "pipelines").glob("*.yaml"))
 
@@ -90,7 +83,7 @@ def test_defaults_are_the_offline_demo(in_tmp_dir):
 
 
 def test_synth_splits_match_the_generator():
-    from pinch_ray.corpus.synth import DEFAULT_SPLITS
+    from pinch_ray.data.synth import DEFAULT_SPLITS
 
     assert tuple(DEFAULT_SPLITS) == SYNTH_SPLITS
 
@@ -253,7 +246,7 @@ def test_baseline_settings_and_the_fair_dense_reference():
 
 
 def test_readme_configuration_reference_is_in_sync_with_config_py():
-    from pinch_ray.config import README_REFERENCE_BEGIN, README_REFERENCE_END, config_reference
+    from pinch_ray.config.reference import README_REFERENCE_BEGIN, README_REFERENCE_END, config_reference
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert README_REFERENCE_BEGIN in readme and README_REFERENCE_END in readme, "README lost its configuration reference"

@@ -9,8 +9,9 @@ import pytest
 import soundfile
 
 from pinch_ray.cli import main
-from pinch_ray.corpus import generate_corpus, list_split, read_utterances, write_hf_parquet
-from pinch_ray.corpus import synth
+from pinch_ray.data.librispeech import list_split, read_utterances, write_hf_parquet
+from pinch_ray.data.synth import generate_corpus
+from pinch_ray.data import synth
 
 NUM_UTTERANCES = 60
 SPLITS = ("train", "dev", "test")

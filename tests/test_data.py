@@ -16,24 +16,18 @@ import torch
 import torchaudio
 
 from pinch_ray.config import DataConfig
-from pinch_ray.corpus import generate_corpus, write_hf_parquet
-from pinch_ray.corpus.librispeech import list_split
-from pinch_ray.data import (
-    COMPLETE_MARKER,
-    REPORT_FILE,
-    SKIP_KINDS,
-    PrepareError,
-    PrepareSettings,
+from pinch_ray.data.librispeech import write_hf_parquet
+from pinch_ray.data.synth import generate_corpus
+from pinch_ray.data.librispeech import list_split
+from pinch_ray.data.batches import (
     batches_per_epoch,
     collate,
     iter_eval_batches,
     iter_train_batches,
-    prepare_shards,
-    prepare_split,
     read_prepared_rows,
-    tokenize,
-    write_shard,
 )
+from pinch_ray.data.features import SKIP_KINDS, PrepareSettings, tokenize, write_shard
+from pinch_ray.data.prepare import COMPLETE_MARKER, REPORT_FILE, PrepareError, prepare_shards, prepare_split
 
 VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "'": 5,
          **{chr(ord("A") + i): 6 + i for i in range(26)}}

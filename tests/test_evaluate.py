@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pinch_ray import evaluate
-from pinch_ray.data import SHARD_SCHEMA
-from pinch_ray.models import CHAR_VOCAB, load_model, make_processor
+from pinch_ray.core import scoring
+from pinch_ray.data.features import SHARD_SCHEMA
+from pinch_ray.core.models import CHAR_VOCAB, load_model, make_processor
+from pinch_ray.pipeline.transcribe import transcribe_dataset
 
 NO_RANDOMNESS = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
                      feat_proj_dropout=0.0, final_dropout=0.0, mask_time_prob=0.0)
@@ -44,19 +45,19 @@ def test_greedy_decode_collapses_repeats_drops_blank_and_specials():
     for t, token in enumerate(frames):
         logits[:, t, v[token]] = 5.0
     # second utterance: only the first 5 frames are real (the rest is padding)
-    texts = evaluate.greedy_decode(logits, torch.tensor([len(frames), 5]), processor.tokenizer)
+    texts = scoring.greedy_decode(logits, torch.tensor([len(frames), 5]), processor.tokenizer)
     assert texts == ["AAB CC D", "AAB"]
 
 
 def test_score_matches_jiwer_and_word_errors_add_up():
     references = ["THE CAT SAT", "ON A MAT", "WITH ITS HAT ON"]
     hypotheses = ["THE CAT SAT", "ON THE MAT TODAY", "WITH HAT"]
-    utterances = [evaluate.Utterance(str(i), r, h) for i, (r, h) in enumerate(zip(references, hypotheses))]
-    scores = evaluate.score(utterances)
+    utterances = [scoring.Utterance(str(i), r, h) for i, (r, h) in enumerate(zip(references, hypotheses))]
+    scores = scoring.score(utterances)
     assert scores.wer == pytest.approx(jiwer.wer(references, hypotheses))
     assert scores.cer == pytest.approx(jiwer.cer(references, hypotheses))
     assert (scores.num_utterances, scores.num_words) == (3, 10)
-    errors = evaluate.word_errors(references, hypotheses)
+    errors = scoring.word_errors(references, hypotheses)
     assert errors.tolist() == [0, 2, 2]
     assert errors.sum() / scores.num_words == pytest.approx(scores.wer)
 
@@ -76,7 +77,7 @@ def synthetic_systems(num_utterances=200, seed=0):
 
 def test_mapsswe_identical_systems_give_p_one():
     references, good = synthetic_systems()
-    result = evaluate.mapsswe(references, good, list(good))
+    result = scoring.mapsswe(references, good, list(good))
     assert result.p_value == 1.0 and result.mean_difference == 0.0 and result.num_segments == 200
 
 
@@ -84,25 +85,25 @@ def test_mapsswe_detects_a_clearly_worse_system_and_not_a_tiny_difference():
     references, good = synthetic_systems()
     rng = random.Random(1)
     worse = [h if rng.random() < 0.6 else h + " UH UM" for h in good]  # ~40% of utterances +2 insertions
-    result = evaluate.mapsswe(references, worse, good)
+    result = scoring.mapsswe(references, worse, good)
     assert result.p_value < 0.05 and result.z > 0 and result.mean_difference > 0
-    flipped = evaluate.mapsswe(references, good, worse)
+    flipped = scoring.mapsswe(references, good, worse)
     assert flipped.p_value == pytest.approx(result.p_value) and flipped.z == pytest.approx(-result.z)
 
     barely = list(good)
     barely[0] += " UH"  # one extra error in 200 utterances: no evidence of a difference
-    assert evaluate.mapsswe(references, barely, good).p_value > 0.3
+    assert scoring.mapsswe(references, barely, good).p_value > 0.3
 
 
 def test_compare_matches_by_id_and_rejects_different_utterances():
     references, good = synthetic_systems(num_utterances=50)
-    system = [evaluate.Utterance(f"u{i}", r, h) for i, (r, h) in enumerate(zip(references, good))]
+    system = [scoring.Utterance(f"u{i}", r, h) for i, (r, h) in enumerate(zip(references, good))]
     shuffled = list(reversed(system))
-    assert evaluate.compare(system, shuffled).p_value == 1.0
+    assert scoring.compare(system, shuffled).p_value == 1.0
     with pytest.raises(ValueError, match="same utterances"):
-        evaluate.compare(system, system[:-1])
+        scoring.compare(system, system[:-1])
     with pytest.raises(ValueError, match="equally long"):
-        evaluate.mapsswe(references, good[:-1], good)
+        scoring.mapsswe(references, good[:-1], good)
 
 
 def test_pooled_comparison_is_mapsswe_over_every_seeds_segments():
@@ -110,26 +111,26 @@ def test_pooled_comparison_is_mapsswe_over_every_seeds_segments():
     same utterance ids in two pairs are two segments. Known answer by hand: differences per segment
     (system - baseline word errors) 1, 0 (seed 0) and 1, 2 (seed 1): mean 1, sample std sqrt(2/3),
     z = 1 / (sqrt(2/3) / 2) = 2.449, p = erfc(z / sqrt(2)) = 0.0143."""
-    U = evaluate.Utterance
+    U = scoring.Utterance
     seed0 = ([U("a", "THE CAT", "THE BAT"), U("b", "A MAT", "A MAT")],
              [U("b", "A MAT", "A MAT"), U("a", "THE CAT", "THE CAT")])
     seed1 = ([U("a", "THE CAT", "THE BAT"), U("b", "A MAT", "THE HAT")],
              [U("a", "THE CAT", "THE CAT"), U("b", "A MAT", "A MAT")])
-    pooled = evaluate.compare_pooled([seed0, seed1])
+    pooled = scoring.compare_pooled([seed0, seed1])
     assert pooled.num_segments == 4 and pooled.mean_difference == 1.0
     assert pooled.z == pytest.approx(2.449490, abs=1e-6) and pooled.p_value == pytest.approx(0.014306, abs=1e-6)
-    assert evaluate.compare(*seed0).mean_difference == 0.5  # one seed alone
+    assert scoring.compare(*seed0).mean_difference == 0.5  # one seed alone
     with pytest.raises(ValueError, match="no .system, baseline. pairs"):
-        evaluate.compare_pooled([])
+        scoring.compare_pooled([])
 
 
 def test_hypotheses_file_round_trip(tmp_path):
-    utterances = [evaluate.Utterance("a-1", "THE CAT", "THE CAT"), evaluate.Utterance("a-2", "ON A MAT", "")]
-    evaluate.write_hypotheses(tmp_path / "test.txt", utterances)
-    assert evaluate.read_hypotheses(tmp_path / "test.txt") == utterances
+    utterances = [scoring.Utterance("a-1", "THE CAT", "THE CAT"), scoring.Utterance("a-2", "ON A MAT", "")]
+    scoring.write_hypotheses(tmp_path / "test.txt", utterances)
+    assert scoring.read_hypotheses(tmp_path / "test.txt") == utterances
     (tmp_path / "bad.txt").write_text("not a header\n")
     with pytest.raises(ValueError, match="header"):
-        evaluate.read_hypotheses(tmp_path / "bad.txt")
+        scoring.read_hypotheses(tmp_path / "bad.txt")
 
 
 class RecordingModel(torch.nn.Module):
@@ -153,14 +154,14 @@ def test_transcribe_rows_decodes_each_utterance_like_a_direct_call(tmp_path, ret
     processor.feature_extractor.return_attention_mask = return_attention_mask
     rows = write_shards(tmp_path / "shards", num_rows=4)
     recording = RecordingModel(model)
-    utterances = evaluate.transcribe_rows(recording, processor, rows, batch_size=1)
+    utterances = scoring.transcribe_rows(recording, processor, rows, batch_size=1)
     expected_inputs = ["attention_mask", "input_values"] if return_attention_mask else ["input_values"]
     assert recording.calls == [expected_inputs] * 4
     model.eval()
     for row, utterance in zip(sorted(rows, key=lambda r: r["id"]), utterances):
         with torch.no_grad():
             logits = model(torch.from_numpy(row["audio"])[None]).logits
-        assert utterance.hypothesis == evaluate.greedy_decode(logits, None, processor.tokenizer)[0]
+        assert utterance.hypothesis == scoring.greedy_decode(logits, None, processor.tokenizer)[0]
         assert (utterance.id, utterance.reference) == (row["id"], row["text"])
 
 
@@ -168,9 +169,9 @@ def test_ray_data_actor_pool_equals_in_process(tmp_path, ray_cluster):
     model, processor = load_model("tiny", **NO_RANDOMNESS)
     # Equal lengths: no padding, so any batching gives the same logits on both paths.
     rows = write_shards(tmp_path / "shards", num_rows=6, seconds=0.8)
-    local = evaluate.transcribe_rows(model, processor, rows, batch_size=4)
+    local = scoring.transcribe_rows(model, processor, rows, batch_size=4)
     dataset = ray_cluster.data.read_parquet(str(tmp_path / "shards"))
-    distributed = evaluate.transcribe_dataset(dataset, model, processor, batch_size=2, num_actors=1)
+    distributed = transcribe_dataset(dataset, model, processor, batch_size=2, num_actors=1)
     assert [u.id for u in local] == sorted(r["id"] for r in rows)
     assert distributed == local
     assert all(u.hypothesis for u in local)  # the random model does emit text

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pinch_ray import export, gates
+from pinch_ray.core import export, gates
 from pinch_ray.config import GateConfig
-from pinch_ray.models import count_parameters, load_model
+from pinch_ray.core.models import count_parameters, load_model
 
 NO_RANDOMNESS = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
                      feat_proj_dropout=0.0, final_dropout=0.0, mask_time_prob=0.0)
@@ -145,23 +145,3 @@ def test_trial_names_cannot_escape_output_dir(tmp_path, name):
 def test_trial_dir_accepts_plain_names(tmp_path):
     assert export.trial_dir(tmp_path, "sspg-0.65") == (tmp_path / "sspg-0.65").resolve()
     assert export.trial_dir(tmp_path, "dense").parent == tmp_path.resolve()
-
-
-def test_atomic_dir_replaces_on_success_and_leaves_nothing_on_failure(tmp_path):
-    final = tmp_path / "trial"
-    final.mkdir()
-    (final / "stale.txt").write_text("half-written")
-    with export.atomic_dir(final) as tmp:
-        assert tmp.parent == tmp_path and tmp != final
-        (tmp / "metrics.json").write_text("{}")
-    assert sorted(os.listdir(final)) == ["metrics.json"]
-    assert os.listdir(tmp_path) == ["trial"]
-
-    with pytest.raises(RuntimeError), export.atomic_dir(final) as tmp:
-        (tmp / "partial").write_text("x")
-        raise RuntimeError("killed")
-    assert sorted(os.listdir(final)) == ["metrics.json"] and os.listdir(tmp_path) == ["trial"]
-
-    (tmp_path / "trial.tmp-abc").mkdir()  # what a hard kill leaves
-    export.remove_stale_tmp(final)
-    assert os.listdir(tmp_path) == ["trial"]

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCTC
 
-from pinch_ray import gates
+from pinch_ray.core import gates, masks
 from pinch_ray.config import ConfigError, GateConfig
-from pinch_ray.models import count_parameters, load_model
+from pinch_ray.core.models import count_parameters, load_model
 
 ARCHS = ["tiny", "tiny-hubert", "tiny-wavlm"]
 NO_RANDOMNESS = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
@@ -55,7 +55,7 @@ def test_fused_soft_mask_matches_autograd_reference():
         return w * mask, mask.sum()
 
     results = []
-    for fn in (lambda w, t, tau: gates._SoftMaskedWeight.apply(w, t, torch.tensor(tau, dtype=w.dtype)), reference):
+    for fn in (lambda w, t, tau: masks._SoftMaskedWeight.apply(w, t, torch.tensor(tau, dtype=w.dtype)), reference):
         weight = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
         threshold = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
         masked, mask_sum = fn(weight, threshold, tau)
@@ -71,7 +71,7 @@ def test_soft_mask_at_a_small_temperature_has_no_denormal_values():
     mask still equals the exact sigmoid to within sigmoid(-20) = 2.1e-9."""
     weight = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
     threshold, tau = torch.tensor(1.0), torch.tensor(0.005)
-    masked, mask_sum, _ = gates._soft_mask_forward(weight, threshold, tau)
+    masked, mask_sum, _ = masks._soft_mask_forward(weight, threshold, tau)
     w2 = weight.double() ** 2
     exact = torch.sigmoid((w2 / w2.mean() - 1.0) / (2 * 0.005))
     assert (exact[exact > 0] < torch.finfo(torch.float32).tiny).sum() > 1000  # the case this is about
@@ -228,13 +228,13 @@ def test_compiled_gate_kernels_equal_eager(device_type):
     generator = torch.Generator().manual_seed(0)
     weight, grad_out = torch.randn(48, 144, generator=generator), torch.randn(48, 144, generator=generator)
     threshold, tau, grad_sum = torch.tensor(0.8), torch.tensor(0.02), torch.tensor(0.3)
-    forward = gates._compiled_kernel(gates._soft_mask_forward, device_type)
-    backward = gates._compiled_kernel(gates._soft_mask_backward, device_type)
-    eager_fwd, compiled_fwd = gates._soft_mask_forward(weight, threshold, tau), forward(weight, threshold, tau)
+    forward = masks._compiled_kernel(masks._soft_mask_forward, device_type)
+    backward = masks._compiled_kernel(masks._soft_mask_backward, device_type)
+    eager_fwd, compiled_fwd = masks._soft_mask_forward(weight, threshold, tau), forward(weight, threshold, tau)
     for a, b in zip(eager_fwd, compiled_fwd):
         torch.testing.assert_close(a, b)
     inv_scale = eager_fwd[2]
-    for a, b in zip(gates._soft_mask_backward(grad_out, grad_sum, weight, threshold, inv_scale, tau),
+    for a, b in zip(masks._soft_mask_backward(grad_out, grad_sum, weight, threshold, inv_scale, tau),
                     backward(grad_out, grad_sum, weight, threshold, inv_scale, tau)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -242,7 +242,7 @@ def test_compiled_gate_kernels_equal_eager(device_type):
 def test_a_shared_threshold_is_one_parameter_for_every_gated_matrix():
     """The control of the learned allocation: one relative threshold moves every layer together."""
     from pinch_ray.config import TrainConfig
-    from pinch_ray.train import Compressor
+    from pinch_ray.core.compressor import Compressor
 
     model, _ = load_model("tiny")
     run = Compressor.create(model, "sspg", 0.65, TrainConfig(max_steps=10, warmup_steps=1),

@@ -19,12 +19,14 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -148,6 +150,15 @@ def _parse(path: Path) -> None:
         compile(path.read_text(), str(path), "exec")
     elif suffix in (".md", ".txt"):
         assert path.read_text(encoding="utf-8").strip(), path
+    elif path.name.startswith("events.out.tfevents."):  # TensorBoard: TFRecord frames of Event protos
+        from tensorboardX.proto import event_pb2
+
+        data, offset, events = path.read_bytes(), 0, 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset, events = offset + 16 + length, events + 1
+        assert offset == len(data) and events > 1, path
     else:
         raise AssertionError(f"{path}: an artifact of unexpected type; add its parser here")
 
@@ -166,8 +177,8 @@ def test_every_demo_artifact_exists_and_parses(demo_job):
     from transformers import AutoModelForCTC, AutoProcessor
 
     from pinch_ray.config import load_pipeline
-    from pinch_ray.export import load_compact
-    from pinch_ray.report import METRICS_FILE
+    from pinch_ray.core.export import load_compact
+    from pinch_ray.pipeline.report import METRICS_FILE
 
     out, _ = demo_job
     for name in ("summary.json", "summary.md", "wer_vs_params.png", "pipeline.yaml"):
@@ -189,9 +200,10 @@ def test_every_demo_artifact_exists_and_parses(demo_job):
         # (a neuron-pruned model has smaller layers: its loader ships in the directory)
         model = AutoModelForCTC.from_pretrained(directory / "model", trust_remote_code=metrics["method"] == "sspg-neuron")
         AutoProcessor.from_pretrained(directory / "model")
-        compact = load_compact(directory / "compact")
-        for (name, weight), (_, stored) in zip(model.state_dict().items(), compact.state_dict().items()):
-            assert weight.shape == stored.shape, name
+        compact = load_compact(directory / "compact").state_dict()
+        assert list(compact) == list(model.state_dict())
+        for name, weight in model.state_dict().items():  # fp16 values: equal to the model's, rounded once
+            torch.testing.assert_close(compact[name], weight.half().to(weight.dtype), atol=0, rtol=0, msg=name)
         assert (out / "logs" / f"{trial}.jsonl").is_file()
     artifacts = [path for path in out.rglob("*") if path.is_file() and "runs" not in path.relative_to(out).parts]
     assert len(artifacts) > 40

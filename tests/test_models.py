@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCTC, Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining
 
-from pinch_ray import gates
+from pinch_ray.core import gates
 from pinch_ray.config import GateConfig
-from pinch_ray.models import CHAR_VOCAB, count_parameters, load_model, make_processor, tiny_config
+from pinch_ray.core.models import CHAR_VOCAB, count_parameters, load_model, make_processor, tiny_config
 
 
 @pytest.mark.parametrize("preset,cls", [("tiny", "Wav2Vec2ForCTC"), ("tiny-hubert", "HubertForCTC"),

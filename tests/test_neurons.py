@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCTC
 
-from pinch_ray import export, gates, neurons, pruned_modeling
+from pinch_ray.core import export, gates, neurons, pruned_modeling
 from pinch_ray.config import ConfigError, GateConfig
-from pinch_ray.models import count_parameters, load_model
+from pinch_ray.core.models import count_parameters, load_model
 
 from test_train import compressor, random_batches
 
@@ -109,7 +109,7 @@ def test_sspg_neuron_training_reaches_the_target_with_mixed_layers():
     assert abs(achieved - 0.5) <= 0.01, achieved
     per_layer = [layer.sparsity for layer in gates.layer_sparsity(run.model)]
     assert max(per_layer) - min(per_layer) > 0.05, per_layer
-    assert all(isinstance(g, neurons.NeuronGate) for g in gates.gates_of(run.model))
+    assert all(isinstance(g, neurons.UnitGate) for g in gates.gates_of(run.model))
 
 
 def test_calibration_closes_the_gap_a_whole_head_leaves():

@@ -1,7 +1,7 @@
 """The pipeline runner end to end on a tiny corpus: every artifact, skipped reruns, a resumed sweep.
 
 One module-scoped run serves every test: the sweep's ump trial is made to crash (fault injection,
-max_failures=0), so the first ``pipeline.run`` fails in the compress stage with sspg finished; the
+max_failures=0), so the first ``stages.run`` fails in the compress stage with sspg finished; the
 second run must reuse sspg untouched and resume ump from its last checkpoint. The runs' storage
 (``storage_path``) is a ``file://`` URI, so Ray Train, Tune and pinch_ray go through pyarrow's
 filesystem layer as they do for ``s3://`` / ``gs://`` (the job-submission test covers local storage).
@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pinch_ray import pipeline, pruned_modeling
+from pinch_ray.pipeline import stages
+from pinch_ray.core import pruned_modeling
 from pinch_ray.config import ResourcesConfig, load_pipeline
-from pinch_ray.models import load_model
-from pinch_ray.report import METRICS_FILE
-from pinch_ray.sweep import RUNS_DIR, SettingsChangedError, final_result_dir, max_concurrent_trials
+from pinch_ray.core.models import load_model
+from pinch_ray.pipeline.report import METRICS_FILE
+from pinch_ray.config import RUNS_DIR
+from pinch_ray.pipeline.runs import final_result_dir
+from pinch_ray.pipeline.sweep import SettingsChangedError, max_concurrent_trials
 
 pytestmark = pytest.mark.slow
 
@@ -46,21 +49,22 @@ def mtimes(directory: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def finished(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    spec = {**TINY, "output_dir": str(root / "out"), "data": {"cache_dir": str(root / "cache")},
+    spec = {**TINY, "output_dir": str(root / "out"),
+            "data": {"cache_dir": str(root / "cache"), "bucket_window_batches": 3},
             "corpus": {**TINY["corpus"], "root": str(root / "corpus")}, "storage_path": f"file://{root / 'store'}"}
     (root / "tiny.yaml").write_text(yaml.safe_dump(spec))
     cfg = load_pipeline(root / "tiny.yaml")
     out = Path(cfg.output_dir)
     crash = {"ump-0.5": {"step": 3, "rank": 0, "marker": str(root / "ump-crashed")}}
     with pytest.raises(RuntimeError, match="ump-0.5"):
-        pipeline.run(cfg, fail_at=crash)
+        stages.run(cfg, fail_at=crash)
     assert (root / "ump-crashed").exists(), "the fault was not injected"
     store = local(cfg.run_storage())
     interrupted = {"sspg_run": mtimes(local(final_result_dir(cfg.run_storage(), "sspg-0.5"))),
                    "dense_run": mtimes(store / "foundation"),
-                   "markers": sorted(p.name for p in (out / pipeline.STAGES_DIR).iterdir()),
+                   "markers": sorted(p.name for p in (out / stages.STAGES_DIR).iterdir()),
                    "ump_final": final_result_dir(cfg.run_storage(), "ump-0.5")}
-    outputs = pipeline.run(cfg)
+    outputs = stages.run(cfg)
     return {"cfg": cfg, "out": out, "store": store, "outputs": outputs, "interrupted": interrupted}
 
 
@@ -94,8 +98,8 @@ def test_every_artifact_is_written(finished):
         assert (out / trial / "hypotheses" / "dev.txt").is_file()
         assert metrics["trial"] == trial and set(metrics["wer"]) == {"dev"}
         assert (metrics["p_value_vs_dense"]["dev"] is None) == (trial == "dense")
-    for stage in pipeline.STAGES:
-        assert pipeline.marker_path(out, stage).is_file()
+    for stage in stages.STAGES:
+        assert stages.marker_path(out, stage).is_file()
     # the dense reference and the compression trials started from the baseline ("foundation", its own
     # budget) and got the same number of steps
     assert finished["outputs"]["compress"].keys() == {"dense", "sspg-0.5", "sspg-neuron-0.5", "ump-0.5"}
@@ -107,27 +111,45 @@ def test_every_artifact_is_written(finished):
     assert not (out / RUNS_DIR).exists()  # every run and checkpoint went to storage_path
     assert [t["trial"] for t in summary["trials"]][:2] == ["foundation", "dense"]
     # every compressed trial at its target, of ALL parameters (calibrated after 4 steps; ump exact),
-    # measured on the exported model
-    for trial in ("sspg-0.5", "sspg-neuron-0.5", "ump-0.5"):
+    # measured on the exported model: weight level within half a point; whole units (heads beside
+    # neurons and conv channels, calibrated after 4 steps) within 1.5 points
+    for trial, tolerance in (("sspg-0.5", 0.005), ("sspg-neuron-0.5", 0.015), ("ump-0.5", 0.005)):
         metrics = json.loads((out / trial / METRICS_FILE).read_text())
-        assert metrics["target_basis"] == "params" and abs(metrics["achieved_sparsity"] - 0.5) <= 0.01, metrics
+        assert metrics["target_basis"] == "params" and abs(metrics["achieved_sparsity"] - 0.5) <= tolerance, metrics
         assert metrics["param_reduction"] == pytest.approx(metrics["achieved_sparsity"], abs=1e-4)
         assert metrics["gated_sparsity"] > 0.5  # the gated layers are not the whole model
     # the neuron-pruned trial: physically smaller, with its loader, at its target (+-1 pt)
     neuron = out / "sspg-neuron-0.5"
     assert (neuron / "model" / pruned_modeling.MODULE_FILE).is_file()
     metrics = json.loads((neuron / METRICS_FILE).read_text())
-    assert abs(metrics["achieved_sparsity"] - 0.5) <= 0.01, metrics["achieved_sparsity"]
     model, _ = load_model(str(neuron / "model"))
     assert sum(p.numel() for p in model.parameters()) == metrics["params_nonzero"] < metrics["params_total"]
+
+
+def test_every_run_logs_its_curves_for_tensorboard_and_tune(finished):
+    out, store = finished["out"], finished["store"]
+    for trial in TRIALS:  # rank 0's metrics of every report: JSON lines and TensorBoard events
+        logged = [json.loads(line) for line in (out / "logs" / f"{trial}.jsonl").read_text().splitlines()]
+        assert logged[-1]["step"] == (6 if trial == "foundation" else 4) and "ctc_loss" in logged[-1]
+        assert list((out / "logs" / trial).glob("events.out.tfevents.*")), trial
+    # the sweep's trials report every report's metrics to Tune too, not only where they ended (a
+    # trial reused by the rerun reports only its result; ump resumed there after its crash)
+    curves = {}
+    for path in (store / "sweep").glob("*/result.json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        steps = [row["step"] for row in rows if "ctc_loss" in row]
+        if rows and "result_dir" in rows[-1] and steps:
+            curves[rows[-1]["trial"]] = steps
+    assert curves.keys() == {"dense", "sspg-0.5", "sspg-neuron-0.5", "ump-0.5"}
+    assert all(steps[-1] == 4 for steps in curves.values()), curves
 
 
 def test_rerun_skips_every_stage_and_touches_nothing(finished, caplog):
     out, store = finished["out"], finished["store"]
     before = {**mtimes(out), **{f"store/{path}": mtime for path, mtime in mtimes(store).items()}}
-    with caplog.at_level("INFO", logger="pinch_ray.pipeline"):
-        pipeline.run(finished["cfg"])
-    assert caplog.text.count("already done") == len(pipeline.STAGES)
+    with caplog.at_level("INFO", logger="pinch_ray.pipeline.stages"):
+        stages.run(finished["cfg"])
+    assert caplog.text.count("already done") == len(stages.STAGES)
     after = {**mtimes(out), **{f"store/{path}": mtime for path, mtime in mtimes(store).items()}}
     changed = [path for path, mtime in before.items() if after.get(path) != mtime and path != "pipeline.yaml"]
     assert changed == []
@@ -139,6 +161,7 @@ def test_finished_trials_are_reused_only_under_their_own_settings(finished):
     assert "gates" not in foundation and sspg["gates"]["tau_end"] == cfg.gates.tau_end
     assert sspg["init_from"] == {"run_settings": foundation}  # what it started from, not where
     assert "report_every" not in sspg["training"] and sspg["training"]["lr"] == cfg.training.lr
+    assert sspg["bucket_window_batches"] == cfg.data.bucket_window_batches == 3  # reaches the workers' batches
     # A new output_dir on the same run storage, with one gate setting changed: the foundation and
     # the dense reference (checked first; gates do not concern them) are reused; the sspg trials,
     # trained with the old value, stop the run before anything trains, saying what changed; a
@@ -148,20 +171,20 @@ def test_finished_trials_are_reused_only_under_their_own_settings(finished):
                             overrides=[f"output_dir={Path(cfg.output_dir).parent / 'changed'}",
                                        "gates.tau_end=0.004", "training.report_every=1"])
     with pytest.raises(SettingsChangedError, match=r"sspg-0\.5: .*gates\.tau_end: 0\.005 -> 0\.004"):
-        pipeline.run(changed)
+        stages.run(changed)
     assert mtimes(store) == before
-    assert pipeline.marker_path(changed.output_dir, "baseline").is_file()  # the foundation was reused
-    assert not pipeline.marker_path(changed.output_dir, "compress").exists()
+    assert stages.marker_path(changed.output_dir, "baseline").is_file()  # the foundation was reused
+    assert not stages.marker_path(changed.output_dir, "compress").exists()
 
 
 def test_stage_selection():
-    assert pipeline.stages_to_run() == set()
-    assert pipeline.stages_to_run(from_stage="compress") == {"compress", "finalize"}
-    assert pipeline.stages_to_run(only="baseline") == {"baseline"}
+    assert stages.stages_to_run() == set()
+    assert stages.stages_to_run(from_stage="compress") == {"compress", "finalize"}
+    assert stages.stages_to_run(only="baseline") == {"baseline"}
     with pytest.raises(ValueError, match="unknown stage"):
-        pipeline.stages_to_run(only="train")
+        stages.stages_to_run(only="train")
     with pytest.raises(ValueError, match="not both"):
-        pipeline.stages_to_run(from_stage="prepare", only="finalize")
+        stages.stages_to_run(from_stage="prepare", only="finalize")
 
 
 def test_sweep_concurrency_fits_the_cluster_and_queues_the_rest():
@@ -185,7 +208,7 @@ def test_seeds_and_the_two_stage_baseline_from_a_pretrained_start(ray_cluster, t
                       "init_from_dense": False}}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
     cfg = load_pipeline(tmp_path / "p.yaml")
-    outputs = pipeline.run(cfg)
+    outputs = stages.run(cfg)
     out = Path(cfg.output_dir)
     assert sorted(outputs["compress"]) == ["sspg-0.5-seed0", "sspg-0.5-seed1", "two-stage-0.5-seed0",
                                            "two-stage-0.5-seed1"]

@@ -1,18 +1,21 @@
 """One-pass compression on Ray Train: DDP workers, checkpoints, fault tolerance, resume (CPU)."""
 
 import json
+import struct
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from pinch_ray import gates
+from pinch_ray.core import gates
 from pinch_ray.config import ConfigError, DataConfig, GateConfig, ResourcesConfig, TrainConfig
-from pinch_ray.corpus import generate_corpus
-from pinch_ray.data import prepare_split
-from pinch_ray.models import CHAR_VOCAB, count_parameters, load_model
-from pinch_ray.train import (CHECKPOINT_MODEL, TRAIN_RESULT, Compressor, load_checkpoint_state, run_training,
-                             worker_config)
+from pinch_ray.data.synth import generate_corpus
+from pinch_ray.data.prepare import prepare_split
+from pinch_ray.core.models import CHAR_VOCAB, count_parameters, load_model
+from pinch_ray.core.compressor import Compressor
+from pinch_ray.pipeline.runs import CHECKPOINT_MODEL, TRAIN_RESULT, load_checkpoint_state
+from pinch_ray.pipeline.worker import MetricsLog, run_training, worker_config
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +33,29 @@ def run(prepared, tmp_path, name, method="sspg", target=0.5, steps=12, workers=1
     train_cfg = TrainConfig(max_steps=steps, batch_size=4, warmup_steps=2, report_every=2,
                             checkpoint_every=checkpoint_every, eval_every=1000)
     config = worker_config("tiny", method, target, train_cfg, GateConfig(calibrate=False),
-                           train_rows=prepared["train"].num_utterances, dev_path=prepared["dev"].path,
-                           tensorboard_dir=tmp_path / name / "tensorboard", fail_at=fail_at)
+                           train_rows=prepared["train"].num_utterances, dev_path=prepared["dev"].path, fail_at=fail_at)
     resources = ResourcesConfig(num_workers=workers, cpus_per_worker=0.5, max_failures=max_failures)
-    return run_training(config, prepared["train"].dataset(), resources, name=name, storage_path=str(tmp_path))
+    (tmp_path / name).mkdir(exist_ok=True)
+    log = MetricsLog(tmp_path / name / "metrics.jsonl", tensorboard_dir=tmp_path / name / "tensorboard")
+    return run_training(config, prepared["train"].dataset(), resources, name=name, storage_path=str(tmp_path),
+                        callbacks=[log])
+
+
+def tensorboard_scalars(directory: Path) -> dict[str, dict[int, float]]:
+    """``{tag: {step: value}}`` of the TensorBoard event files under ``directory`` (TFRecord framing:
+    length u64, its CRC, the Event proto, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
 
 
 def gated_model_from_checkpoint(directory, method, target):
@@ -59,7 +81,18 @@ def test_two_workers_train_sspg_in_sync_and_checkpoint_matches(prepared, tmp_pat
         train_result = json.loads((Path(directory) / TRAIN_RESULT).read_text())
     assert train_result["steps"] == 16 and train_result["achieved_sparsity"] == recomputed
     assert train_result["compression_seconds"] > 0
-    assert list((tmp_path / "ddp" / "tensorboard").glob("events.out.tfevents.*"))
+    # rank 0's every report, read back (the controller may still be writing the last one when fit returns)
+    deadline = time.monotonic() + 30
+    while "train/gated_sparsity" not in (scalars := tensorboard_scalars(tmp_path / "ddp" / "tensorboard")):
+        assert time.monotonic() < deadline, sorted(scalars)
+        time.sleep(0.5)
+    assert sorted(scalars["train/ctc_loss"]) == list(range(2, 17, 2))
+    for tag in ("train/lambda_1", "train/tau", "train/lr", "train/seconds", "train/soft_sparsity"):
+        assert len(scalars[tag]) == 8, tag
+    assert scalars["train/hard_sparsity"][16] == pytest.approx(metrics["hard_sparsity"], rel=1e-6)
+    assert scalars["train/dev_wer"][16] == pytest.approx(metrics["dev_wer"], rel=1e-6)
+    logged = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == list(range(2, 17, 2))
 
 
 def test_worker_crash_resumes_from_last_checkpoint(prepared, tmp_path):

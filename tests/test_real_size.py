@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCTC, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining
 
-from pinch_ray import pipeline
+from pinch_ray.pipeline import stages
 from pinch_ray.config import load_pipeline
-from pinch_ray.report import METRICS_FILE
+from pinch_ray.pipeline.report import METRICS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -42,13 +42,13 @@ def test_wav2vec2_base_pipeline_runs_end_to_end_at_full_size(ray_cluster, tmp_pa
                  "training.torch_threads=1", "resources.num_workers=1", "resources.use_gpu=false",
                  "resources.cpus_per_worker=0.5", "sweep.target_sparsities=[0.65]", "evaluation.batch_size=4"]
     cfg = load_pipeline(PIPELINE, overrides)
-    assert pipeline.model_problems(cfg) == []
-    assert pipeline.model_problems(load_pipeline(PIPELINE, [*overrides, "sweep.target_sparsities=[0.9]"])) == [
+    assert stages.model_problems(cfg) == []
+    assert stages.model_problems(load_pipeline(PIPELINE, [*overrides, "sweep.target_sparsities=[0.9]"])) == [
         "sweep (sspg-0.9): target_sparsity: 0.9 of all 94,396,320 parameters cannot be removed: the gated layers "
         "hold 85,327,872 (90.4%), so at most 0.895 is reachable; lower the target, or gate more layers "
         "(gates.patterns, gates.gate_feature_encoder)"]
 
-    pipeline.run(cfg)
+    stages.run(cfg)
     out = Path(cfg.output_dir)
     summary = json.loads((out / "summary.json").read_text())
     trials = ["dense", "sspg-0.65", "two-stage-0.65", "ump-0.65"]

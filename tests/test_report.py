@@ -1,6 +1,7 @@
 """finalize_trial (artifact directory, metrics, reports, resumability) and the pipeline summary."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,13 +13,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from transformers import AutoModelForCTC
+import torch
+import yaml
+from transformers import AutoModelForCTC, AutoProcessor
 
-from pinch_ray import evaluate, gates, report
-from pinch_ray.config import EvalConfig, GateConfig
-from pinch_ray.data import SHARD_SCHEMA
-from pinch_ray.models import CHAR_VOCAB, count_parameters, load_model
-from pinch_ray.train import prepare_method
+from pinch_ray.core import scoring, gates
+from pinch_ray.pipeline import report
+from pinch_ray.config import DataConfig, EvalConfig, GateConfig
+from pinch_ray.data.features import SHARD_SCHEMA
+from pinch_ray.core.models import CHAR_VOCAB, count_parameters, load_model
+from pinch_ray.core.compressor import prepare_method
 
 NO_RANDOMNESS = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
                      feat_proj_dropout=0.0, final_dropout=0.0, mask_time_prob=0.0)
@@ -59,7 +63,7 @@ def test_finalize_writes_a_complete_self_describing_trial(tmp_path):
     model, processor, info = ump_trial()
     layers = gates.layer_sparsity(model)
     counts = count_parameters(model)
-    dense = {split: [evaluate.Utterance(r["id"], r["text"], r["text"]) for r in eval_rows(split)]
+    dense = {split: [scoring.Utterance(r["id"], r["text"], r["text"]) for r in eval_rows(split)]
              for split in ("dev", "test")}  # a perfect "dense" system
     metrics = report.finalize_trial(model, processor, info, tmp_path,
                                     {"dev": eval_rows("dev"), "test": eval_rows("test")},
@@ -68,7 +72,10 @@ def test_finalize_writes_a_complete_self_describing_trial(tmp_path):
     assert sorted(os.listdir(trial)) == ["compact", "hypotheses", "metrics.json", "model",
                                          "per_layer_sparsity.csv", "per_layer_sparsity.png"]
     assert json.loads((trial / "metrics.json").read_text()) == metrics
-    assert AutoModelForCTC.from_pretrained(trial / "model") is not None
+    loaded = AutoModelForCTC.from_pretrained(trial / "model").eval()
+    x = torch.from_numpy(eval_rows("test")[0]["audio"])[None]
+    with torch.no_grad():  # the export is the hard-masked model
+        torch.testing.assert_close(loaded(x).logits, model.eval()(x).logits, atol=1e-5, rtol=0)
 
     assert metrics["method"] == "ump" and metrics["target_sparsity"] == 0.65 and metrics["target_basis"] == "params"
     # 65% of all parameters: measured on the export, within one weight per gated matrix
@@ -86,13 +93,13 @@ def test_finalize_writes_a_complete_self_describing_trial(tmp_path):
     assert all(metrics["versions"].values())
 
     for split in ("dev", "test"):  # reported numbers = jiwer on the saved hypotheses
-        saved = evaluate.read_hypotheses(trial / "hypotheses" / f"{split}.txt")
+        saved = scoring.read_hypotheses(trial / "hypotheses" / f"{split}.txt")
         references, hypotheses = [u.reference for u in saved], [u.hypothesis for u in saved]
         assert [u.reference for u in saved] == [r["text"] for r in sorted(eval_rows(split), key=lambda r: r["id"])]
         assert metrics["wer"][split] == pytest.approx(jiwer.wer(references, hypotheses))
         assert metrics["cer"][split] == pytest.approx(jiwer.cer(references, hypotheses))
         assert metrics["per_split"][split]["num_utterances"] == 5
-        assert metrics["p_value_vs_dense"][split] == pytest.approx(evaluate.compare(saved, dense[split]).p_value)
+        assert metrics["p_value_vs_dense"][split] == pytest.approx(scoring.compare(saved, dense[split]).p_value)
 
     with open(trial / "per_layer_sparsity.csv") as f:
         rows = list(csv.DictReader(f))
@@ -106,17 +113,40 @@ def test_finalize_writes_a_complete_self_describing_trial(tmp_path):
     assert (trial / "metrics.json").stat().st_mtime_ns == mtime
 
 
+def test_model_card_and_feature_extractor_describe_the_trained_model(tmp_path):
+    model, processor, info = ump_trial()
+    assert processor.feature_extractor.do_normalize  # the preset's processor normalises
+    info = dataclasses.replace(info, base_model="facebook/wav2vec2-base", corpus="/data/LibriSpeech/")
+    data = DataConfig(normalize=False)  # what the model was trained on: raw audio
+    metrics = report.finalize_trial(model, processor, info, tmp_path, {"test": eval_rows("test")},
+                                    eval_cfg=EvalConfig(batch_size=2), data_cfg=data)
+    exported = AutoProcessor.from_pretrained(tmp_path / "ump-0.65" / "model").feature_extractor
+    assert exported.do_normalize is False and exported.sampling_rate == data.sample_rate
+    assert processor.feature_extractor.do_normalize  # the caller's processor is untouched
+
+    card = (tmp_path / "ump-0.65" / "model" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["pipeline_tag"] == "automatic-speech-recognition" and front["base_model"] == "facebook/wav2vec2-base"
+    (result,) = front["model-index"][0]["results"]
+    assert result["dataset"] == {"name": "LibriSpeech", "type": "LibriSpeech", "split": "test"}
+    assert [m["value"] for m in result["metrics"]] == [round(100 * metrics["wer"]["test"], 2),
+                                                      round(100 * metrics["cer"]["test"], 2)]
+    assert "`ump` at 0.65 of all parameters" in card and "AutoModelForCTC.from_pretrained(path)" in card
+    assert f"{100 * metrics['param_reduction']:.1f}% of its {metrics['params_total']:,} parameters" in card
+    assert metrics["artifact_bytes"]["model"] == sum(f.stat().st_size for f in (tmp_path / "ump-0.65" / "model").iterdir())
+
+
 def test_finalize_killed_mid_write_leaves_nothing_complete_and_a_rerun_finishes(tmp_path):
     script = f"""
 import os, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import test_report
-from pinch_ray import evaluate
-write = evaluate.write_hypotheses
+from pinch_ray.core import scoring
+write = scoring.write_hypotheses
 def write_then_die(path, utterances):
     write(path, utterances)
     os._exit(9)  # a hard kill: no cleanup code runs
-evaluate.write_hypotheses = write_then_die
+scoring.write_hypotheses = write_then_die
 test_report.finalize_ump({str(tmp_path)!r})
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
@@ -155,7 +185,7 @@ def test_finalize_dense_on_ray_data(tmp_path, ray_cluster):
     assert metrics["achieved_sparsity"] == 0.0 and metrics["p_value_vs_dense"] == {"test": None}
     saved = report.read_trial_hypotheses(tmp_path / "out" / "dense")
     assert sorted(u.id for u in saved["test"]) == [r["id"] for r in rows]
-    assert metrics["wer"]["test"] == pytest.approx(evaluate.score(saved["test"]).wer)
+    assert metrics["wer"]["test"] == pytest.approx(scoring.score(saved["test"]).wer)
     with open(tmp_path / "out" / "dense" / "per_layer_sparsity.csv") as f:
         layers = list(csv.DictReader(f))
     assert len(layers) == 3 * 6 + 1 and all(int(r["pruned"]) == 0 for r in layers)  # default patterns
@@ -196,7 +226,7 @@ def test_summary_lists_complete_trials_in_one_table_and_plots(tmp_path):
 
 def test_summary_pools_trials_repeated_over_seeds(tmp_path):
     """sspg-0.65-seed<k> against dense-seed<k>: mean +- std per group, MAPSSWE pooled over the seeds."""
-    U = evaluate.Utterance
+    U = scoring.Utterance
     references = ["THE CAT SAT", "ON A MAT", "WITH ITS HAT"]
     hypotheses = {"dense-seed0": ["THE CAT SAT", "ON A MAT", "WITH ITS HAT"],
                   "dense-seed1": ["THE CAT SAT", "ON A BAT", "WITH ITS HAT"],
@@ -210,7 +240,7 @@ def test_summary_pools_trials_repeated_over_seeds(tmp_path):
         (tmp_path / trial / "hypotheses").mkdir(parents=True)
         (tmp_path / trial / "metrics.json").write_text(json.dumps(metrics))
         for split in ("dev", "test"):
-            evaluate.write_hypotheses(tmp_path / trial / "hypotheses" / f"{split}.txt",
+            scoring.write_hypotheses(tmp_path / trial / "hypotheses" / f"{split}.txt",
                                       [U(f"u{i}", r, h) for i, (r, h) in enumerate(zip(references, texts))])
     summary = report.write_summary(tmp_path)
     groups = {g["trial"]: g for g in summary["over_seeds"]}
@@ -221,7 +251,7 @@ def test_summary_pools_trials_repeated_over_seeds(tmp_path):
     pairs = [([U(f"u{i}", r, h) for i, (r, h) in enumerate(zip(references, hypotheses[f"sspg-0.65-seed{k}"]))],
               [U(f"u{i}", r, h) for i, (r, h) in enumerate(zip(references, hypotheses[f"dense-seed{k}"]))])
              for k in (0, 1)]
-    assert sspg["p_value_pooled_vs_dense"]["test"] == pytest.approx(evaluate.compare_pooled(pairs).p_value)
+    assert sspg["p_value_pooled_vs_dense"]["test"] == pytest.approx(scoring.compare_pooled(pairs).p_value)
     assert groups["dense"]["p_value_pooled_vs_dense"] == {}  # the reference is not tested against itself
     text = (tmp_path / "summary.md").read_text()
     assert "## Over seeds" in text and "| sspg-0.65 | sspg | 0.65 | 0, 1 | 60.0 | 21.22 ± 15.71 | 22.22 ± 15.71 |" in text

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCTC
 
-from pinch_ray import export, sparse24
+from pinch_ray.core import export, sparse24
 from pinch_ray.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from pinch_ray.config import DEFAULT_GATE_PATTERNS
-from pinch_ray.models import load_model
+from pinch_ray.core.models import load_model
 
 
 def test_mask_keeps_the_two_largest_of_every_four():

@@ -6,10 +6,17 @@ import sys
 import pytest
 import torch
 
-from pinch_ray import gates
+from pinch_ray.core import gates
 from pinch_ray.config import ConfigError, GateConfig, TrainConfig
-from pinch_ray.models import count_parameters, load_model
-from pinch_ray.train import Compressor, SharedScaleAdam, build_optimizers, gated_target, lr_multiplier, prepare_method
+from pinch_ray.core.models import count_parameters, load_model
+from pinch_ray.core.compressor import (
+    Compressor,
+    SharedScaleAdam,
+    build_optimizers,
+    gated_target,
+    lr_multiplier,
+    prepare_method,
+)
 
 NO_RANDOMNESS = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
                      feat_proj_dropout=0.0, final_dropout=0.0, mask_time_prob=0.0)
@@ -208,7 +215,7 @@ def test_cpu_training_keeps_freed_memory_instead_of_faulting_it_in_every_step():
     OS above a small heap peak, so each step page-faults them in again (measured in a fresh process)."""
     code = """
 import resource, torch
-from pinch_ray.train import keep_freed_cpu_memory
+from pinch_ray.core.compressor import keep_freed_cpu_memory
 
 def faults_per_cycle(cycles=3):
     def cycle():  # 10 x 12 MB alive at once, then freed: the shape of one training step

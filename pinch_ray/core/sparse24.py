@@ -138,8 +138,9 @@ def export_2to4(model_dir: str, out_dir: str, patterns: Sequence[str] | None = N
     from pathlib import Path
 
     from pinch_ray.config import DEFAULT_GATE_PATTERNS
-    from pinch_ray.export import atomic_dir, export_model
-    from pinch_ray.models import load_model
+    from pinch_ray.core.export import export_model
+    from pinch_ray.storage import atomic_dir
+    from pinch_ray.core.models import load_model
 
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ValueError(f"MODEL_DIR: {model_dir} is not an exported model directory (no config.json)")

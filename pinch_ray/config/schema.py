@@ -1,33 +1,29 @@
-"""Typed configuration: every default lives here, once, with its meaning and unit.
+"""The typed configuration schema: every default lives here, once, with its meaning and unit.
 
 Each stage reads one section (a dataclass). Sections validate themselves with ``problems()``,
 which returns *all* problems as ``"key: what is wrong; how to fix it"`` strings, and
 ``raise_if_problems`` turns them into one :class:`ConfigError`, so a user fixes everything in one go.
-
 The pipeline config (:class:`PipelineConfig`, at the end) composes the sections;
-:func:`load_pipeline` reads it from a YAML file plus ``key=value`` overrides. Nothing here reads argv.
+:mod:`pinch_ray.config.loading` reads it from YAML plus ``key=value`` overrides.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
-import types
 import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import yaml
-
-from pinch_ray.storage import is_uri, scheme_problem
+from pinch_ray.config import typed
+from pinch_ray.storage import is_uri, local_path, scheme_problem
 
 # dense: no pruning; ump: uniform magnitude pruning (weights) of the trial's starting model, then
 # fine-tuning with the mask fixed; two-stage: the same, starting from the finished dense trial (the
 # paper's two-stage baseline: its time includes the dense run's); sspg: self-pinching gates at
 # gates.granularity; sspg-neuron: sspg with granularity neuron, so one sweep can hold both.
-METHODS = ("dense", "ump", "two-stage", "sspg", "sspg-neuron")
+DENSE = "dense"  # the method that prunes nothing, and the name of its trial: the dense reference
+METHODS = (DENSE, "ump", "two-stage", "sspg", "sspg-neuron")
 SSPG_METHODS = ("sspg", "sspg-neuron")
 MAGNITUDE_METHODS = ("ump", "two-stage")  # fixed masks from |W|, uniform per gated matrix
 GRANULARITIES = ("weight", "neuron")
@@ -74,7 +70,7 @@ POS_CONV_PATTERN = r".*encoder\.pos_conv_embed\.conv"
 
 @dataclass
 class GateConfig:
-    """Self-pinching gates and the sparsity-aware objective (see ``pinch_ray.gates``)."""
+    """Self-pinching gates and the sparsity-aware objective (see ``pinch_ray.core.gates``)."""
 
     # Regular expressions over module names (full match); every matched nn.Linear / nn.Conv1d
     # weight gets one learnable threshold. Each pattern must match at least one module.
@@ -84,7 +80,7 @@ class GateConfig:
     # What one sspg mask entry removes. weight: single weights of the matrices the patterns
     # select (the paper). neuron: whole feed-forward neurons and attention heads of every
     # transformer layer (patterns unused), so the exported matrices are smaller and faster; see
-    # pinch_ray.neurons. The method sspg-neuron always uses neuron; ump always prunes weights.
+    # pinch_ray.core.neurons. The method sspg-neuron always uses neuron; ump always prunes weights.
     granularity: str = "weight"
     # Units gated at neuron granularity: ffn (feed-forward neurons), heads (attention heads; not
     # WavLM, whose position bias is per head), conv (channels of the conv feature encoder, all
@@ -169,7 +165,7 @@ def target_sparsity_problems(method: str, target_sparsity: float, key: str = "ta
                              target_basis: str = "params") -> list[str]:
     """Problems with a (method, target, basis): unknown method or basis, target outside [0, 0.99].
     (Whether the gated share of a model can reach a params target is checked on the model:
-    ``pinch_ray.train.gated_target``.)"""
+    ``pinch_ray.core.compressor.gated_target``.)"""
     out = []
     if method not in METHODS:
         out.append(f"method: unknown method {method!r}; use one of {', '.join(METHODS)}")
@@ -180,7 +176,7 @@ def target_sparsity_problems(method: str, target_sparsity: float, key: str = "ta
         what = "all model parameters" if target_basis == "params" else "the gated weights"
         out.append(f"{key}: {target_sparsity!r} is outside [0, {MAX_TARGET_SPARSITY}]; "
                    f"it is the fraction of {what} to remove, e.g. 0.65")
-    elif method == "dense" and target_sparsity != 0:
+    elif method == DENSE and target_sparsity != 0:
         out.append(f"{key}: method 'dense' prunes nothing; set {key}=0 or use method sspg/ump")
     return out
 
@@ -279,7 +275,7 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Corpus and data preparation (see ``pinch_ray.corpus`` and ``pinch_ray.data``)
+# Corpus and data preparation (see ``pinch_ray.data``)
 # --------------------------------------------------------------------------------------------
 
 CORPUS_LAYOUTS = ("auto", "librispeech", "hf_parquet")
@@ -361,7 +357,7 @@ class DataConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluation and finalize (see ``pinch_ray.evaluate`` and ``pinch_ray.report``)
+# Evaluation and finalize (see ``pinch_ray.core.scoring`` and ``pinch_ray.pipeline.report``)
 # --------------------------------------------------------------------------------------------
 
 
@@ -391,10 +387,10 @@ class EvalConfig:
 # The pipeline: every section, loaded from a YAML file plus key=value overrides
 # --------------------------------------------------------------------------------------------
 
-COMPRESSION_METHODS = tuple(method for method in METHODS if method != "dense")  # what a sweep trial runs
+COMPRESSION_METHODS = tuple(method for method in METHODS if method != DENSE)  # what a sweep trial runs
 RUNS_DIR = "runs"  # <output_dir>/runs/<trial>: the Ray Train runs (checkpoints) when storage_path is unset
 FOUNDATION_TRIAL = "foundation"  # the dense baseline's name when compression trials start from it
-# Splits the synthetic corpus generator writes (``pinch_ray.corpus.synth.DEFAULT_SPLITS``; not
+# Splits the synthetic corpus generator writes (``pinch_ray.data.synth.DEFAULT_SPLITS``; not
 # imported, because that module pulls in the audio stack).
 SYNTH_SPLITS = ("train", "dev", "test")
 # Utterances of the synthetic corpus the default pipeline generates when corpus.root is missing
@@ -405,7 +401,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a directory name and a R
 
 @dataclass
 class ModelConfig:
-    """The model to fine-tune and compress (see ``pinch_ray.models.load_model``)."""
+    """The model to fine-tune and compress (see ``pinch_ray.core.models.load_model``)."""
 
     # A tiny preset (tiny, tiny-hubert, tiny-wavlm: random weights, for tests and the demo), a
     # checkpoint directory or a hub id such as facebook/wav2vec2-base. Used as written: it is not
@@ -462,7 +458,7 @@ class SweepConfig:
     def problems(self, prefix: str = "sweep") -> list[str]:
         out = []
         for method in self.methods:
-            if method == "dense":
+            if method == DENSE:
                 out.append(f"{prefix}.methods: 'dense' is the baseline, not a sweep method; remove it "
                            "and set dense_baseline: true")
             elif method not in COMPRESSION_METHODS:
@@ -530,8 +526,8 @@ class PipelineConfig:
     def baseline_train_config(self, problems: list[str] | None = None) -> TrainConfig:
         """``training`` with ``baseline_training`` applied: the dense baseline's settings. Bad
         entries are added to ``problems`` (and keep ``training``'s value)."""
-        return _build(self.training, self.baseline_training, "baseline_training.",
-                      problems if problems is not None else [])
+        return typed.build(self.training, self.baseline_training, "baseline_training.",
+                           problems if problems is not None else [], typing.get_type_hints(type(self)))
 
     def run_storage(self) -> str:
         """Where the Ray Train/Tune runs live: ``storage_path``, or ``<output_dir>/runs``."""
@@ -540,18 +536,18 @@ class PipelineConfig:
     def baseline_trial(self) -> str:
         """Name of the dense baseline run: ``foundation`` when the compression trials start from
         it (``sweep.init_from_dense``; the sweep then adds a ``dense`` reference trial), else ``dense``."""
-        return FOUNDATION_TRIAL if self.sweep.init_from_dense else "dense"
+        return FOUNDATION_TRIAL if self.sweep.init_from_dense else DENSE
 
     def compression_trials(self) -> list[tuple[str, float, int | None]]:
         """(method, target, seed) of every sweep trial: ``sweep.trials()`` once per ``sweep.seeds``
-        entry (seed None: no seeds listed, ``training.seed``), preceded by ``("dense", 0.0, seed)``
+        entry (seed None: no seeds listed, ``training.seed``), preceded by ``(DENSE, 0.0, seed)``
         per seed when the trials start from the baseline (``sweep.init_from_dense``). That reference
         gets the same start and the same steps as every compressed model, so extra training never
         passes for "no loss"."""
         seeds = self.sweep.seeds or [None]
         trials = [(method, target, seed) for method, target in self.sweep.trials() for seed in seeds]
         if trials and self.sweep.init_from_dense and self.dense_baseline:
-            trials = [("dense", 0.0, seed) for seed in seeds] + trials
+            trials = [(DENSE, 0.0, seed) for seed in seeds] + trials
         return trials
 
     def problems(self) -> list[str]:
@@ -585,7 +581,7 @@ class PipelineConfig:
                        "set dense_baseline: true")
         if self.corpus.synth_utterances:
             why = "set corpus.synth_utterances=0 for a real corpus"
-            if _local_path(self.corpus.root) is None:
+            if local_path(self.corpus.root) is None:
                 out.append(f"corpus.synth_utterances: the synthetic corpus is generated on a local disk, not "
                            f"at {self.corpus.root}; {why}, or point corpus.root at a local directory")
             if self.corpus.layout == "hf_parquet":
@@ -596,335 +592,3 @@ class PipelineConfig:
                 out.append(f"corpus.train_split/eval_splits: {missing} are not splits of the synthetic corpus "
                            f"({', '.join(SYNTH_SPLITS)}); {why}")
         return out
-
-
-def _local_path(path: str) -> str | None:
-    """The local filesystem path of ``path`` (a path or file:// URI); None for object stores."""
-    if path.startswith("file://"):
-        return path[len("file://"):]
-    return None if "://" in path else path
-
-
-def _resolve_path(path: str) -> str:
-    """A local path made absolute against the working directory; URIs (s3://, gs://) unchanged."""
-    return path if not path or "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
-# YAML 1.1 (PyYAML) reads 1e-3 and 5E-5 as strings (it needs a dot: 1.0e-3). Float fields accept
-# strings of this form (YAML 1.2 floats), so `lr: 5e-5` and `training.lr=3e-4` mean what they say.
-_FLOAT_TEXT = re.compile(r"[-+]?(\.\d+|\d+(\.\d*)?)([eE][-+]?\d+)?")
-
-
-def _type_name(annotation) -> str:
-    return annotation.__name__ if isinstance(annotation, type) and not typing.get_args(annotation) else str(annotation)
-
-
-def _check_value(value, annotation, key: str) -> tuple[object, str | None]:
-    """``value`` converted to ``annotation`` (a field's type), or ``(value, problem naming key)``.
-
-    bool fields take only true/false; int fields only integers (not bools, not 2.0); float fields
-    ints, floats and float-like strings (:data:`_FLOAT_TEXT`); tuples come from YAML lists.
-    """
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    wrong = (value, f"{key}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})")
-    if annotation is typing.Any:
-        return value, None
-    if origin in (types.UnionType, typing.Union):
-        if value is None and type(None) in args:
-            return None, None
-        for option in args:
-            converted, problem = _check_value(value, option, key)
-            if option is not type(None) and problem is None:
-                return converted, None
-        return wrong
-    if annotation is bool or annotation is str:
-        return (value, None) if isinstance(value, annotation) else wrong
-    if annotation is int:
-        return (value, None) if isinstance(value, int) and not isinstance(value, bool) else wrong
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value), None
-        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-            return float(value), None
-        return wrong
-    if list in (annotation, origin) or origin is tuple:
-        if not isinstance(value, (list, tuple)) or (origin is tuple and len(value) != len(args)):
-            return wrong
-        item_types = args if origin is tuple else args * len(value)
-        items = []
-        for i, item in enumerate(value):
-            converted, problem = _check_value(item, item_types[i], f"{key}[{i}]") if args else (item, None)
-            if problem:
-                return value, problem
-            items.append(converted)
-        return (tuple(items) if origin is tuple else items), None
-    if dict in (annotation, origin):
-        if not isinstance(value, dict):
-            return wrong
-        entries = {}
-        for name, item in value.items():
-            if args:
-                _, problem = _check_value(name, args[0], f"{key} (the key {name!r})")
-                item, problem = (item, problem) if problem else _check_value(item, args[1], f"{key}.{name}")
-                if problem:
-                    return value, problem
-            entries[name] = item
-        return entries, None
-    raise TypeError(f"{key}: no type check for {annotation!r}")  # a field type this loader lacks
-
-
-def _unknown_key(dotted: str, key, known: Sequence[str]) -> str:
-    """The problem of an unknown key, suggesting a close name here or the section that has it."""
-    match = difflib.get_close_matches(str(key), known, n=1)
-    prefix = dotted[: len(dotted) - len(str(key))]
-    elsewhere = [f"{name}.{key}" for name, section in typing.get_type_hints(PipelineConfig).items()
-                 if dataclasses.is_dataclass(section) and key in {f.name for f in dataclasses.fields(section)}]
-    if match:
-        hint = f"did you mean {prefix}{match[0]}?"
-    elif elsewhere:
-        hint = f"did you mean {' or '.join(elsewhere)}?"
-    else:
-        hint = f"known keys here: {', '.join(known)}"
-    return f"{dotted}: unknown key; {hint}"
-
-
-def _build(base, data: dict, prefix: str, problems: list[str]):
-    """``base`` (a dataclass) with the entries of ``data`` set; bad entries are added to
-    ``problems`` (each naming its dotted key) and keep their value from ``base``."""
-    hints = typing.get_type_hints(type(base))
-    names = [f.name for f in dataclasses.fields(base)]
-    changes = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in names:
-            problems.append(_unknown_key(dotted, key, names))
-        elif dataclasses.is_dataclass(hints[key]):
-            if value is not None and not isinstance(value, dict):
-                problems.append(f"{dotted}: expected a section of key: value lines, got {value!r}")
-            else:
-                changes[key] = _build(getattr(base, key), value or {}, f"{dotted}.", problems)
-        else:
-            converted, problem = _check_value(value, hints[key], dotted)
-            if problem:
-                problems.append(problem)
-            else:
-                changes[key] = converted
-    return dataclasses.replace(base, **changes)
-
-
-def _apply_override(raw: dict, text: str) -> str | None:
-    """Set one ``dotted.key=value`` override in ``raw`` (the YAML's mapping) after checking it
-    against :class:`PipelineConfig`; returns the problem instead when it is bad."""
-    key, sep, value_text = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        return f"override {text!r}: expected key=value, e.g. training.max_steps=500"
-    parts = key.split(".")
-    owner, annotation = PipelineConfig, PipelineConfig
-    for depth, part in enumerate(parts):
-        if dataclasses.is_dataclass(annotation):
-            owner, names = annotation, [f.name for f in dataclasses.fields(annotation)]
-            if part not in names:
-                return f"override {text}: {_unknown_key('.'.join(parts[:depth + 1]), part, names)}"
-            annotation = typing.get_type_hints(owner)[part]
-        elif dict in (annotation, typing.get_origin(annotation)):  # an entry of a dict field
-            annotation = typing.get_args(annotation)[1] if typing.get_args(annotation) else typing.Any
-        else:
-            return f"override {text}: {'.'.join(parts[:depth])} has no keys below it"
-    if dataclasses.is_dataclass(annotation):
-        return f"override {text}: {key} is a section; set a key inside it, e.g. {key}.<key>=<value>"
-    try:
-        value = yaml.safe_load(value_text)
-    except yaml.YAMLError:
-        value = value_text
-    if annotation is str and not isinstance(value, str):  # name=2024, corpus.train_split=on
-        value = value_text
-    value, problem = _check_value(value, annotation, key)
-    if problem:
-        return f"override {text}: {problem}"
-    section = raw
-    for part in parts[:-1]:
-        if not isinstance(section.get(part), dict):
-            section[part] = {}
-        section = section[part]
-    section[parts[-1]] = value
-    return None
-
-
-def load_pipeline(path: str | os.PathLike | None, overrides: Sequence[str] = (), *,
-                  check_paths: bool = True) -> PipelineConfig:
-    """The pipeline config of a YAML file (None: all defaults) with ``key=value`` overrides applied.
-
-    Overrides use dotted keys and YAML values: ``training.max_steps=500``, ``training.lr=3e-4``,
-    ``sweep.target_sparsities=[0.5,0.6]``, ``model.overrides.layerdrop=0.0``. Values are checked
-    against the field types (ints are accepted for floats, not bools for ints; float fields also
-    take strings such as ``1e-3``, which YAML 1.1 leaves as text). Relative local paths
-    (``corpus.root``, ``output_dir``, ``data.cache_dir``) are made absolute against the working
-    directory, the one ``ray job submit --working-dir .`` runs in; URIs (s3://, gs://) are kept.
-    An empty ``output_dir`` becomes ``runs/<name>``. ``model.init_from`` is kept as written.
-    ``check_paths``: also report :func:`check_paths` problems (a missing corpus, an unwritable
-    output directory). Nothing is created or written.
-
-    Raises:
-        ConfigError: every problem at once (unknown keys with a suggestion, wrong types, impossible
-            combinations, paths), each naming its dotted key; ``source`` is the YAML file, and
-            problems of an override start with ``override <key=value>``.
-    """
-    source = os.fspath(path) if path is not None else "the default pipeline"
-    raw = {}
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8") as file:
-                raw = yaml.safe_load(file)
-        except OSError as error:
-            raise ConfigError([f"cannot read the pipeline file: {error.strerror}"], source) from error
-        except yaml.YAMLError as error:
-            raise ConfigError([f"not valid YAML: {error}"], source) from error
-        raw = {} if raw is None else raw
-        if not isinstance(raw, dict):
-            raise ConfigError([f"expected key: value lines at the top level, got {type(raw).__name__}"], source)
-    problems = []
-    override_problems = [problem for text in overrides if (problem := _apply_override(raw, text))]
-    cfg = _build(PipelineConfig(), raw, "", problems)
-    cfg.output_dir = _resolve_path(cfg.output_dir or os.path.join("runs", cfg.name))
-    cfg.corpus.root = _resolve_path(cfg.corpus.root)
-    cfg.data.cache_dir = _resolve_path(cfg.data.cache_dir)
-    problems += override_problems + cfg.problems()
-    if check_paths:
-        problems += _path_problems(cfg)
-    raise_if_problems(problems, source)
-    return cfg
-
-
-def check_paths(cfg: PipelineConfig) -> list[str]:
-    """Problems a run of ``cfg`` would hit on disk before starting; nothing is created.
-
-    A local ``corpus.root`` must be a directory, unless the synthetic corpus is to be generated
-    there (``corpus.synth_utterances`` > 0), when it must be creatable. ``output_dir`` and
-    ``data.cache_dir`` must be writable directories or creatable: their nearest existing ancestor
-    is a writable directory. Object-store URIs are not checked.
-    """
-    return _path_problems(cfg)
-
-
-def _path_problems(cfg: PipelineConfig) -> list[str]:
-    out = []
-    root = _local_path(cfg.corpus.root)
-    if root and not os.path.isdir(root):
-        if os.path.exists(root):
-            out.append(f"corpus.root: {root} is a file, not a corpus directory")
-        elif not cfg.corpus.synth_utterances:
-            out.append(f"corpus.root: directory {root} does not exist; point it at the corpus "
-                       "(corpus.root=/path/to/LibriSpeech), or set corpus.synth_utterances to generate "
-                       "the synthetic corpus there")
-        else:
-            out += _writable_problems("corpus.root", root)
-    for key, path in (("output_dir", cfg.output_dir), ("data.cache_dir", cfg.data.cache_dir),
-                      ("storage_path", cfg.storage_path)):
-        local = _local_path(path)
-        if local:
-            out += _writable_problems(key, local)
-    return out
-
-
-def _writable_problems(key: str, path: str) -> list[str]:
-    """Whether directory ``path`` is writable or creatable (nothing is created)."""
-    path = os.path.abspath(path)
-    existing = path
-    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)  # nearest existing ancestor
-    if not os.path.isdir(existing):
-        where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
-        return [f"{key}: {path} {where}, not a directory; choose another path"]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [f"{key}: {path} cannot be written ({existing} is not writable); choose another path"]
-    return []
-
-
-def _plain(value):
-    """Tuples as lists, recursively (safe YAML has no tuples)."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    return value
-
-
-def dump_pipeline(cfg: PipelineConfig) -> str:
-    """``cfg`` as YAML with every key (the ``pipeline.yaml`` beside a run's outputs);
-    :func:`load_pipeline` reads it back to an equal config."""
-    header = "# Resolved pinch_ray pipeline config: every setting of the run.\n"
-    return header + yaml.safe_dump(_plain(dataclasses.asdict(cfg)), sort_keys=False, default_flow_style=False)
-
-
-# --------------------------------------------------------------------------------------------
-# The configuration reference (README.md's "Configuration reference" is this, kept in sync by a test)
-# --------------------------------------------------------------------------------------------
-
-README_REFERENCE_BEGIN = "<!-- config-reference: generated by `python -m pinch_ray.config`; do not edit -->"
-README_REFERENCE_END = "<!-- config-reference end -->"
-
-
-def _field_comments(cls: type) -> dict[str, str]:
-    """``{field: comment}`` of a config dataclass, from its source: the ``#`` comment lines right
-    above a field and the one at the end of its line, joined (the meaning and unit of each key)."""
-    import ast
-    import inspect
-    import io
-    import tokenize
-
-    source = inspect.getsource(cls)
-    comments = {token.start[0]: token.string.lstrip("#").strip()
-                for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
-    lines = source.splitlines()
-    out = {}
-    for node in ast.parse(source).body[0].body:
-        if not isinstance(node, ast.AnnAssign):
-            continue
-        above, line = [], node.lineno - 1
-        while line >= 1 and lines[line - 1].strip().startswith("#"):
-            above.insert(0, comments[line])
-            line -= 1
-        trailing = comments.get(node.end_lineno)
-        out[node.target.id] = " ".join(above + ([trailing] if trailing else []))
-    return out
-
-
-def _default_text(value) -> str:
-    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=1_000).strip()
-    text = text[:-4] if text.endswith("\n...") else text.removesuffix("...").strip()
-    return text.replace("|", "\\|")
-
-
-def config_reference() -> str:
-    """Every pipeline YAML key as markdown: one table per section with type, default and meaning."""
-    hints = typing.get_type_hints(PipelineConfig)
-    top, sections = [], []
-    comments = _field_comments(PipelineConfig)
-    for f in dataclasses.fields(PipelineConfig):
-        if dataclasses.is_dataclass(hints[f.name]):
-            sections.append((f.name, hints[f.name]))
-        else:
-            top.append((f.name, hints[f.name], getattr(PipelineConfig(), f.name), comments.get(f.name, "")))
-    out = ["Every key a pipeline YAML (or a `key=value` override) may set; a YAML lists only what differs.", ""]
-
-    def table(rows) -> list[str]:
-        lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-        for key, annotation, default, meaning in rows:
-            kind = _type_name(annotation).replace("typing.", "").replace("|", "or")
-            lines.append(f"| `{key}` | {kind} | `{_default_text(default)}` | {meaning.replace('|', chr(92) + '|')} |")
-        return lines
-
-    out += ["**Top level**", ""] + table(top) + [""]
-    defaults = PipelineConfig()
-    for name, cls in sections:
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        section_hints, section_comments = typing.get_type_hints(cls), _field_comments(cls)
-        rows = [(f"{name}.{f.name}", section_hints[f.name], getattr(getattr(defaults, name), f.name),
-                 section_comments.get(f.name, "")) for f in dataclasses.fields(cls)]
-        out += [f"**`{name}`** — {doc}", ""] + table(rows) + [""]
-    return "\n".join(out).rstrip() + "\n"
-
-
-if __name__ == "__main__":
-    print(f"{README_REFERENCE_BEGIN}\n{config_reference()}{README_REFERENCE_END}")

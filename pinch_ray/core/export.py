@@ -1,4 +1,4 @@
-"""Hard prune and export: a plain HF model directory, a compact sparse copy, atomic directories.
+"""Hard prune and export: a plain HF model directory and a compact sparse copy.
 
 ``model/`` — :func:`export_model` folds the hard masks into the weights (``gates.fold``) and writes
 the same HF class with ``save_pretrained`` (safetensors) next to the processor, so stock
@@ -15,17 +15,12 @@ safetensors file): ``weights.safetensors.gz`` + ``manifest.json`` (format versio
 shape / dtype / encoding, the HF config). :func:`load_compact` rebuilds the float32 model with no
 pickle, and still reads format 1 (the same, xz-compressed). Size at 65% of the gated weights: 1 bit +
 0.35 x 2 bytes per gated weight (0.206x fp32) plus 2 bytes per ungated one; deflate then removes
-~13% (fp16 exponents are far from uniform). Level 1 because the compressors differ in time far more
-than in size (wav2vec2-base at 65% of all parameters, 2 CPU cores: xz preset 6 46 s and 0.164x fp32,
-gzip level 1 1.8 s and 0.176x).
-
-Atomic writes — :func:`atomic_dir` builds a directory under a temporary sibling name and renames it
-into place, so a killed run never leaves a directory that looks finished.
+~13% (fp16 exponents are far from uniform). Level 1: the codecs differ in time far more than in
+size (README, "The paper's setups on GPUs": finalize at full size).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -34,8 +29,6 @@ import lzma
 import os
 import re
 import shutil
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +42,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import AutoConfig, AutoModelForCTC, PreTrainedModel
 
-from pinch_ray import gates, pruned_modeling
+from pinch_ray import storage
+from pinch_ray.core import gates, pruned_modeling
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +54,10 @@ SPARSE_MIN_ZEROS = 0.3  # a tensor with more than this fraction of zeros is stor
 GZIP_LEVEL = 1  # deflate level (1-9): ~40 MB/s on one core; 6 is 2x slower for 1% less
 FP16_MAX = 65504.0  # largest finite fp16; a tensor beyond it is kept at its own precision
 TRIAL_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-_TMP_TAG = ".tmp-"
 
 
 # ----------------------------------------------------------------------------------------------
-# Paths and atomic directories
+# Trial directories
 # ----------------------------------------------------------------------------------------------
 
 
@@ -74,7 +67,7 @@ def trial_dir(output_dir: str | os.PathLike, trial: str) -> Path:
     Raises:
         ValueError: ``trial`` is not ``[A-Za-z0-9._-]+``, is ``.``/``..``-like, or escapes ``output_dir``.
     """
-    if not TRIAL_NAME.fullmatch(trial) or ".." in trial or trial.strip(".") == "" or _TMP_TAG in trial:
+    if not TRIAL_NAME.fullmatch(trial) or ".." in trial or trial.strip(".") == "" or storage.TMP_TAG in trial:
         raise ValueError(f"trial name {trial!r}: use letters, digits, '.', '_' and '-' only "
                          "(no '..', no path separators), e.g. sspg-0.65")
     root = Path(output_dir).resolve()
@@ -82,48 +75,6 @@ def trial_dir(output_dir: str | os.PathLike, trial: str) -> Path:
     if path.parent != root:
         raise ValueError(f"trial name {trial!r} resolves to {path}, outside output_dir {root}")
     return path
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary sibling of ``final``; on success it replaces ``final`` by renaming.
-
-    On an exception the temporary directory is removed; after a hard kill it stays as
-    ``<final>.tmp-<hex>`` (never named like ``final``) and :func:`remove_stale_tmp` clears it.
-    An existing ``final`` is replaced (moved aside, then deleted), so a rerun can redo it.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}{_TMP_TAG}{uuid.uuid4().hex}")
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.with_name(f"{final.name}{_TMP_TAG}{uuid.uuid4().hex}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def remove_stale_tmp(final: str | os.PathLike) -> None:
-    """Delete temporary siblings left by an :func:`atomic_dir` that was killed."""
-    final = Path(final)
-    for stale in final.parent.glob(f"{final.name}{_TMP_TAG}*"):
-        log.info("removing %s left by an interrupted run", stale)
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temporary sibling and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{_TMP_TAG}{uuid.uuid4().hex}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def dir_bytes(path: str | os.PathLike) -> int:

@@ -32,16 +32,18 @@ target eases from the initial soft sparsity to ``s*`` over the first part of tra
 (:func:`target_at`). Because the thresholds are per layer and the constraint is global, layers end
 with different sparsity.
 
-Gates are attached as ``torch.nn.utils.parametrize`` parametrizations of ``weight``: a module in
-``train()`` mode uses the soft mask, in ``eval()`` mode the hard mask (so evaluation always shows the
-pruned model); :func:`gate_mode` overrides that. :func:`fold` removes every gate and returns the same
-model class with masked weights zeroed — what ``save_pretrained`` then writes.
+Gates are attached as ``torch.nn.utils.parametrize`` parametrizations of ``weight``
+(:mod:`pinch_ray.core.masks`: the gate protocol and the fused kernel; unit gates in
+:mod:`pinch_ray.core.neurons`): a module in ``train()`` mode uses the soft mask, in ``eval()`` mode
+the hard mask (so evaluation always shows the pruned model); :func:`gate_mode` overrides that.
+:func:`fold` removes every gate and returns the same model class with masked weights zeroed — what
+``save_pretrained`` then writes. This module holds the operations on a whole model; it never asks
+which kind a gate is.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import re
 from dataclasses import dataclass
@@ -50,178 +52,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pinch_ray import pruned_modeling
 from pinch_ray.config import ConfigError, GateConfig
+from pinch_ray.core import pruned_modeling
+from pinch_ray.core.masks import WEIGHT, FixedMask, Gate, ThresholdGate, hard_mask, unmasked_weight
+from pinch_ray.core.neurons import attach_neuron_gates
 
 GATEABLE_TYPES = (nn.Linear, nn.Conv1d)
-
-
-# ----------------------------------------------------------------------------------------------
-# The soft mask, fused: forward computes W * M and sum(M), backward in closed form.
-# ----------------------------------------------------------------------------------------------
-
-# The sigmoid's argument z is clamped to [-20, 20] so that no mask value, exp(-z), product with
-# them or AdamW state built from them is a denormal float: x86 CPUs run denormal arithmetic ~100x
-# slower, and late in training, with a small temperature, most pruned weights sit at z < -100
-# (M < 4e-44; their gradients g * M square to nothing in AdamW). In float32, sigmoid(z) is 1.0
-# above z = 17, so the upper clamp changes nothing; below -20, M becomes sigmoid(-20) = 2.1e-9
-# instead of something smaller: W * M moves by < 2.1e-9 |W|, and such weights got (and get) no
-# learning signal (M (1 - M) < 2.1e-9). float64 (tests) gets wider bounds with the same
-# properties. Measured on 2 cores, wav2vec2-base size, late in training (tau_end, 65% of weights
-# under their thresholds): sspg step 37x a dense one unclamped, 1.03-1.10x clamped (gate_overhead.py).
-_Z_BOUNDS = {torch.float64: (-700.0, 40.0)}
-_Z_BOUNDS_DEFAULT = (-20.0, 20.0)
-
-
-def _mask_from_squares(w2, threshold, tau, inv_scale):
-    """``M = sigmoid(clamp((W^2/s - threshold^2) / (2 tau)))`` computed in place in ``w2 = W^2``."""
-    z = w2.mul_(inv_scale / (2 * tau)).sub_(threshold * threshold / (2 * tau))
-    return z.clamp_(*_Z_BOUNDS.get(w2.dtype, _Z_BOUNDS_DEFAULT)).sigmoid_()
-
-
-def _soft_mask_forward(weight, threshold, tau):
-    """``W * M``, ``sum(M)``, ``1/s`` for ``M = sigmoid((W^2/s - threshold^2) / (2 tau))``.
-
-    ``M`` is not kept: backward recomputes it from ``W`` (an ``exp`` per weight, fused into the
-    backward kernel), where keeping it would hold one more tensor per gated weight until backward.
-    """
-    w2 = weight * weight
-    inv_scale = 1.0 / w2.mean().clamp_min(1e-30)  # 1/s, no gradient by construction
-    mask = _mask_from_squares(w2, threshold, tau, inv_scale)
-    return weight * mask, mask.sum(), inv_scale
-
-
-def _soft_mask_backward(grad_out, grad_mask_sum, weight, threshold, inv_scale, tau):
-    """Gradients of ``(W * M, sum(M))`` w.r.t. ``W`` and ``threshold``.
-
-    dz/dW = W / (tau s), dz/dthreshold = -threshold / tau, dM/dz = M (1 - M); upstream of z, per
-    element: ``grad_out * W`` (through W * M) + ``grad_mask_sum`` (through sum(M)).
-    """
-    mask = _mask_from_squares(weight * weight, threshold, tau, inv_scale)
-    dz = (grad_out * weight).add_(grad_mask_sum).mul_(mask).mul_(1 - mask)
-    grad_threshold = -(threshold / tau) * dz.sum()
-    grad_weight = dz.mul_(weight).mul_(inv_scale / tau).add_(grad_out * mask)
-    return grad_weight, grad_threshold
-
-
-# Below this many entries a CPU weight runs the kernels eagerly: they cost per-op dispatch there,
-# not memory passes, and compiling (~20 s once per process on 2 cores) would not pay off.
-CPU_COMPILE_MIN_NUMEL = 1 << 18
-_compiled: dict = {}
-
-
-def _compiled_kernel(fn, device_type: str):
-    """``fn`` compiled by ``torch.compile`` for ``device_type`` (cached per process).
-
-    GPUs: one graph per weight shape. CPUs: one dynamic-shape graph, Inductor's C++ backend
-    (needs a C++ compiler; without one the caller falls back to eager).
-    """
-    key = (fn, device_type)
-    if key not in _compiled:
-        _compiled[key] = torch.compile(fn, dynamic=device_type == "cpu", fullgraph=True)
-    return _compiled[key]
-
-
-def _run(fn, *args):
-    """``fn(*args)``, compiled into a few fused kernels on GPUs and for large CPU weights (the
-    first argument is shaped like the weight).
-
-    Measured (benchmarks/gate_overhead.py, wav2vec2-base size): on an H100 at 32 x 16 s sspg/dense
-    step time 1.04 compiled vs 1.11 eager; on 2 CPU cores at 2 x 4 s 1.03-1.11 compiled (median
-    of three runs 1.05, with the clamp above and ``train.keep_freed_cpu_memory``) where eager
-    kernels gave 1.10-1.16. A compiler failure logs a warning and runs eagerly from then on.
-    """
-    device_type = args[0].device.type
-    if _compiled.get("disabled") or (device_type == "cpu" and args[0].numel() < CPU_COMPILE_MIN_NUMEL):
-        return fn(*args)
-    try:
-        # Autocast off: the inputs are fp32 master weights, and one autocast state means one
-        # compiled graph (no recompiles when the caller toggles autocast).
-        with torch.autocast(device_type, enabled=False):
-            return _compiled_kernel(fn, device_type)(*args)
-    except Exception as err:  # noqa: BLE001 - any compiler failure: keep training, eagerly
-        logging.getLogger(__name__).warning("torch.compile of the gate kernels failed (%s); running eagerly", err)
-        _compiled["disabled"] = True
-        return fn(*args)
-
-
-class _SoftMaskedWeight(torch.autograd.Function):
-    """``(W * M, sum(M))`` with ``M = sigmoid((W^2/s - threshold^2) / (2 tau))``, ``s = mean(W^2)``.
-
-    Hand-written backward so the step costs a few elementwise passes over ``W`` (autograd through
-    the same expression stores several temporaries per layer) and keeps no tensor of its own for
-    backward. ``tau`` is a 0-dim tensor, so an annealed temperature never recompiles.
-    """
-
-    @staticmethod
-    def forward(ctx, weight, threshold, tau):
-        masked, mask_sum, inv_scale = _run(_soft_mask_forward, weight, threshold, tau)
-        ctx.save_for_backward(weight, threshold, inv_scale, tau)
-        return masked, mask_sum
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_mask_sum):
-        weight, threshold, inv_scale, tau = ctx.saved_tensors
-        if grad_mask_sum is None:
-            grad_mask_sum = torch.zeros((), dtype=weight.dtype, device=weight.device)
-        grad_weight, grad_threshold = _run(_soft_mask_backward, grad_out.contiguous(), grad_mask_sum, weight,
-                                           threshold, inv_scale, tau)
-        return grad_weight, grad_threshold, None
-
-
-def hard_mask(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """``|W| > t`` with ``t = |threshold| * rms(W)``; bool tensor shaped like ``weight``."""
-    w2 = weight.detach().float().pow(2)
-    return w2 > threshold.detach().float().pow(2) * w2.mean()
-
-
-class ThresholdGate(nn.Module):
-    """Parametrization of one weight: soft mask in ``train()``, hard mask in ``eval()``.
-
-    ``threshold`` is the only parameter (a scalar, in units of the layer's RMS weight). ``tau`` is
-    the current relative temperature, set by the training loop through :func:`set_tau`.
-    """
-
-    structured = False  # True for gates that remove whole units (pinch_ray.neurons.NeuronGate)
-
-    def __init__(self, threshold_init: float, tau: float, numel: int):
-        super().__init__()
-        self.threshold = nn.Parameter(torch.tensor(float(threshold_init)))
-        self.numel = int(numel)  # entries of the gated weight
-        # current relative temperature; a tensor so compiled kernels take new values as data
-        self.register_buffer("tau", torch.tensor(float(tau)), persistent=False)
-        self.mode: str | None = None  # None: follow self.training; "soft" / "hard": forced
-        self.last_mask_sum: torch.Tensor | None = None  # sum(M) of the latest soft forward
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        soft = self.training if self.mode is None else self.mode == "soft"
-        if not soft:
-            return weight * hard_mask(weight, self.threshold).to(weight.dtype)
-        masked, self.last_mask_sum = _SoftMaskedWeight.apply(weight, self.threshold, self.tau)
-        return masked
-
-    def fresh_mask_sum(self, module: nn.Module) -> torch.Tensor:
-        """``sum(M)`` computed on the spot (differentiable), for a gate the last forward did not use."""
-        return _SoftMaskedWeight.apply(unmasked_weight(module), self.threshold, self.tau)[1]
-
-    def soft_mask(self, weight: torch.Tensor) -> torch.Tensor:
-        """The soft mask itself (no gradient), for inspection and tests."""
-        w2 = weight.detach().pow(2)
-        return _mask_from_squares(w2, self.threshold.detach(), self.tau, 1.0 / w2.mean())
-
-
-class FixedMask(nn.Module):
-    """Parametrization with a fixed boolean mask (the ``ump`` baseline); no parameters."""
-
-    structured = False
-
-    def __init__(self, mask: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mask", mask.bool())
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask.to(weight.dtype)
-
+__all__ = ["FixedMask", "Gate", "ThresholdGate", "hard_mask", "unmasked_weight"]  # re-exported from masks
 
 # ----------------------------------------------------------------------------------------------
 # Choosing, attaching, inspecting
@@ -262,7 +99,7 @@ def _check_not_gated(model: nn.Module) -> None:
 
 def attach_gates(model: nn.Module, cfg: GateConfig) -> dict[str, ThresholdGate]:
     """Give every selected weight a :class:`ThresholdGate` (``cfg.granularity == "weight"``), or every
-    feed-forward / attention module a ``NeuronGate`` (``"neuron"``, see :mod:`pinch_ray.neurons`);
+    feed-forward / attention module a ``NeuronGate`` (``"neuron"``, see :mod:`pinch_ray.core.neurons`);
     returns them by the name of the module whose weight they parametrize. With ``cfg.shared_threshold``
     every gate holds the same threshold Parameter."""
     problems = cfg.problems()
@@ -270,8 +107,6 @@ def attach_gates(model: nn.Module, cfg: GateConfig) -> dict[str, ThresholdGate]:
         raise ConfigError(problems, source="gate settings")
     _check_not_gated(model)
     if cfg.granularity == "neuron":
-        from pinch_ray.neurons import attach_neuron_gates
-
         gates = attach_neuron_gates(model, list(cfg.neuron_units), cfg.threshold_init, cfg.tau_start)
     else:
         gates = {}
@@ -304,13 +139,13 @@ def attach_uniform_masks(model: nn.Module, cfg: GateConfig, target_sparsity: flo
     return masks
 
 
-def gated_modules(model: nn.Module) -> dict[str, tuple[nn.Module, ThresholdGate | FixedMask]]:
+def gated_modules(model: nn.Module) -> dict[str, tuple[nn.Module, Gate]]:
     """Every module whose ``weight`` carries a gate or fixed mask: ``{name: (module, gate)}``."""
     found = {}
     for name, module in model.named_modules():
         if parametrize.is_parametrized(module, "weight"):
             last = module.parametrizations.weight[-1]
-            if isinstance(last, (ThresholdGate, FixedMask)):
+            if isinstance(last, Gate):
                 found[name] = (module, last)
     return found
 
@@ -320,28 +155,9 @@ def gates_of(model: nn.Module) -> list[ThresholdGate]:
     return [g for _, g in gated_modules(model).values() if isinstance(g, ThresholdGate)]
 
 
-def unmasked_weight(module: nn.Module) -> torch.Tensor:
-    """The weight a gated module would have without its gate (other parametrizations applied)."""
-    plist = module.parametrizations.weight
-    if plist.is_tensor:
-        x, rest = plist.original, list(plist)[:-1]
-    else:  # e.g. weight_norm: several original tensors
-        x = plist[0](*(getattr(plist, f"original{i}") for i in range(plist.ntensors)))
-        rest = list(plist)[1:-1]
-    for parametrization in rest:
-        x = parametrization(x)
-    return x
-
-
 def module_hard_mask(module: nn.Module) -> torch.Tensor:
     """The hard (final) mask of one gated module: bool, shaped like its weight."""
-    gate = module.parametrizations.weight[-1]
-    weight = unmasked_weight(module)
-    if isinstance(gate, FixedMask):
-        return gate.mask
-    if gate.structured:  # the columns (input channels) of the units a neuron gate removes
-        return gate._masked(torch.ones_like(weight), gate.unit_hard_mask().to(weight.dtype)).bool()
-    return hard_mask(weight, gate.threshold)
+    return module.parametrizations.weight[-1].weight_hard_mask(unmasked_weight(module))
 
 
 @contextlib.contextmanager
@@ -401,14 +217,7 @@ class LayerSparsity:
 def layer_sparsity(model: nn.Module) -> list[LayerSparsity]:
     """Hard-mask sparsity of every gated matrix (or, for neuron gates, of the parameters the units
     carry), measured (not the configured value)."""
-    out = []
-    for name, (module, gate) in gated_modules(model).items():
-        if gate.structured:
-            out.append(LayerSparsity(name, *gate.hard_counts()))
-            continue
-        mask = module_hard_mask(module)
-        out.append(LayerSparsity(name, mask.numel(), int(mask.numel() - mask.sum())))
-    return out
+    return [LayerSparsity(name, *gate.hard_counts(module)) for name, (module, gate) in gated_modules(model).items()]
 
 
 def achieved_sparsity(model: nn.Module) -> float:
@@ -503,17 +312,13 @@ def calibrate_thresholds(model: nn.Module, target_sparsity: float, iterations: i
     # parameter-weighted count of scores <= (a |threshold|)^2.
     relative = []
     for module, gate in items:
-        if gate.structured:
-            values, weight, most = gate.calibration_values()
-        else:
-            w2 = unmasked_weight(module).float().pow(2)
-            values, weight, most = (w2 / w2.mean()).flatten().sort().values, 1, w2.numel()
+        values, weight, most = gate.calibration_values(module)
         relative.append((values, gate.threshold.abs().item(), weight, most))
     relative_weight = {id(gate): weight for (_, gate), (_, _, weight, _) in zip(items, relative)}
     total = sum(gate.numel for _, gate in items)
 
     finest = min(weight for _, _, weight, _ in relative)
-    structured = any(gate.structured for _, gate in items)
+    countable = all(gate.counts_by_score for _, gate in items)
 
     thresholds = [gate.threshold.detach().clone() for _, gate in items]
 
@@ -522,7 +327,7 @@ def calibrate_thresholds(model: nn.Module, target_sparsity: float, iterations: i
             gate.threshold.copy_(threshold * factor * (fine_factor if relative_weight[id(gate)] == finest else 1.0))
 
     def sparsity_at(factor: float, fine_factor: float = 1.0) -> float:
-        if structured:  # units share weights (conv layers): measure, the hard masks are cheap
+        if not countable:  # units share weights (conv layers): measure, the hard masks are cheap
             scale(factor, fine_factor)
             return achieved_sparsity(model)
         pruned = 0
@@ -558,37 +363,17 @@ def fold(model: nn.Module) -> nn.Module:
     """Apply the hard masks and remove every gate/mask, in place; returns ``model``.
 
     The result is the same class with the same parameter names (``save_pretrained`` /
-    ``from_pretrained`` compatible) and no gate parameters. Weight-normalised convolutions
-    (wav2vec2's positional conv) are re-normalised from the masked weight, so they keep their
-    ``weight_g`` / ``weight_v`` form. Neuron gates remove their pruned units from the matrices
-    instead (:meth:`pinch_ray.neurons.NeuronGate.remove_units`); the per-layer sizes then go into
-    the config for :mod:`pinch_ray.pruned_modeling`, the loader of such models.
+    ``from_pretrained`` compatible) and no gate parameters (:meth:`masks.Gate.fold`). Unit gates
+    remove their pruned units from the matrices instead; the per-layer sizes then go into the
+    config for :mod:`pinch_ray.core.pruned_modeling`, the loader of such models.
     """
-    found = gated_modules(model).values()
-    # neuron gates: every hard mask first, then the slicing (a conv layer's filters are one gate's
-    # units and the next gate's target)
-    keeps = {id(gate): gate.unit_hard_mask() for _, gate in found if gate.structured}
-    for module, gate in found:
-        if gate.structured:
-            gate.remove_units(module, keeps[id(gate)])
-            continue
-        with torch.no_grad():
-            masked = unmasked_weight(module) * module_hard_mask(module).to(module.weight.dtype)
-        plist = module.parametrizations.weight
-        if plist.is_tensor:  # the original Parameter stays (same object, same requires_grad)
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-            with torch.no_grad():
-                module.weight.copy_(masked)
-            continue
-        weight_norm_dim = getattr(plist[0], "dim", None)  # weight_norm underneath the gate
-        if weight_norm_dim is None:
-            raise ValueError(f"fold: unsupported parametrization {type(plist[0]).__name__} "
-                             f"under a gate in {type(module).__name__}")
-        # Outside no_grad, so the weight comes back as a Parameter that weight_norm can split again.
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        with torch.no_grad():
-            module.weight.copy_(masked)
-        nn.utils.parametrizations.weight_norm(module, name="weight", dim=weight_norm_dim)
-    if keeps:
-        pruned_modeling.mark_pruned(model, [gate.kind for _, gate in found if gate.structured])
+    found = list(gated_modules(model).values())
+    # every plan first, then the folding: a conv layer's filters are one gate's units and the next
+    # gate's target
+    plans = [gate.fold_plan(module) for module, gate in found]
+    for (module, gate), plan in zip(found, plans):
+        gate.fold(module, plan)
+    unit_kinds = [gate.kind for _, gate in found if gate.kind != WEIGHT]
+    if unit_kinds:
+        pruned_modeling.mark_pruned(model, unit_kinds)
     return model

@@ -1,6 +1,8 @@
-"""Training: the methods (``dense``, ``ump``, ``two-stage``, ``sspg``, ``sspg-neuron``) and the core training step.
+"""The compression step: the methods (``dense``, ``ump``, ``two-stage``, ``sspg``, ``sspg-neuron``)
+and :class:`Compressor`, which trains a model under one of them.
 
-Everything here runs in a plain Python process; the Ray Train worker wraps :class:`Compressor`.
+Everything here runs in a plain Python process (no Ray); the Ray Train worker
+(:mod:`pinch_ray.pipeline.worker`) wraps :class:`Compressor`.
 One optimizer step = ``grad_accum_steps`` micro-batches of CTC loss (+ the sparsity Lagrangian for
 ``sspg``), gradient clipping, AdamW, the learning-rate schedule, and the temperature schedule.
 
@@ -11,24 +13,19 @@ A micro-batch is a dict of tensors: ``input_values`` [B, T] float32 (16 kHz audi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from pinch_ray import gates as gates_lib
-from pinch_ray import storage
-from pinch_ray.config import (MAGNITUDE_METHODS, MAX_TARGET_SPARSITY, SSPG_METHODS, ConfigError, GateConfig,
-                              ResourcesConfig, TrainConfig, raise_if_problems, target_sparsity_problems)
-from pinch_ray.models import total_parameters
+from pinch_ray.config import (DENSE, MAGNITUDE_METHODS, MAX_TARGET_SPARSITY, SSPG_METHODS, ConfigError, GateConfig,
+                              TrainConfig, raise_if_problems, target_sparsity_problems)
+from pinch_ray.core import gates as gates_lib
+from pinch_ray.core.models import total_parameters
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +42,11 @@ def keep_freed_cpu_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS.
 
     By default glibc serves every tensor above a few MB with a fresh ``mmap`` and gives the top of
-    its heap back after every step, so each training step page-faults (and the kernel zeroes)
-    every large tensor it allocates again: weight gradients and activations for a dense step,
-    plus one masked copy of every gated weight and its gradient for sspg. Measured on 2 CPU cores
-    (wav2vec2-base size, 2 x 4 s): 40-90k page faults a dense step, ~190k an sspg step, ~0.25 s
-    of kernel time the difference; with this, none after the second step (what jemalloc/tcmalloc,
-    which PyTorch recommends for CPU training, also do). Tensors up to 32 MB come from the heap
-    and freed memory stays mapped, so the process keeps its peak footprint. Idempotent; a no-op
-    returning False where the C library is not glibc.
+    its heap back after every step, so each step page-faults (and the kernel zeroes) every large
+    tensor again, sspg's masked weight copies most of all (README, "Benchmarks"). With this,
+    tensors up to 32 MB come from the heap and freed memory stays mapped (what jemalloc/tcmalloc
+    also do): the process keeps its peak footprint. Idempotent; a no-op returning False where the
+    C library is not glibc.
     """
     ok = False
     try:
@@ -333,13 +327,13 @@ class Compressor:
 
     def hard_sparsity(self) -> float:
         """Measured hard-mask sparsity of the gated parameters (0.0 for dense)."""
-        if self.method == "dense":
+        if self.method == DENSE:
             return 0.0
         return gates_lib.achieved_sparsity(self.unwrapped)
 
     def on_basis(self, gated_sparsity: float) -> float:
         """A sparsity of the gated parameters as a fraction of ``target_basis``."""
-        if self.target_basis == "gated" or self.method == "dense":
+        if self.target_basis == "gated" or self.method == DENSE:
             return gated_sparsity
         return gated_sparsity * self.params_gated / self.params_total
 
@@ -378,285 +372,3 @@ class Compressor:
             self.lagrangian.load_state_dict(state["lagrangian"])
         self.step_count = int(state["step"])
         self.sparsity_start = float(state["sparsity_start"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Ray Train: the per-worker training function and the driver that runs it
-# ----------------------------------------------------------------------------------------------
-
-CHECKPOINT_STATE = "state.pt"  # Compressor.state_dict() + data progress (torch.save, tensors only)
-CHECKPOINT_MODEL = "model"  # final checkpoint only: the folded HF model + processor
-TRAIN_RESULT = "train_result.json"  # final checkpoint only: what the run achieved
-
-
-def worker_config(init_from: str, method: str, target_sparsity: float, train_cfg: TrainConfig,
-                  gate_cfg: GateConfig, *, train_rows: int, target_basis: str = "params",
-                  dev_path: str | None = None,
-                  tensorboard_dir: str | None = None, model_overrides: dict | None = None,
-                  trust_remote_code: bool = False, fail_at: dict | None = None) -> dict:
-    """The plain dict :func:`train_loop_per_worker` takes (validated here, before Ray starts).
-
-    ``train_rows``: utterances of the prepared train split (fixes the batches per epoch per rank);
-    ``target_basis``: what ``target_sparsity`` is a fraction of (``SweepConfig.target_basis``);
-    ``dev_path``: prepared dev shards, evaluated on rank 0 every ``eval_every`` steps.
-    ``fail_at``: fault injection, ``{"step": k, "rank": r, "marker": path}``: worker ``r`` exits
-    just before step ``k`` if ``marker`` does not exist yet (it creates it), so it fails once.
-    """
-    raise_if_problems(train_cfg.problems() + gate_cfg.problems()
-                      + target_sparsity_problems(method, target_sparsity, target_basis=target_basis),
-                      source="training settings")
-    return {"init_from": str(init_from), "method": method, "target_sparsity": float(target_sparsity),
-            "target_basis": target_basis,
-            "training": dataclasses.asdict(train_cfg), "gates": dataclasses.asdict(gate_cfg),
-            "train_rows": int(train_rows), "dev_path": str(dev_path) if dev_path else None,
-            "tensorboard_dir": str(tensorboard_dir) if tensorboard_dir else None,
-            "model_overrides": dict(model_overrides or {}), "trust_remote_code": bool(trust_remote_code),
-            "fail_at": dict(fail_at) if fail_at else None}
-
-
-def _maybe_fail(fail_at: dict | None, step: int, rank: int) -> None:
-    """Fault injection (see :func:`worker_config`): kill this worker process once."""
-    if not fail_at or step != fail_at["step"] or rank != fail_at["rank"] or os.path.exists(fail_at["marker"]):
-        return
-    Path(fail_at["marker"]).write_text(f"worker {rank} killed before step {step}\n")
-    log.warning("fault injection: worker %d exits before step %d", rank, step)
-    # Ray Train's controller registers reports when it polls the workers (every 2 s): wait for the
-    # reports already made to be registered, so the last checkpoint before the crash is known.
-    time.sleep(5)
-    os._exit(1)
-
-
-def _threshold_rank_spread(run: Compressor) -> float:
-    """Largest difference of any gate threshold between DDP ranks (0.0: in sync, as it must be)."""
-    thresholds = [g.threshold.detach() for g in gates_lib.gates_of(run.unwrapped)]
-    if not thresholds or not torch.distributed.is_initialized():
-        return 0.0
-    high = torch.stack(thresholds).float()
-    low = high.clone()
-    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
-    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
-    return float((high - low).max())
-
-
-def _save_checkpoint(directory: Path, run: Compressor, progress: dict) -> None:
-    torch.save({"compressor": run.state_dict(), "progress": dict(progress)}, directory / CHECKPOINT_STATE)
-
-
-def load_checkpoint_state(directory: str | os.PathLike, map_location="cpu") -> dict:
-    """A checkpoint's saved state (``compressor`` state dict and data ``progress``), tensors only."""
-    return torch.load(Path(directory) / CHECKPOINT_STATE, map_location=map_location, weights_only=True)
-
-
-def _dev_scores(run: Compressor, processor, dev_path: str, batch_size: int) -> dict:
-    from pinch_ray.data import read_prepared_rows
-    from pinch_ray.evaluate import score, transcribe_rows
-
-    with torch.no_grad():
-        scores = score(transcribe_rows(run.unwrapped, processor, read_prepared_rows(dev_path), batch_size))
-    return {"dev_wer": scores.wer, "dev_cer": scores.cer}
-
-
-def _quiet_ray_train_reports() -> None:
-    """Ray Train logs each ``ray.train.report`` call of every worker at INFO ("Reporting training
-    result 7: TrainingReport(...) from rank 0"), hundreds of lines a run on the driver's console
-    beside the one progress line per report the driver prints itself; keep its warnings only."""
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-    except ImportError:  # a Ray without that module: its logging stays as it is
-        return
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # Ray names that logger by file
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker: train ``config["method"]`` on this rank's shard of the ``train`` dataset.
-
-    DDP across ranks (gloo on CPU, nccl on GPU, set up by ``TorchTrainer``); every rank reports
-    metrics every ``report_every`` steps, rank 0 attaches a checkpoint every ``checkpoint_every``
-    steps and at the end, where it also calibrates (sspg), evaluates the dev set and saves the
-    folded model. Resumes from ``ray.train.get_checkpoint()`` (a restarted worker group or a rerun
-    under the same run name): the step counter, optimizer, thresholds, multiplier and data epoch
-    continue where the checkpoint left them.
-    """
-    import tempfile
-
-    import ray.train
-    import ray.train.torch
-
-    from pinch_ray.data import batches_per_epoch, iter_train_batches
-    from pinch_ray.export import export_model, pruned_copy
-    from pinch_ray.models import load_model
-
-    _quiet_ray_train_reports()
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    train_cfg, gate_cfg = TrainConfig(**config["training"]), GateConfig(**config["gates"])
-    if train_cfg.torch_threads:
-        torch.set_num_threads(train_cfg.torch_threads)
-    overrides = dict(config["model_overrides"])
-    if world > 1:
-        overrides["layerdrop"] = 0.0  # skipped layers differ across ranks: DDP would hang
-    with storage.local_dir(config["init_from"]) as init_from:  # in an object store: a local copy
-        model, processor = load_model(str(init_from), seed=train_cfg.seed,
-                                      trust_remote_code=config["trust_remote_code"], **overrides)
-    run = Compressor.create(model, config["method"], config["target_sparsity"], train_cfg, gate_cfg,
-                            device=ray.train.torch.get_device(), target_basis=config["target_basis"],
-                            use_attention_mask=processor.feature_extractor.return_attention_mask)
-    progress = {"epoch": 0, "batch_in_epoch": 0, "elapsed_s": 0.0, "resumed_at": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = load_checkpoint_state(directory, map_location=run.device)
-        run.load_state_dict(state["compressor"])
-        progress = state["progress"]
-        progress["resumed_at"] = progress["resumed_at"] + [run.step_count]
-        log.info("rank %d resumes at step %d (epoch %d)", rank, run.step_count, progress["epoch"])
-    if world > 1:
-        run.model = ray.train.torch.prepare_model(run.model, move_to_device=False)
-
-    per_epoch = batches_per_epoch(config["train_rows"], world, train_cfg.batch_size)
-    if per_epoch < train_cfg.grad_accum_steps:
-        raise ValueError(f"{config['train_rows']} training utterances give {per_epoch} batches of "
-                         f"{train_cfg.batch_size} per worker, fewer than grad_accum_steps="
-                         f"{train_cfg.grad_accum_steps}; lower training.batch_size or resources.num_workers")
-    writer = None
-    if rank == 0 and config["tensorboard_dir"]:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(config["tensorboard_dir"])
-    shard = ray.train.get_dataset_shard("train")
-    resumed_at = time.perf_counter() - progress["elapsed_s"]
-
-    def report(metrics: dict, final: bool = False) -> None:
-        progress["elapsed_s"] = time.perf_counter() - resumed_at
-        # every rank, before rank 0's calibration rescales its thresholds (it would look like drift)
-        spread = _threshold_rank_spread(run)
-        if final and rank == 0:  # calibrate first, so the final figures describe the exported model
-            metrics = {**metrics, **run.finish()}
-        # hard_sparsity: on the target's basis, so progress lines compare it with the trial's target
-        metrics = {**metrics, "hard_sparsity": run.on_basis(run.hard_sparsity()), "elapsed_s": progress["elapsed_s"],
-                   "epoch": progress["epoch"], "resumed_at": list(progress["resumed_at"]),
-                   "threshold_rank_spread": spread}
-        step = run.step_count
-        if rank == 0 and config["dev_path"] and train_cfg.eval_every and (final or step % train_cfg.eval_every == 0):
-            metrics.update(_dev_scores(run, processor, config["dev_path"], train_cfg.eval_batch_size))
-        if writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    writer.add_scalar(f"train/{key}", value, step)
-            writer.flush()
-        if rank != 0 or not (final or step % train_cfg.checkpoint_every == 0):
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as directory:
-            directory = Path(directory)
-            if final:
-                export_model(pruned_copy(run.model), processor, directory / CHECKPOINT_MODEL)
-                (directory / TRAIN_RESULT).write_text(json.dumps(
-                    {"method": run.method, "target_sparsity": run.target_sparsity, "target_basis": run.target_basis,
-                     "seed": train_cfg.seed,
-                     "params_total": run.params_total, "params_gated": run.params_gated, "steps": step,
-                     "init_from": config["init_from"], "compression_seconds": progress["elapsed_s"], **metrics,
-                     "settings": config.get("settings")}, indent=2, default=float))
-            _save_checkpoint(directory, run, progress)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=f"step-{step:07d}")
-
-    while run.step_count < train_cfg.max_steps:
-        micro_batches = []
-        batches = iter_train_batches(shard, train_cfg.batch_size, num_batches=per_epoch,
-                                     seed=train_cfg.seed, epoch=progress["epoch"])
-        for index, batch in enumerate(batches):
-            if index < progress["batch_in_epoch"]:
-                continue  # resumed inside this epoch: these batches were trained on already
-            micro_batches.append(batch)
-            if len(micro_batches) < train_cfg.grad_accum_steps:
-                continue
-            _maybe_fail(config["fail_at"], run.step_count + 1, rank)
-            metrics = run.step(micro_batches)
-            micro_batches = []
-            progress["batch_in_epoch"] = index + 1
-            last = run.step_count >= train_cfg.max_steps
-            if last or run.step_count % train_cfg.report_every == 0 or run.step_count % train_cfg.checkpoint_every == 0:
-                report(metrics, final=last)
-            if last:
-                break
-        else:
-            progress["epoch"] += 1
-            progress["batch_in_epoch"] = 0
-    if writer is not None:
-        writer.close()
-
-
-def progress_line(name: str, metrics: dict, max_steps: int) -> str:
-    """One line of training progress: ``[sspg-0.65] step 200/900  ctc 0.84  sparsity 0.612  52 s, ~3 min left``."""
-    step, elapsed = metrics.get("step", 0), metrics.get("elapsed_s", 0.0)
-    parts = [f"[{name}] step {step}/{max_steps}", f"ctc {metrics['ctc_loss']:.3f}" if "ctc_loss" in metrics else ""]
-    if metrics.get("hard_sparsity"):
-        parts.append(f"sparsity {metrics['hard_sparsity']:.3f}")
-    if "dev_wer" in metrics:
-        parts.append(f"dev WER {metrics['dev_wer']:.3f}")
-    left = elapsed / step * (max_steps - step) if step else 0.0
-    parts.append(f"{elapsed:.0f} s" + (f", ~{left / 60:.1f} min left" if step < max_steps else ", done"))
-    return "  ".join(part for part in parts if part)
-
-
-def metrics_log_callback(path: str | os.PathLike, name: str | None = None, max_steps: int | None = None):
-    """A Ray Train callback appending rank 0's metrics of every report to ``path`` (JSON lines);
-    with ``name`` and ``max_steps`` it also prints a :func:`progress_line` (shown by the driver).
-
-    It runs in the Ray Train controller, so ``path`` must be writable there (the driver's machine
-    for local runs; shared storage on a cluster).
-    """
-    from ray.train import UserCallback
-
-    class MetricsLog(UserCallback):
-        def __init__(self, log_path: str):
-            self.log_path = log_path
-
-        def after_report(self, run_context, metrics, checkpoint):
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(metrics[0], default=float) + "\n")
-            if name and max_steps:
-                print(progress_line(name, metrics[0], max_steps), flush=True)
-
-    return MetricsLog(str(path))
-
-
-def run_training(config: dict, train_dataset, resources: ResourcesConfig, *, name: str,
-                 storage_path: str, callbacks: list | None = None):
-    """Run :func:`train_loop_per_worker` as a Ray Train ``TorchTrainer`` job; returns its Result.
-
-    ``name`` + ``storage_path`` identify the run: rerunning the same pair resumes from its latest
-    checkpoint. Ray must already be initialised (``ray.init()`` or a cluster address).
-
-    Raises:
-        ConfigError: bad resources.
-        ray.train.TrainingFailedError: the run failed more than ``resources.max_failures`` times.
-    """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    import ray
-
-    problems = resources.problems()
-    cluster_cpus = ray.cluster_resources().get("CPU", 0)
-    if resources.num_workers * resources.cpus_per_worker >= cluster_cpus:
-        problems.append(f"resources: {resources.num_workers} workers x {resources.cpus_per_worker} CPUs take every "
-                        f"CPU of the cluster ({cluster_cpus:g}), leaving none for Ray Data to stream the training "
-                        "data (the run would hang); lower resources.cpus_per_worker (e.g. 0.5) or num_workers")
-    raise_if_problems(problems, source="resources")
-    per_worker = {"CPU": resources.cpus_per_worker}
-    if resources.use_gpu:
-        per_worker["GPU"] = resources.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-                                     resources_per_worker=per_worker),
-        torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
-        datasets={"train": train_dataset},
-        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
-                             failure_config=FailureConfig(max_failures=resources.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    return trainer.fit()

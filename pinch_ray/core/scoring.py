@@ -1,14 +1,10 @@
-"""Evaluation: greedy CTC decoding, WER / CER (jiwer), a significance test, batch inference.
+"""Scoring: greedy CTC decoding, WER / CER (jiwer), a significance test, hypotheses files.
 
 Decoding is greedy: argmax per frame, repeats collapsed, the blank (the tokenizer's pad token)
 dropped, ``|`` read as a space. Frames past an utterance's end (padding) are ignored.
-
-Two ways to transcribe a split, sharing :func:`transcribe_batch`:
-
-- :func:`transcribe_rows` — in this process, over shard rows or a Ray Dataset streamed to the
-  driver (tests, training-time dev evaluation);
-- :func:`transcribe_dataset` — Ray Data ``map_batches`` over an actor pool (:class:`Transcriber`),
-  one GPU per actor when the cluster has GPUs.
+:func:`transcribe_rows` transcribes shard rows in this process (any iterable of rows, or a
+dataset streamed to the caller); :mod:`pinch_ray.pipeline.transcribe` runs the same
+:func:`transcribe_batch` on a Ray actor pool.
 
 Significance: MAPSSWE, the NIST matched-pairs sentence-segment word error test (Gillick & Cox 1989,
 sclite's ``MP`` test), the test speech compression papers report ("no statistically significant
@@ -34,8 +30,7 @@ import jiwer
 import numpy as np
 import torch
 
-from pinch_ray.data import collate, iter_eval_batches
-from pinch_ray.export import model_from_bytes, model_to_bytes
+from pinch_ray.data.batches import iter_eval_batches
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +72,7 @@ def greedy_decode(logits: torch.Tensor, frame_lengths: torch.Tensor | None, toke
 
 @torch.inference_mode()
 def transcribe_batch(model, processor, batch: Mapping[str, Any]) -> list[str]:
-    """Hypotheses of one padded batch (``pinch_ray.data.collate`` format).
+    """Hypotheses of one padded batch (``pinch_ray.data.batches.collate`` format).
 
     ``input_values`` [B, T] float32 16 kHz audio and ``attention_mask`` [B, T] (1 = real sample).
     The mask goes to the model only if ``processor.feature_extractor.return_attention_mask``
@@ -104,52 +99,6 @@ def transcribe_rows(model, processor, source: Any, batch_size: int = 16) -> list
         hypotheses = transcribe_batch(model, processor, batch)
         out.extend(Utterance(i, r, h) for i, r, h in zip(batch["ids"], batch["texts"], hypotheses))
     return sorted(out, key=lambda u: u.id)
-
-
-class Transcriber:
-    """``map_batches`` callable (one per actor): loads the model once, transcribes numpy batches.
-
-    ``model_ref``: a Ray object ref of ``export.model_to_bytes(model)``, so the weights travel
-    through the object store (no shared filesystem needed). Uses CUDA when the actor has a GPU.
-    """
-
-    def __init__(self, model_ref, processor):
-        import ray
-
-        model = model_from_bytes(ray.get(model_ref))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.to(self.device).eval()
-        self.processor = processor
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [{"id": i, "audio": np.asarray(a, dtype=np.float32), "labels": labels, "text": t}
-                for i, a, labels, t in zip(batch["id"], batch["audio"], batch["labels"], batch["text"])]
-        padded = collate(rows)
-        hypotheses = transcribe_batch(self.model, self.processor, padded)
-        return {"id": np.array(padded["ids"], dtype=object), "reference": np.array(padded["texts"], dtype=object),
-                "hypothesis": np.array(hypotheses, dtype=object)}
-
-
-def transcribe_dataset(dataset, model, processor, *, batch_size: int = 16, num_actors: int = 1,
-                       num_gpus: float | None = None) -> list[Utterance]:
-    """Transcribe a Ray Dataset of shard rows on an actor pool; returns utterances sorted by id.
-
-    ``model``: a plain HF model (no gates: pass ``export.pruned_copy(model)``).
-
-    ``num_gpus`` per actor: None = 1 if the Ray cluster has GPUs, else 0. Ray must be initialised.
-    """
-    import ray
-
-    if num_gpus is None:
-        num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    model_ref = ray.put(model_to_bytes(getattr(model, "module", model)))
-    results = dataset.select_columns(["id", "audio", "labels", "text"]).map_batches(
-        Transcriber, fn_constructor_kwargs={"model_ref": model_ref, "processor": processor},
-        batch_size=batch_size, batch_format="numpy", num_gpus=num_gpus,
-        compute=ray.data.ActorPoolStrategy(size=num_actors))
-    rows = results.take_all()
-    return sorted((Utterance(str(r["id"]), str(r["reference"]), str(r["hypothesis"])) for r in rows),
-                  key=lambda u: u.id)
 
 
 # ----------------------------------------------------------------------------------------------

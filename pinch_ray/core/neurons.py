@@ -1,6 +1,6 @@
 """Neuron-granularity self-pinching gates: whole feed-forward neurons and attention heads.
 
-Weight-level gates (:mod:`pinch_ray.gates`) cut parameter counts, but a dense kernel runs a
+Weight-level gates (:mod:`pinch_ray.core.gates`) cut parameter counts, but a dense kernel runs a
 sparse matrix just as slowly. With ``GateConfig.granularity = "neuron"`` the gated units are the
 feed-forward intermediate neurons and the attention heads of every transformer layer, so the
 exported model has smaller matrices and runs faster on stock hardware.
@@ -9,24 +9,24 @@ Per layer and kind of unit there is still ONE learnable threshold. A unit's scor
 squared weight of the rows that produce it, ``||w_row||^2 / fan_in`` (a neuron: its row of
 ``intermediate_dense``; a head: its ``head_dim`` rows of ``q_proj``, ``k_proj`` and ``v_proj``
 together), normalised per layer by the mean score ``s_l`` (treated as a constant for gradients,
-as in :mod:`pinch_ray.gates`), and the soft mask is
+as in :mod:`pinch_ray.core.gates`), and the soft mask is
 
     M_u = sigmoid((score_u / s_l - threshold_l^2) / (2 tau))
 
 with the same annealed ``tau``. The mask multiplies the unit's output, i.e. the matching input
 columns of the next layer (``output_dense`` for a neuron, the head's ``head_dim`` columns of
 ``out_proj``): it is a parametrization of that weight, so the train/eval (soft/hard) behaviour,
-:func:`gates.gate_mode`, DDP and checkpoints work exactly as for weight gates. Gradients reach the
+:func:`pinch_ray.core.gates.gate_mode`, DDP and checkpoints work exactly as for weight gates. Gradients reach the
 threshold and, through the score, the unit's rows: a unit under the threshold pinches itself off.
 
-The sparsity-aware objective is unchanged (:func:`gates.soft_sparsity`), with each unit counted by
+The sparsity-aware objective is unchanged (:func:`pinch_ray.core.gates.soft_sparsity`), with each unit counted by
 the parameters it carries: a neuron its ``intermediate_dense`` row and bias and its ``output_dense``
 column; a head its q/k/v rows and biases and its ``out_proj`` columns. Hard mask: the units with
 ``score_u / s_l > threshold_l^2``; a layer always keeps its best-scoring unit (wav2vec2 attention
 cannot run with zero heads), the soft mask aside.
 
-:func:`gates.fold` then removes the pruned units physically (:meth:`NeuronGate.remove_units`) and
-records the per-layer sizes in the config for :mod:`pinch_ray.pruned_modeling`.
+:func:`pinch_ray.core.gates.fold` then removes the pruned units physically (:meth:`NeuronGate.remove_units`) and
+records the per-layer sizes in the config for :mod:`pinch_ray.core.pruned_modeling`.
 
 Unit kinds (``GateConfig.neuron_units``; ``[auto]`` takes every kind the model supports): ``ffn``
 and ``heads`` as above (heads for wav2vec2/HuBERT-style attention; WavLM computes a gated position
@@ -46,35 +46,47 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pinch_ray.config import ConfigError
-from pinch_ray import gates as gates_lib
-from pinch_ray.gates import ThresholdGate
-from pinch_ray.pruned_modeling import resized_linear, unit_parameters
+from pinch_ray.core.masks import ThresholdGate, unmasked_weight
+from pinch_ray.core.pruned_modeling import resized_linear, unit_parameters
 
 LAYER_PATTERN = re.compile(r".*encoder\.layers\.\d+")
 log = logging.getLogger(__name__)
 
 
-class NeuronGate(ThresholdGate):
-    """Parametrization of the weight that reads the units (``output_dense`` / ``out_proj``).
+class UnitGate(ThresholdGate):
+    """A gate over whole units (neurons, heads, conv channels) of one layer: one threshold, a score
+    per unit, a mask per unit spread over the columns of the ``weight`` it parametrizes (the one
+    that reads the units). Subclasses say where the units live (:attr:`sources`), how the unit mask
+    lands on that weight (:meth:`spread`), what a unit carries (:meth:`kept_params`) and how the
+    units leave the model (:meth:`remove_units`)."""
 
-    ``kind``: ``"ffn"`` or ``"heads"``. ``sources``: the Linear layers whose rows make the units
-    (not registered as submodules: they belong to the model). ``owner``: the feed-forward or
-    attention module holding all of them. ``numel``: parameters the units carry, all together.
-    """
+    counts_by_score = False  # unit sizes differ (heads beside neurons) or depend on other gates (conv)
 
-    structured = True
+    def __init__(self, kind: str, num_units: int, width: int, numel: int, threshold_init: float, tau: float):
+        super().__init__(threshold_init, tau, numel)
+        self.kind, self.num_units, self.width = kind, num_units, width
 
-    def __init__(self, kind: str, owner: nn.Module, threshold_init: float, tau: float):
-        sources, target, width = _unit_layout(kind, owner)
-        num_units = sources[0].out_features // width
-        unit_params = unit_parameters(sources, target, width)
-        super().__init__(threshold_init, tau, num_units * unit_params)
-        self.kind, self.num_units, self.unit_params, self.width = kind, num_units, unit_params, width
-        self.__dict__["_owner"] = owner  # a plain reference: not a submodule, not in state_dict
+    def refer(self, **modules) -> None:
+        """Keep plain references to model modules: not submodules, so not in ``state_dict``."""
+        for name, module in modules.items():
+            object.__setattr__(self, name, module)
 
     @property
-    def sources(self) -> list[nn.Linear]:
-        return _unit_layout(self.kind, self._owner)[0]
+    def sources(self) -> list[nn.Module]:
+        """The modules whose rows (output channels) make the units."""
+        raise NotImplementedError
+
+    def spread(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``weight`` times the unit ``mask`` [num_units], spread over the columns each unit feeds."""
+        raise NotImplementedError
+
+    def kept_params(self, mask: torch.Tensor, soft: bool = True) -> torch.Tensor:
+        """Parameters the units keep under ``mask`` (``soft``, or the 0/1 hard mask), differentiably."""
+        raise NotImplementedError
+
+    def remove_units(self, target: nn.Module, keep: torch.Tensor) -> None:
+        """Fold: drop this gate and slice the units not in ``keep`` out of their matrices, in place."""
+        raise NotImplementedError
 
     def relative_scores(self) -> torch.Tensor:
         """``score_u / s_l`` for every unit (differentiable in the source weights; ``s_l`` constant)."""
@@ -97,37 +109,74 @@ class NeuronGate(ThresholdGate):
         return keep
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        soft = self.training if self.mode is None else self.mode == "soft"
-        if soft:
+        if self.is_soft():
             mask = self.unit_soft_mask()
             self.last_mask_sum = self.kept_params(mask)
         else:
             mask = self.unit_hard_mask()
-        return self._masked(weight, mask.to(weight.dtype))
-
-    def _masked(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return weight * mask.repeat_interleave(self.width)
-
-    def kept_params(self, mask: torch.Tensor, soft: bool = True) -> torch.Tensor:
-        """Parameters the units keep under ``mask`` (``soft``, or the 0/1 hard mask), differentiably."""
-        return mask.sum() * self.unit_params
+        return self.spread(weight, mask.to(weight.dtype))
 
     def fresh_mask_sum(self, module: nn.Module) -> torch.Tensor:
         return self.kept_params(self.unit_soft_mask())
 
+    def weight_hard_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        """The columns (input channels) of the units the hard mask removes."""
+        return self.spread(torch.ones_like(weight), self.unit_hard_mask().to(weight.dtype)).bool()
+
     @torch.no_grad()
-    def hard_counts(self) -> tuple[int, int]:
+    def hard_counts(self, module: nn.Module | None = None) -> tuple[int, int]:
         """(parameters the units carry, parameters of the pruned units)."""
         return self.numel, self.numel - round(float(self.kept_params(self.unit_hard_mask().float(), soft=False)))
 
-    def calibration_values(self) -> tuple[torch.Tensor, int, int]:
+    @torch.no_grad()
+    def parameter_counts(self, module: nn.Module) -> tuple[set[int], int, int, int]:
+        """The units' parameters stay plain model parameters (counted as such); only the pruned
+        ones come off ``nonzero``."""
+        numel, pruned = self.hard_counts(module)
+        return set(), 0, numel, -pruned
+
+    @torch.no_grad()
+    def calibration_values(self, module: nn.Module | None = None) -> tuple[torch.Tensor, int, int]:
         """Sorted relative scores, parameters per unit, most units that may be pruned."""
         return self.relative_scores().detach().sort().values, self.unit_params, self.num_units - 1
 
+    def fold_plan(self, module: nn.Module) -> torch.Tensor:
+        return self.unit_hard_mask()
+
+    def fold(self, module: nn.Module, plan: torch.Tensor) -> None:
+        self.remove_units(module, plan)
+
+
+class NeuronGate(UnitGate):
+    """Feed-forward neurons (``ffn``) or attention heads (``heads``) of one transformer layer,
+    gated on the weight that reads them (``output_dense`` / ``out_proj``).
+
+    ``owner``: the feed-forward or attention module holding the source and target Linear layers.
+    ``numel``: parameters the units carry, all together.
+    """
+
+    def __init__(self, kind: str, owner: nn.Module, threshold_init: float, tau: float):
+        sources, target, width = _unit_layout(kind, owner)
+        num_units = sources[0].out_features // width
+        unit_params = unit_parameters(sources, target, width)
+        super().__init__(kind, num_units, width, num_units * unit_params, threshold_init, tau)
+        self.unit_params = unit_params
+        self.refer(_owner=owner)
+
+    @property
+    def sources(self) -> list[nn.Linear]:
+        return _unit_layout(self.kind, self._owner)[0]
+
+    def spread(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return weight * mask.repeat_interleave(self.width)
+
+    def kept_params(self, mask: torch.Tensor, soft: bool = True) -> torch.Tensor:
+        return mask.sum() * self.unit_params
+
     @torch.no_grad()
     def remove_units(self, target: nn.Module, keep: torch.Tensor) -> None:
-        """Fold: drop this gate and slice the units not in ``keep`` (the hard mask, computed before
-        any gate of the model was folded) out of their matrices, in place."""
+        """Slice the units not in ``keep`` (the hard mask, computed before any gate of the model
+        was folded) out of their matrices."""
         keep = keep.nonzero().flatten()
         rows = (keep[:, None] * self.width + torch.arange(self.width, device=keep.device)).flatten()
         parametrize.remove_parametrizations(target, "weight", leave_parametrized=False)
@@ -140,10 +189,10 @@ class NeuronGate(ThresholdGate):
             owner.num_heads = len(keep)
 
 
-class ConvChannelGate(NeuronGate):
-    """Neuron gate over the output channels of conv feature-encoder layer ``index`` (unit kind
-    ``conv``): a channel's score is its filter's mean squared weight; the mask multiplies the
-    matching input channels of layer ``index + 1``.
+class ConvChannelGate(UnitGate):
+    """The output channels of conv feature-encoder layer ``index`` (unit kind ``conv``): a channel's
+    score is its filter's mean squared weight; the mask multiplies the matching input channels of
+    layer ``index + 1``.
 
     Layer 0 of a ``feat_extract_norm: group`` model normalises each channel on its own, so a
     channel slices out exactly. Consecutive conv layers share weights (layer i+1's filters read
@@ -158,11 +207,14 @@ class ConvChannelGate(NeuronGate):
         self_params = ((conv.bias is not None) + 2 * (norm is not None)
                        + (raw_weight(conv)[0].numel() if index == 0 else 0))
         next_units, next_width = following.out_channels, following.kernel_size[0]
-        ThresholdGate.__init__(self, threshold_init, tau, conv.out_channels * (self_params + next_units * next_width))
-        self.kind, self.index, self.num_units, self.width = "conv", index, conv.out_channels, 1
-        self.self_params, self.next_units, self.next_width = self_params, next_units, next_width
-        self.__dict__["_owner"] = conv_layers
-        self.__dict__["_next"] = None  # the gate of layer index + 1, set by attach_neuron_gates
+        super().__init__("conv", conv.out_channels, 1, conv.out_channels * (self_params + next_units * next_width),
+                         threshold_init, tau)
+        self.index, self.self_params, self.next_units, self.next_width = index, self_params, next_units, next_width
+        self.refer(_owner=conv_layers, _next=None)  # _next: the gate of layer index + 1 (attach_neuron_gates)
+
+    def chain(self, following: ConvChannelGate) -> None:
+        """Count this layer's channels with the gate of the next layer (whose filters they feed)."""
+        self.refer(_next=following)
 
     @property
     def sources(self) -> list[nn.Conv1d]:
@@ -174,7 +226,7 @@ class ConvChannelGate(NeuronGate):
         kept_next = self.next_units if self._next is None else int(self._next.unit_hard_mask().sum())
         return self.self_params + kept_next * self.next_width
 
-    def _masked(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def spread(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return weight * mask[None, :, None]
 
     def kept_params(self, mask: torch.Tensor, soft: bool = True) -> torch.Tensor:
@@ -191,8 +243,8 @@ class ConvChannelGate(NeuronGate):
         keep = keep.nonzero().flatten()
         parametrize.remove_parametrizations(target, "weight", leave_parametrized=False)
         layer, following = self._owner[self.index], self._owner[self.index + 1]
-        layer.conv = _sliced_conv(layer.conv, out_channels=keep)
-        following.conv = _sliced_conv(following.conv, in_channels=keep)
+        layer.conv = _sliced(layer.conv, rows=keep)
+        following.conv = _sliced(following.conv, columns=keep)
         norm = getattr(layer, "layer_norm", None)
         if norm is not None:
             new = nn.GroupNorm(len(keep), len(keep), eps=norm.eps, affine=True,
@@ -202,24 +254,9 @@ class ConvChannelGate(NeuronGate):
             layer.layer_norm = new
 
 
-def _sliced_conv(conv: nn.Conv1d, out_channels: torch.Tensor | None = None,
-                 in_channels: torch.Tensor | None = None) -> nn.Conv1d:
-    weight = conv.weight
-    weight = weight[out_channels] if out_channels is not None else weight
-    weight = weight[:, in_channels] if in_channels is not None else weight
-    new = nn.Conv1d(weight.shape[1], weight.shape[0], kernel_size=conv.kernel_size, stride=conv.stride,
-                    padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
-                    device=weight.device, dtype=weight.dtype)
-    new.weight.copy_(weight)
-    if conv.bias is not None:
-        new.bias.copy_(conv.bias[out_channels] if out_channels is not None else conv.bias)
-    new.weight.requires_grad_(conv.weight.requires_grad)
-    return new
-
-
 def raw_weight(module: nn.Module) -> torch.Tensor:
     """A module's weight without its gate (the plain weight if it has none)."""
-    return gates_lib.unmasked_weight(module) if parametrize.is_parametrized(module, "weight") else module.weight
+    return unmasked_weight(module) if parametrize.is_parametrized(module, "weight") else module.weight
 
 
 def _source_names(kind: str) -> tuple[str, ...]:
@@ -236,15 +273,23 @@ def _unit_layout(kind: str, owner: nn.Module) -> tuple[list[nn.Linear], nn.Linea
     return [getattr(owner, name) for name in _source_names(kind)], getattr(owner, _target_name(kind)), width
 
 
-def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> nn.Linear:
-    weight = linear.weight
+def _sliced(layer: nn.Linear | nn.Conv1d, rows: torch.Tensor | None = None,
+            columns: torch.Tensor | None = None) -> nn.Linear | nn.Conv1d:
+    """A copy of ``layer`` with only the output ``rows`` (channels) and input ``columns`` (channels)
+    given (None: all), same device, dtype and ``requires_grad``."""
+    weight = layer.weight
     weight = weight[rows] if rows is not None else weight
     weight = weight[:, columns] if columns is not None else weight
-    new = resized_linear(linear, in_features=weight.shape[1], out_features=weight.shape[0])
+    if isinstance(layer, nn.Conv1d):
+        new = nn.Conv1d(weight.shape[1], weight.shape[0], kernel_size=layer.kernel_size, stride=layer.stride,
+                        padding=layer.padding, dilation=layer.dilation, bias=layer.bias is not None,
+                        device=weight.device, dtype=weight.dtype)
+    else:
+        new = resized_linear(layer, in_features=weight.shape[1], out_features=weight.shape[0])
     new.weight.copy_(weight)
-    if linear.bias is not None:
-        new.bias.copy_(linear.bias[rows] if rows is not None else linear.bias)
-    new.weight.requires_grad_(linear.weight.requires_grad)
+    if layer.bias is not None:
+        new.bias.copy_(layer.bias[rows] if rows is not None else layer.bias)
+    new.weight.requires_grad_(layer.weight.requires_grad)
     return new
 
 
@@ -335,7 +380,7 @@ def attach_neuron_gates(model: nn.Module, units: list[str], threshold_init: floa
                 parametrize.register_parametrization(target, "weight", chain[-1], unsafe=True)
                 gates[f"{name}.{index + 1}.conv"] = chain[-1]
             for gate, following in zip(chain, chain[1:]):
-                gate.__dict__["_next"] = following
+                gate.chain(following)
             continue
         target = getattr(owner, _target_name(kind))
         gate = NeuronGate(kind, owner, threshold_init, tau).to(target.weight.device)

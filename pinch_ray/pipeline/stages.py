@@ -5,9 +5,10 @@
 
 A finished stage writes ``<output_dir>/.stages/<stage>.done`` last (JSON: what it produced and a
 fingerprint of the settings it used); a rerun skips it while the fingerprint matches. Inside a
-stage, finished work is reused too: prepared shards (data.py's cache), finished training runs
-(``sweep.final_result_dir``) and complete trial directories (``report.finalize_trial``), so an
-interrupted run picks up where it stopped. The resolved config is saved as ``<output_dir>/pipeline.yaml``.
+stage, finished work is reused too: prepared shards (:mod:`pinch_ray.data.prepare`'s cache),
+finished training runs (:mod:`pinch_ray.pipeline.runs`) and complete trial directories
+(``report.finalize_trial``), so an interrupted run picks up where it stopped. The resolved config
+is saved as ``<output_dir>/pipeline.yaml``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from pinch_ray import storage
-from pinch_ray.config import FOUNDATION_TRIAL, PipelineConfig, dump_pipeline
-from pinch_ray.export import atomic_write_text, trial_dir
+from pinch_ray.config import DENSE, FOUNDATION_TRIAL, ConfigError, PipelineConfig, dump_pipeline
+from pinch_ray.core import models
+from pinch_ray.core.compressor import prepare_method
+from pinch_ray.core.export import trial_dir
+from pinch_ray.data.batches import read_prepared_rows
+from pinch_ray.data.prepare import REPORT_FILE, PreparedSplit, prepare_split
+from pinch_ray.data.synth import generate_corpus
+from pinch_ray.pipeline import STAGES, runs
+from pinch_ray.pipeline.report import TrialInfo, finalize_trial, read_trial_hypotheses, write_summary
+from pinch_ray.pipeline.sweep import TrialJob, run_sweep, train_trial, trial_name
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "baseline", "compress", "finalize")
 STAGES_DIR = ".stages"
 CONFIG_FILE = "pipeline.yaml"
 # The config sections each stage's output depends on (its marker's fingerprint).
@@ -69,7 +77,8 @@ def _read_marker(cfg: PipelineConfig, stage: str) -> dict | None:
 def _write_marker(cfg: PipelineConfig, stage: str, outputs: dict) -> None:
     path = marker_path(cfg.output_dir, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"fingerprint": fingerprint(cfg, stage), "outputs": outputs}, indent=2) + "\n")
+    marker = {"fingerprint": fingerprint(cfg, stage), "outputs": outputs}
+    storage.atomic_write_text(path, json.dumps(marker, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,8 +87,6 @@ def _write_marker(cfg: PipelineConfig, stage: str, outputs: dict) -> None:
 
 
 def _model_vocab(cfg: PipelineConfig) -> dict[str, int]:
-    from pinch_ray import models
-
     if cfg.model.init_from in models.TINY_PRESETS:
         return dict(models.CHAR_VOCAB)
     processor = models.load_processor(cfg.model.init_from, cfg.model.trust_remote_code)
@@ -90,13 +97,8 @@ def model_problems(cfg: PipelineConfig) -> list[str]:
     """Problems only the model shows, found before anything runs: ``model.init_from`` cannot be
     read, a gate pattern matches no layer, or a sweep target the gated layers cannot reach
     (``sweep.target_basis: params``). Builds the model on the ``meta`` device: no weights are read."""
-    from pinch_ray.config import ConfigError
-    from pinch_ray.models import model_skeleton
-    from pinch_ray.sweep import trial_name
-    from pinch_ray.train import prepare_method
-
     try:
-        skeleton = model_skeleton(cfg.model.init_from, cfg.model.trust_remote_code, **cfg.model.overrides)
+        skeleton = models.model_skeleton(cfg.model.init_from, cfg.model.trust_remote_code, **cfg.model.overrides)
     except (OSError, ValueError, KeyError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return [f"model.init_from: cannot load {cfg.model.init_from!r} ({reason}); name a preset (tiny, "
@@ -114,111 +116,100 @@ def ensure_corpus(cfg: PipelineConfig) -> None:
     """Generate the synthetic corpus at ``corpus.root`` when it is missing and
     ``corpus.synth_utterances`` > 0 (an existing root is used as it is)."""
     root = cfg.corpus.root
-    if cfg.corpus.synth_utterances and "://" not in root and not os.path.isdir(root):
-        from pinch_ray.corpus import generate_corpus
-
+    if cfg.corpus.synth_utterances and not storage.is_uri(root) and not os.path.isdir(root):
         log.info("generating the synthetic corpus (%d utterances) at %s", cfg.corpus.synth_utterances, root)
         generate_corpus(root, cfg.corpus.synth_utterances, seed=cfg.corpus.synth_seed, progress=False)
 
 
 def stage_prepare(cfg: PipelineConfig, outputs: dict) -> dict:
-    from pinch_ray.data import prepare_split
-
     ensure_corpus(cfg)
     vocab = _model_vocab(cfg)
-    splits = {}
-    for split in cfg.corpus.splits():
+    splits, names, started = {}, cfg.corpus.splits(), time.perf_counter()
+    for number, split in enumerate(names, start=1):
+        log.info("prepare: split %d/%d, %s ...", number, len(names), split)
         prepared = prepare_split(cfg.corpus, split, vocab, cfg.data)
         splits[split] = {"path": prepared.path, "num_utterances": prepared.num_utterances}
+        log.info("prepare: split %d/%d, %s: %d utterances%s (%s)", number, len(names), split,
+                 prepared.num_utterances, " (cached)" if prepared.from_cache else "",
+                 _time_left(started, number, len(names)))
     return splits
+
+
+def _time_left(started: float, done: int, total: int) -> str:
+    """``"52 s, ~3.1 min left"``: elapsed since ``started`` and the rest at the same pace."""
+    elapsed = time.perf_counter() - started
+    left = elapsed / done * (total - done)
+    return f"{elapsed:.0f} s" + (f", ~{left / 60:.1f} min left" if done < total else "")
 
 
 def _prepared(outputs: dict) -> dict:
     """``{split: PreparedSplit}`` from the prepare stage's outputs."""
-    from pinch_ray.data import REPORT_FILE, PreparedSplit
-
     return {split: PreparedSplit(entry["path"], json.loads((Path(entry["path"]) / REPORT_FILE).read_text()),
                                  from_cache=True)
             for split, entry in outputs["prepare"].items()}
 
 
 def _job(cfg: PipelineConfig, outputs: dict, init_from: str, fail_at: dict | None = None):
-    from pinch_ray.sweep import TrialJob
-
     return TrialJob.create(cfg, _prepared(outputs), init_from, cfg.output_dir, fail_at)
 
 
 def stage_baseline(cfg: PipelineConfig, outputs: dict, fail_at: dict | None = None) -> dict:
-    from pinch_ray.sweep import train_trial
-
     if not cfg.dense_baseline:
         return {}
     name = cfg.baseline_trial()
     job = _job(cfg, outputs, cfg.model.init_from, fail_at)
-    return {name: str(train_trial(job, "dense", 0.0, name=name, training=cfg.baseline_train_config()))}
+    return {name: str(train_trial(job, DENSE, 0.0, name=name, training=cfg.baseline_train_config()))}
 
 
 def compression_init_from(cfg: PipelineConfig, outputs: dict) -> str:
     """Where compression trials start: the dense baseline's folded model (``sweep.init_from_dense``)
     or ``model.init_from``."""
-    from pinch_ray.train import CHECKPOINT_MODEL
-
     if cfg.sweep.init_from_dense:
-        return storage.join(outputs["baseline"][cfg.baseline_trial()], CHECKPOINT_MODEL)
+        return runs.model_dir(outputs["baseline"][cfg.baseline_trial()])
     return cfg.model.init_from
 
 
 def stage_compress(cfg: PipelineConfig, outputs: dict, fail_at: dict | None = None) -> dict:
-    from pinch_ray.sweep import run_sweep
-
     # the baseline is the dense reference when the trials do not start from it (two-stage prunes it)
-    dense = {} if cfg.sweep.init_from_dense or not cfg.dense_baseline else {None: outputs["baseline"]["dense"]}
+    dense = {} if cfg.sweep.init_from_dense or not cfg.dense_baseline else {None: outputs["baseline"][DENSE]}
     result_dirs = run_sweep(cfg, _prepared(outputs), compression_init_from(cfg, outputs), cfg.output_dir,
                             dense_results=dense, fail_at=fail_at)
     return {name: str(path) for name, path in result_dirs.items()}
 
 
 def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False) -> dict:
-    from pinch_ray.data import read_prepared_rows
-    from pinch_ray.models import load_model
-    from pinch_ray.report import TrialInfo, finalize_trial, read_trial_hypotheses, write_summary
-    from pinch_ray.sweep import read_train_result
-    from pinch_ray.train import CHECKPOINT_MODEL
-
     prepared = _prepared(outputs)
     # evaluation.num_actors > 0: a Ray Data actor pool over these datasets (reusable for every
     # trial); 0: this process reads the shards itself (a fresh reader per trial)
     datasets = ({split: prepared[split].dataset() for split in cfg.corpus.eval_splits}
                 if cfg.evaluation.num_actors else None)
     trials = {**outputs["baseline"], **outputs["compress"]}
-    results = {name: read_train_result(result_dir) for name, result_dir in trials.items()}
+    results = {name: runs.read_train_result(result_dir) for name, result_dir in trials.items()}
     # The dense references ("dense", or "dense-seed<k>" with sweep.seeds) go first: every other trial
     # is compared with the reference of its seed, else with "dense"; a two-stage trial's time adds
     # that reference's, the run it started from.
-    references = {(None if name == "dense" else results[name].get("seed")): name for name in trials
-                  if results[name]["method"] == "dense" and name != FOUNDATION_TRIAL}
+    references = {(None if name == DENSE else results[name].get("seed")): name for name in trials
+                  if results[name]["method"] == DENSE and name != FOUNDATION_TRIAL}
     dense_hypotheses = {}  # reference name -> {split: utterances}
-    for name in sorted(trials, key=lambda name: name not in references.values()):
+    order, started = sorted(trials, key=lambda name: name not in references.values()), time.perf_counter()
+    for number, name in enumerate(order, start=1):
+        log.info("finalize: trial %d/%d, %s ...", number, len(order), name)
         result = results[name]
         reference = (None if name in references.values()
                      else references.get(result.get("seed"), references.get(None)))
-        seconds = result.get("compression_seconds")
-        if result["method"] == "two-stage" and seconds is not None and reference is not None:
-            seconds += results[reference]["compression_seconds"]
-        info = TrialInfo(trial=name, method=result["method"], target_sparsity=result["target_sparsity"],
-                         target_basis=result.get("target_basis", "gated"), seed=result.get("seed"),
-                         dense_reference=reference,
-                         compression_seconds=seconds, training_seconds=result.get("compression_seconds"),
-                         achieved_sparsity_trained=result.get("achieved_sparsity_trained"),
-                         calibrated=result.get("calibrated"))
-        with storage.local_dir(storage.join(trials[name], CHECKPOINT_MODEL)) as model_dir:  # a copy if remote
-            model, processor = load_model(str(model_dir))
+        info = TrialInfo.from_train_result(name, result, reference,
+                                           results[reference].get("compression_seconds") if reference else None,
+                                           base_model=cfg.model.init_from, corpus=cfg.corpus.root)
+        with storage.local_dir(runs.model_dir(trials[name])) as model_dir:  # a copy if remote
+            model, processor = models.load_model(str(model_dir))
         eval_data = datasets or {split: read_prepared_rows(prepared[split].path) for split in cfg.corpus.eval_splits}
         finalize_trial(model, processor, info, cfg.output_dir, eval_data,
                        dense_hypotheses=dense_hypotheses.get(reference), eval_cfg=cfg.evaluation,
-                       gate_patterns=cfg.gates.all_patterns(), overwrite=overwrite)
+                       gate_patterns=cfg.gates.all_patterns(), data_cfg=cfg.data, overwrite=overwrite)
         if name in references.values():
             dense_hypotheses[name] = read_trial_hypotheses(trial_dir(cfg.output_dir, name))
+        log.info("finalize: trial %d/%d, %s done (%s)", number, len(order), name,
+                 _time_left(started, number, len(order)))
     write_summary(cfg.output_dir)
     return {name: str(trial_dir(cfg.output_dir, name)) for name in trials}
 
@@ -263,7 +254,7 @@ def run(cfg: PipelineConfig, *, from_stage: str | None = None, only: str | None 
     forced = stages_to_run(from_stage, only)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_dir / CONFIG_FILE, dump_pipeline(cfg))
+    storage.atomic_write_text(output_dir / CONFIG_FILE, dump_pipeline(cfg))
     for stage in forced:
         marker_path(output_dir, stage).unlink(missing_ok=True)
     functions = {"prepare": stage_prepare, "baseline": stage_baseline, "compress": stage_compress,

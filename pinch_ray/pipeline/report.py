@@ -15,6 +15,7 @@ Plots use matplotlib's object API (``Figure``, Agg canvas): no pyplot state, no 
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -30,11 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from matplotlib.figure import Figure
 
-from pinch_ray import evaluate, export, gates, pruned_modeling
-from pinch_ray.config import DEFAULT_GATE_PATTERNS, FOUNDATION_TRIAL, METHODS, EvalConfig, raise_if_problems
-from pinch_ray.models import count_parameters
+from pinch_ray import storage
+from pinch_ray.config import (DEFAULT_GATE_PATTERNS, DENSE, FOUNDATION_TRIAL, METHODS, DataConfig, EvalConfig,
+                              raise_if_problems)
+from pinch_ray.core import export, gates, pruned_modeling, scoring
+from pinch_ray.core.models import count_parameters
+from pinch_ray.pipeline.transcribe import transcribe_dataset
 
 log = logging.getLogger(__name__)
 
@@ -115,18 +120,18 @@ def is_complete(directory: str | os.PathLike) -> bool:
     return (Path(directory) / METRICS_FILE).is_file()
 
 
-def read_trial_hypotheses(directory: str | os.PathLike) -> dict[str, list[evaluate.Utterance]]:
+def read_trial_hypotheses(directory: str | os.PathLike) -> dict[str, list[scoring.Utterance]]:
     """``{split: utterances}`` from a complete trial's ``hypotheses/`` (e.g. the dense baseline's)."""
-    return {path.stem: evaluate.read_hypotheses(path)
+    return {path.stem: scoring.read_hypotheses(path)
             for path in sorted((Path(directory) / "hypotheses").glob("*.txt"))}
 
 
-def _transcribe(plain, processor, source: Any, cfg: EvalConfig) -> list[evaluate.Utterance]:
+def _transcribe(plain, processor, source: Any, cfg: EvalConfig) -> list[scoring.Utterance]:
     """Ray Data actor pool for a Ray Dataset, this process for anything else (rows)."""
     if hasattr(source, "map_batches"):
-        return evaluate.transcribe_dataset(source, plain, processor, batch_size=cfg.batch_size,
-                                           num_actors=cfg.num_actors, num_gpus=cfg.gpus_per_actor)
-    return evaluate.transcribe_rows(plain, processor, source, batch_size=cfg.batch_size)
+        return transcribe_dataset(source, plain, processor, batch_size=cfg.batch_size,
+                                  num_actors=cfg.num_actors, num_gpus=cfg.gpus_per_actor)
+    return scoring.transcribe_rows(plain, processor, source, batch_size=cfg.batch_size)
 
 
 @contextlib.contextmanager
@@ -155,13 +160,30 @@ class TrialInfo:
     # From Compressor.finish(): hard sparsity before calibration, and whether calibration ran.
     achieved_sparsity_trained: float | None = None
     calibrated: bool | None = None
+    base_model: str | None = None  # what the pipeline compressed (model.init_from), for the model card
+    corpus: str | None = None  # the corpus it was trained and evaluated on (corpus.root), for the model card
+
+    @classmethod
+    def from_train_result(cls, trial: str, result: dict, dense_reference: str | None = None,
+                          reference_seconds: float | None = None, **context) -> "TrialInfo":
+        """From a run's ``train_result.json``; ``reference_seconds``: the training time of the dense
+        run a ``two-stage`` trial pruned, added to its compression time."""
+        seconds = result.get("compression_seconds")
+        if result["method"] == "two-stage" and seconds is not None and reference_seconds is not None:
+            seconds += reference_seconds
+        return cls(trial=trial, method=result["method"], target_sparsity=result["target_sparsity"],
+                   target_basis=result.get("target_basis", "gated"), seed=result.get("seed"),
+                   dense_reference=dense_reference, compression_seconds=seconds,
+                   training_seconds=result.get("compression_seconds"),
+                   achieved_sparsity_trained=result.get("achieved_sparsity_trained"),
+                   calibrated=result.get("calibrated"), **context)
 
 
 def finalize_trial(model: torch.nn.Module, processor, info: TrialInfo, output_dir: str | os.PathLike,
                    eval_data: Mapping[str, Any], *,
-                   dense_hypotheses: Mapping[str, Sequence[evaluate.Utterance]] | None = None,
+                   dense_hypotheses: Mapping[str, Sequence[scoring.Utterance]] | None = None,
                    eval_cfg: EvalConfig | None = None, gate_patterns: Sequence[str] = DEFAULT_GATE_PATTERNS,
-                   overwrite: bool = False) -> dict:
+                   data_cfg: DataConfig | None = None, overwrite: bool = False) -> dict:
     """Hard prune, export, store compactly, evaluate and report one trial; returns its metrics.
 
     ``model``: the trained model, gated (sspg gates / ump masks) or plain (dense); left untouched.
@@ -170,11 +192,14 @@ def finalize_trial(model: torch.nn.Module, processor, info: TrialInfo, output_di
     the dense baseline (:func:`read_trial_hypotheses`) for ``p_value_vs_dense``; None for the dense
     trial itself. ``eval_cfg``: batch size and actors of the inference (default ``EvalConfig()``).
     ``gate_patterns``: the layers listed in the per-layer report of a model without gates.
-    A complete trial directory is kept (metrics returned) unless ``overwrite``.
+    ``data_cfg``: the features the model was trained on; its exported feature extractor gets the
+    same normalisation and sample rate (None: the processor as it is). ``model/`` gets a model card
+    (``README.md``, :func:`model_card`). A complete trial directory is kept (metrics returned)
+    unless ``overwrite``.
 
     Raises:
         ConfigError: bad ``eval_cfg``.
-        ValueError: bad trial name (see :func:`pinch_ray.export.trial_dir`), or the dense
+        ValueError: bad trial name (see :func:`pinch_ray.core.export.trial_dir`), or the dense
             hypotheses do not cover the same utterances.
     """
     eval_cfg = eval_cfg or EvalConfig()
@@ -183,14 +208,18 @@ def finalize_trial(model: torch.nn.Module, processor, info: TrialInfo, output_di
     if is_complete(final) and not overwrite:
         log.info("%s is complete; skipping (overwrite=True redoes it)", final)
         return json.loads((final / METRICS_FILE).read_text())
-    export.remove_stale_tmp(final)
+    storage.remove_stale_tmp(final)
 
     started = time.perf_counter()
     seconds = {}  # where finalize spends its time: export, compact, evaluation, the rest
     unwrapped = getattr(model, "module", model)
     layer_names = list(gates.gated_modules(unwrapped)) or list(gates.select_modules(unwrapped, list(gate_patterns)))
     plain = export.pruned_copy(unwrapped)
-    with export.atomic_dir(final) as tmp:
+    if data_cfg is not None:  # served the way it was trained (the checkpoint's processor may say otherwise)
+        processor = copy.deepcopy(processor)
+        processor.feature_extractor.do_normalize = data_cfg.normalize
+        processor.feature_extractor.sampling_rate = data_cfg.sample_rate
+    with storage.atomic_dir(final) as tmp:
         with _timed(seconds, "export"):
             export.export_model(plain, processor, tmp / "model")
         with _timed(seconds, "compact"):
@@ -204,21 +233,62 @@ def finalize_trial(model: torch.nn.Module, processor, info: TrialInfo, output_di
         for split, source in eval_data.items():
             with _timed(seconds, "evaluation"):
                 utterances = _transcribe(plain, processor, source, eval_cfg)
-            evaluate.write_hypotheses(tmp / "hypotheses" / f"{split}.txt", utterances)
-            per_split[split] = asdict(evaluate.score(utterances))
+            scoring.write_hypotheses(tmp / "hypotheses" / f"{split}.txt", utterances)
+            per_split[split] = asdict(scoring.score(utterances))
             baseline = (dense_hypotheses or {}).get(split)
-            significance = evaluate.compare(utterances, baseline) if baseline is not None else None
+            significance = scoring.compare(utterances, baseline) if baseline is not None else None
             per_split[split]["p_value_vs_dense"] = significance.p_value if significance else None
             per_split[split]["z_vs_dense"] = significance.z if significance else None
             log.info("%s %s: WER %.4f CER %.4f (%d utterances)", info.trial, split, per_split[split]["wer"],
                      per_split[split]["cer"], per_split[split]["num_utterances"])
 
         metrics = _metrics(plain, info, layers, per_split, tmp)
+        (tmp / "model" / "README.md").write_text(model_card(info, metrics, plain.config))
+        metrics["artifact_bytes"]["model"] = export.dir_bytes(tmp / "model")
         seconds["other"] = time.perf_counter() - started - sum(seconds.values())
         metrics["finalize_seconds"] = {key: round(value, 3) for key, value in seconds.items()}
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")  # last: the completion marker
     log.info("finalized %s", final)
     return metrics
+
+
+def model_card(info: TrialInfo, metrics: dict, config) -> str:
+    """``model/README.md`` in the Hugging Face Hub's format: YAML metadata (pipeline tag, base
+    model, WER/CER per split as a ``model-index``), then what the model is and how to load it."""
+    pruned_units = bool(getattr(config, pruned_modeling.PRUNED_KEY, None))
+    dataset = Path(info.corpus.rstrip("/")).name if info.corpus else "evaluation corpus"
+    results = [{"task": {"type": "automatic-speech-recognition", "name": "Speech recognition"},
+                "dataset": {"name": dataset, "type": dataset, "split": split},
+                "metrics": [{"type": "wer", "name": f"WER ({split})", "value": round(100 * metrics["wer"][split], 2)},
+                            {"type": "cer", "name": f"CER ({split})", "value": round(100 * metrics["cer"][split], 2)}]}
+               for split in metrics["wer"]]
+    front = {"library_name": "transformers", "pipeline_tag": "automatic-speech-recognition",
+             "tags": ["pinch-ray", "pruning", "sparsity", info.method],
+             "model-index": [{"name": info.trial, "results": results}]}
+    if info.base_model and not Path(info.base_model).exists() and "/" in info.base_model \
+            and not storage.is_uri(info.base_model):  # a hub id
+        front["base_model"] = info.base_model
+    how = ("the method prunes nothing: the dense reference" if info.method == DENSE
+           else f"`{info.method}` at {info.target_sparsity:g} of "
+                f"{'all parameters' if info.target_basis == 'params' else 'the gated weights'}")
+    load = ("from transformers import AutoModelForCTC, AutoProcessor\n\n"
+            f"model = AutoModelForCTC.from_pretrained(path{', trust_remote_code=True' if pruned_units else ''})\n"
+            "processor = AutoProcessor.from_pretrained(path)")
+    rows = "\n".join(f"| {split} | {100 * metrics['wer'][split]:.2f} | {100 * metrics['cer'][split]:.2f} |"
+                      for split in metrics["wer"])
+    return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
+            f"# {info.trial}\n\n"
+            f"A CTC speech recognizer compressed by pinch_ray from "
+            f"`{info.base_model or 'its starting model'}`: {how}. "
+            f"{100 * metrics['param_reduction']:.1f}% of its {metrics['params_total']:,} parameters are zero "
+            f"({metrics['compression_ratio']:.2f}x fewer nonzero)"
+            + (", and pruned feed-forward neurons / heads / conv channels are removed from the matrices"
+               if pruned_units else "") + ".\n\n"
+            f"| split | WER (%) | CER (%) |\n|---|---|---|\n{rows}\n\n"
+            f"Evaluated on {dataset} with greedy CTC decoding.\n\n"
+            f"```python\n{load}\n```\n"
+            + ("\nThe model's smaller layers need the loader shipped beside the weights "
+               "(`modeling_pinch_ray_pruned.py`), hence `trust_remote_code=True`.\n" if pruned_units else ""))
 
 
 def _metrics(plain, info: TrialInfo, layers, per_split: dict, directory: Path) -> dict:
@@ -267,7 +337,7 @@ def collect_trials(output_dir: str | os.PathLike) -> list[dict]:
     """``metrics.json`` of every complete trial under ``output_dir``: the ``foundation`` the trials
     started from (if any), dense, then each method by target (sspg and sspg-neuron interleaved)."""
     trials = [json.loads(path.read_text()) for path in Path(output_dir).glob(f"*/{METRICS_FILE}")
-              if export.TRIAL_NAME.fullmatch(path.parent.name) and ".tmp-" not in path.parent.name]
+              if export.TRIAL_NAME.fullmatch(path.parent.name) and storage.TMP_TAG not in path.parent.name]
     # sspg at both granularities side by side, target by target
     order = {m: i for i, m in enumerate(METHODS)} | {"sspg-neuron": METHODS.index("sspg")}
     return sorted(trials, key=lambda m: (m["trial"] != FOUNDATION_TRIAL, order.get(m["method"], len(order)),
@@ -293,8 +363,8 @@ def summary_table(trials: Sequence[dict]) -> str:
               + [f"WER {s} (%)" for s in splits] + [f"p vs dense {s}" for s in splits] + ["time (s)"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in trials:
-        basis = "" if m.get("target_basis", "gated") == "params" or m["method"] == "dense" else " (gated)"
-        target = "–" if m["method"] == "dense" else f"{m['target_sparsity']:.3g}{basis}"
+        basis = "" if m.get("target_basis", "gated") == "params" or m["method"] == DENSE else " (gated)"
+        target = "–" if m["method"] == DENSE else f"{m['target_sparsity']:.3g}{basis}"
         row = [m["trial"], m["method"], target, f"{m['achieved_sparsity']:.3f}",
                f"{100 * m['param_reduction']:.1f}", f"{m['compression_ratio']:.2f}x",
                f"{m['params_nonzero'] / 1e6:.3f} / {m['params_total'] / 1e6:.3f}"]
@@ -315,7 +385,7 @@ def over_seeds(output_dir: str | os.PathLike, trials: Sequence[dict]) -> list[di
     """Trials repeated over seeds (``<trial>-seed<k>``), one entry per ``<trial>``: the seeds, the
     WER per split as mean and sample std, parameters removed (mean), and per split a MAPSSWE test
     pooled over the seeds (each seed's hypotheses against its ``dense_reference``, the dense trial
-    finalize compared it with; :func:`pinch_ray.evaluate.compare_pooled`)."""
+    finalize compared it with; :func:`pinch_ray.core.scoring.compare_pooled`)."""
     groups: dict[str, list[dict]] = {}
     for m in trials:
         match = SEEDED_TRIAL.fullmatch(m["trial"])
@@ -342,7 +412,7 @@ def over_seeds(output_dir: str | os.PathLike, trials: Sequence[dict]) -> list[di
             pairs = [(system[split], baseline[split]) for system, baseline in hypotheses
                      if split in system and split in baseline]
             if pairs and len(pairs) == len(members):  # every seed has its comparison
-                entry["p_value_pooled_vs_dense"][split] = evaluate.compare_pooled(pairs).p_value
+                entry["p_value_pooled_vs_dense"][split] = scoring.compare_pooled(pairs).p_value
         out.append(entry)
     return out
 
@@ -354,7 +424,7 @@ def over_seeds_table(groups: Sequence[dict]) -> str:
               + [f"WER {s} (%), mean ± std" for s in splits] + [f"pooled p vs dense {s}" for s in splits])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in groups:
-        target = "–" if g["method"] == "dense" else f"{g['target_sparsity']:.3g}"
+        target = "–" if g["method"] == DENSE else f"{g['target_sparsity']:.3g}"
         row = [g["trial"], g["method"], target, ", ".join(map(str, g["seeds"])),
                f"{100 * g['param_reduction']:.1f}"]
         row += [f"{100 * g['wer_mean'][s]:.2f} ± {100 * g['wer_std'][s]:.2f}" if s in g["wer_mean"] else "–"
@@ -387,9 +457,9 @@ def plot_wer_vs_params(path: str | os.PathLike, trials: Sequence[dict], split: s
                          statistics.stdev(100 * m["wer"][split] for m in group) if len(group) > 1 else 0.0)
                         for group in groups.values())
         x, y, spread = zip(*points)
-        ax.errorbar(x, y, yerr=spread, marker=marker, markersize=10 if method == "dense" else 7, capsize=3,
-                    label=method, linestyle="" if method == "dense" else "-")
-        if method == "dense":
+        ax.errorbar(x, y, yerr=spread, marker=marker, markersize=10 if method == DENSE else 7, capsize=3,
+                    label=method, linestyle="" if method == DENSE else "-")
+        if method == DENSE:
             ax.axhline(y[0], color="gray", linestyle=":", linewidth=1)
     ax.set(xlabel="nonzero parameters (M)", ylabel=f"WER on {split} (%)", title=f"WER vs. model size ({split})")
     ax.grid(alpha=0.3)
@@ -415,9 +485,8 @@ def write_summary(output_dir: str | os.PathLike, plot_split: str | None = None) 
     text = f"# pinch_ray summary\n\n{summary_table(trials)}"
     if groups:
         text += f"\n## Over seeds\n\n{over_seeds_table(groups)}"
-    export.atomic_write_text(output_dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
-    export.atomic_write_text(output_dir / SUMMARY_MD, text)
-    tmp_png = output_dir / f".{SUMMARY_PNG}.tmp-{os.getpid()}.png"
-    plot_wer_vs_params(tmp_png, trials, split)
-    os.replace(tmp_png, output_dir / SUMMARY_PNG)
+    storage.atomic_write_text(output_dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
+    storage.atomic_write_text(output_dir / SUMMARY_MD, text)
+    with storage.atomic_path(output_dir / SUMMARY_PNG, keep_suffix=True) as tmp_png:  # matplotlib reads the suffix
+        plot_wer_vs_params(tmp_png, trials, split)
     return summary

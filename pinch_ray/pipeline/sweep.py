@@ -15,7 +15,7 @@ The Train workers are scheduled by Ray Train outside the Tune trial's own (near-
 so Tune cannot see them: :func:`max_concurrent_trials` sizes the parallelism from the cluster's
 CPUs/GPUs and the per-trial resources, and the remaining trials queue.
 
-    from pinch_ray.sweep import run_sweep
+    from pinch_ray.pipeline.sweep import run_sweep
     result_dirs = run_sweep(cfg, prepared, init_from="runs/demo/runs/dense/step-0000060/model",
                             output_dir=cfg.output_dir)   # {"sspg-0.5": "<storage>/sspg-0.5/step-...", ...}
 """
@@ -31,13 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pinch_ray import storage
-from pinch_ray.config import RUNS_DIR, PipelineConfig, ResourcesConfig, TrainConfig  # noqa: F401 - RUNS_DIR: re-export
-from pinch_ray.train import CHECKPOINT_MODEL, TRAIN_RESULT, metrics_log_callback, run_training, worker_config
+from pinch_ray.config import DENSE, PipelineConfig, ResourcesConfig, TrainConfig
+from pinch_ray.pipeline import runs
+from pinch_ray.pipeline.worker import MetricsLog, run_training, tune_report_callback, worker_config
 
 log = logging.getLogger(__name__)
 
-LOGS_DIR = "logs"  # <output_dir>/logs/<trial>.jsonl: rank 0's metrics of every report
+# <output_dir>/logs/<trial>.jsonl and logs/<trial>/ (TensorBoard events): rank 0's metrics of every report
+LOGS_DIR = "logs"
 SWEEP_NAME = "sweep"  # the Ray Tune experiment, <run storage>/sweep
 # CPUs kept free of Train workers when sizing the sweep, for Ray Data to stream training batches.
 DATA_CPU_RESERVE = 1.0
@@ -51,24 +52,13 @@ DRIVER_RESOURCES = {"CPU": 0, "memory": 100 * 1024**2}
 def trial_name(method: str, target_sparsity: float, seed: int | None = None) -> str:
     """Run and artifact directory name of a trial: ``sspg-0.65``, ``ump-0.5``, ``dense``; with a
     seed (``sweep.seeds``) ``sspg-0.65-seed1``, ``dense-seed1``."""
-    name = "dense" if method == "dense" else f"{method}-{target_sparsity:g}"
+    name = DENSE if method == DENSE else f"{method}-{target_sparsity:g}"
     return name if seed is None else f"{name}-seed{seed}"
-
-
-def final_result_dir(storage_path: str | os.PathLike, name: str) -> str | None:
-    """The final checkpoint directory of run ``name`` (holds ``model/`` and ``train_result.json``),
-    a local path or a URI like ``storage_path``; None when the run has not finished."""
-    return storage.final_checkpoint(storage.join(storage_path, name), TRAIN_RESULT, CHECKPOINT_MODEL)
-
-
-def read_train_result(result_dir: str | os.PathLike) -> dict:
-    """The ``train_result.json`` of a final checkpoint directory (a local path or a URI)."""
-    return json.loads(storage.read_text(storage.join(result_dir, TRAIN_RESULT)))
 
 
 # Keys of a run's worker config and training settings that do not change what it trains (where it
 # reports, evaluates, checkpoints; intra-op threads), so a finished run is reused whatever they are.
-_NOT_SETTINGS = ("dev_path", "tensorboard_dir", "fail_at", "settings")
+_NOT_SETTINGS = ("dev_path", "fail_at", "settings")
 _NOT_TRAINING_SETTINGS = ("report_every", "checkpoint_every", "eval_every", "eval_batch_size", "torch_threads")
 
 
@@ -85,19 +75,16 @@ def run_settings(config: dict, train_path: str, num_workers: int) -> dict:
     settings = {key: value for key, value in config.items() if key not in _NOT_SETTINGS}
     settings["training"] = {key: value for key, value in config["training"].items()
                             if key not in _NOT_TRAINING_SETTINGS}
-    if config["method"] == "dense":  # prunes nothing: no gates, no target
+    if config["method"] == DENSE:  # prunes nothing: no gates, no target
         settings.pop("gates")
         settings.pop("target_basis")
     settings["train_data"] = Path(train_path).name
     settings["num_workers"] = num_workers
-    init_from = config["init_from"].rstrip("/")
-    # starts from the final checkpoint of a run of ours (the pipeline's baseline: <run>/step-N/model)
-    if init_from.split("?")[0].endswith("/" + CHECKPOINT_MODEL):
-        upstream = storage.parent(init_from)
-        if storage.is_file(storage.join(upstream, TRAIN_RESULT)):
-            recorded = read_train_result(upstream).get("settings")
-            if recorded is not None:
-                settings["init_from"] = {"run_settings": recorded}
+    upstream = runs.result_dir_of(config["init_from"])  # starts from a run of ours (the baseline)
+    if upstream is not None:
+        recorded = runs.read_train_result(upstream).get("settings")
+        if recorded is not None:
+            settings["init_from"] = {"run_settings": recorded}
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
@@ -121,10 +108,10 @@ def reusable_result_dir(job: "TrialJob", name: str, config: dict) -> str | None:
     Raises:
         SettingsChangedError: it finished with other settings (what changed, and how to go on).
     """
-    done = final_result_dir(job.storage_path, name)
+    done = runs.final_result_dir(job.storage_path, name)
     if done is None:
         return None
-    recorded = read_train_result(done).get("settings")
+    recorded = runs.read_train_result(done).get("settings")
     if recorded is None:
         log.warning("trial %s: the finished run %s recorded no settings (made by an older pinch_ray); "
                     "reused as it is", name, done)
@@ -132,7 +119,7 @@ def reusable_result_dir(job: "TrialJob", name: str, config: dict) -> str | None:
     changes = _changes(recorded, config["settings"])
     if changes:
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
-        run_dir = storage.join(job.storage_path, name)
+        run_dir = runs.run_dir(job.storage_path, name)
         raise SettingsChangedError(
             f"trial {name}: a finished run with other settings is in {run_dir} ({shown}). Delete that "
             f"directory to train {name} again with the settings asked for now, or set output_dir (or "
@@ -172,7 +159,7 @@ def trial_config(job: TrialJob, method: str, target_sparsity: float, name: str,
     cfg = job.cfg
     config = worker_config(init_from or job.init_from, method, target_sparsity, training or cfg.training,
                            cfg.gates, train_rows=job.train_rows, target_basis=cfg.sweep.target_basis,
-                           dev_path=job.dev_path,
+                           dev_path=job.dev_path, bucket_window_batches=cfg.data.bucket_window_batches,
                            model_overrides=cfg.model.overrides, trust_remote_code=cfg.model.trust_remote_code,
                            fail_at=(job.fail_at or {}).get(name))
     config["settings"] = run_settings(config, job.train_path, cfg.resources.num_workers)
@@ -211,15 +198,16 @@ def train_trial(job: TrialJob, method: str, target_sparsity: float, *, seed: int
     logs = Path(job.output_dir) / LOGS_DIR
     logs.mkdir(parents=True, exist_ok=True)
     log.info("trial %s: training %d steps from %s", name, training.max_steps, init_from)
+    callbacks = [MetricsLog(logs / f"{name}.jsonl", name, training.max_steps, tensorboard_dir=logs / name),
+                 tune_report_callback()]
     result = run_training(config, ray.data.read_parquet(job.train_files), cfg.resources, name=name,
-                          storage_path=job.storage_path,
-                          callbacks=[metrics_log_callback(logs / f"{name}.jsonl", name, training.max_steps)])
+                          storage_path=job.storage_path, callbacks=[c for c in callbacks if c is not None])
     if result.error is not None:
         raise result.error
-    done = final_result_dir(job.storage_path, name)
+    done = runs.final_result_dir(job.storage_path, name)
     if done is None:
         raise RuntimeError(f"trial {name}: the run ended without a final checkpoint under "
-                           f"{storage.join(job.storage_path, name)}")
+                           f"{runs.run_dir(job.storage_path, name)}")
     return done
 
 
@@ -260,7 +248,7 @@ def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, out
     ``prepared``: ``{split: PreparedSplit}`` with the train split (and ``dev``-like eval splits;
     the first eval split is evaluated during training). Finished trials are reused (see the module
     docstring); Ray must be initialised. ``fail_at``: fault injection for tests (trial name ->
-    :func:`pinch_ray.train.worker_config` ``fail_at``).
+    :func:`pinch_ray.pipeline.worker.worker_config` ``fail_at``).
 
     Raises:
         SettingsChangedError: a trial finished earlier with other settings (nothing was trained).
@@ -272,8 +260,8 @@ def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, out
     job = TrialJob.create(cfg, prepared, init_from, output_dir, fail_at)
     dense = dict(dense_results or {})
     for method, target, seed in trials:  # a finished trial with other settings stops the sweep up front
-        if method == "dense":
-            dense.setdefault(seed, final_result_dir(job.storage_path, trial_name(method, target, seed)))
+        if method == DENSE:
+            dense.setdefault(seed, runs.final_result_dir(job.storage_path, trial_name(method, target, seed)))
         start = _start_of(method, seed, dense)
         if method != "two-stage" or start:  # a two-stage trial whose dense run is not finished: checked later
             name = trial_name(method, target, seed)
@@ -282,7 +270,7 @@ def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, out
     done = _run_wave(job, [t for t in trials if t[0] != "two-stage"], SWEEP_NAME, dense)
     second = [t for t in trials if t[0] == "two-stage"]
     if second:
-        dense.update({seed: done[trial_name(m, t, seed)] for m, t, seed in trials if m == "dense"})
+        dense.update({seed: done[trial_name(m, t, seed)] for m, t, seed in trials if m == DENSE})
         done.update(_run_wave(job, second, f"{SWEEP_NAME}-two-stage", dense))
     return done
 
@@ -293,7 +281,7 @@ def _start_of(method: str, seed: int | None, dense: dict[int | None, str | None]
     if method != "two-stage":
         return None
     result_dir = dense.get(seed) or dense.get(None)
-    return storage.join(result_dir, CHECKPOINT_MODEL) if result_dir else None
+    return runs.model_dir(result_dir) if result_dir else None
 
 
 def _run_wave(job: TrialJob, trials: list[tuple[str, float, int | None]], experiment: str,
@@ -326,7 +314,7 @@ def _run_wave(job: TrialJob, trials: list[tuple[str, float, int | None]], experi
     out, failed = {}, []
     for trial in trials:
         name = trial_name(*trial)
-        done = final_result_dir(job.storage_path, name)
+        done = runs.final_result_dir(job.storage_path, name)
         if done is None:
             failed.append(name)
         else:

@@ -23,13 +23,14 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from pinch_ray import storage
 
 logger = logging.getLogger(__name__)
 
@@ -46,41 +47,8 @@ HF_SCHEMA = pa.schema([
 
 
 # ---------------------------------------------------------------------------------------------
-# Filesystems
+# Audio
 # ---------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=16)
-def _filesystem(scheme: str, authority: str) -> pafs.FileSystem:
-    if scheme == "file":
-        return pafs.LocalFileSystem()
-    filesystem, _ = pafs.FileSystem.from_uri(f"{scheme}://{authority}/")
-    return filesystem
-
-
-def resolve_filesystem(uri_or_path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a ``scheme://`` URI (s3, gs, file, ...).
-
-    Filesystems are cached per bucket, so resolving every file of a corpus is cheap.
-    """
-    text = os.fspath(uri_or_path)
-    if "://" not in text:
-        return _filesystem("file", ""), os.path.abspath(text)
-    parsed = urlparse(text)
-    if parsed.scheme == "file":
-        return _filesystem("file", ""), parsed.path
-    return _filesystem(parsed.scheme, parsed.netloc), f"{parsed.netloc}{parsed.path}".rstrip("/")
-
-
-def join_uri(root: str | os.PathLike, *parts: str) -> str:
-    """``root/part/...`` for local paths and URIs alike."""
-    return "/".join([os.fspath(root).rstrip("/"), *parts])
-
-
-def read_bytes(uri_or_path: str) -> bytes:
-    filesystem, path = resolve_filesystem(uri_or_path)
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read()
 
 
 def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
@@ -109,7 +77,7 @@ def resampler(orig_freq: int, new_freq: int):
 
 
 @dataclass(frozen=True)
-class Utterance:
+class ListedUtterance:
     """One transcribed recording of the LibriSpeech layout (audio not loaded)."""
 
     utterance_id: str  # <speaker>-<chapter>-<utt>
@@ -138,15 +106,15 @@ class SplitListing:
     root: str
     split: str
     layout: str
-    utterances: list[Utterance] = field(default_factory=list)
+    utterances: list[ListedUtterance] = field(default_factory=list)
     parquet_files: list[str] = field(default_factory=list)
     problems: list[dict] = field(default_factory=list)
     fingerprint: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 def _split_files(root: str, split: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
-    split_uri = join_uri(root, split)
-    filesystem, split_path = resolve_filesystem(split_uri)
+    split_uri = storage.join(root, split)
+    filesystem, split_path = storage.filesystem(split_uri)
     if filesystem.get_file_info(split_path).type != pafs.FileType.Directory:
         raise FileNotFoundError(
             f"corpus split {split_uri!r} does not exist or is not a directory; set corpus.root to "
@@ -175,7 +143,7 @@ def _layout_of(split_uri: str, infos: list[pafs.FileInfo]) -> str:
 
 def _uri_of(split_uri: str, split_path: str, file_path: str) -> str:
     """URI of a listed file, in the same form (local path or scheme://) as the split URI."""
-    return join_uri(split_uri, os.path.relpath(file_path, split_path).replace(os.sep, "/"))
+    return storage.join(split_uri, os.path.relpath(file_path, split_path).replace(os.sep, "/"))
 
 
 def list_split(root: str | os.PathLike, split: str, layout: str = "auto") -> SplitListing:
@@ -186,7 +154,7 @@ def list_split(root: str | os.PathLike, split: str, layout: str = "auto") -> Spl
     """
     root = os.fspath(root)
     filesystem, split_uri, infos = _split_files(root, split)
-    _, split_path = resolve_filesystem(split_uri)
+    _, split_path = storage.filesystem(split_uri)
     if layout == "auto":
         layout = _layout_of(split_uri, infos)
     if layout not in LAYOUTS:
@@ -230,7 +198,7 @@ def list_split(root: str | os.PathLike, split: str, layout: str = "auto") -> Spl
                                      "reason": "audio file without a transcript line"})
         elif transcripts[utterance_id][0]:
             speaker, chapter = (utterance_id.split("-") + ["", ""])[:2]
-            listing.utterances.append(Utterance(utterance_id, speaker, chapter, split,
+            listing.utterances.append(ListedUtterance(utterance_id, speaker, chapter, split,
                                                 transcripts[utterance_id][0], uri))
     logger.info("listed %s: %d utterances, %d problems", split_uri, len(listing.utterances),
                 len(listing.problems))
@@ -238,13 +206,13 @@ def list_split(root: str | os.PathLike, split: str, layout: str = "auto") -> Spl
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading (single process; the Ray Data stage in pinch_ray.data reads the same way in parallel)
+# Reading (single process; the Ray Data stage in pinch_ray.data.prepare reads the same way in parallel)
 # ---------------------------------------------------------------------------------------------
 
 
 def iter_hf_records(parquet_uri: str, batch_rows: int = 64) -> Iterator[dict]:
     """Rows {id, speaker, split?, text, audio_bytes} of one HF-layout parquet shard, streamed."""
-    filesystem, path = resolve_filesystem(parquet_uri)
+    filesystem, path = storage.filesystem(parquet_uri)
     with filesystem.open_input_file(path) as handle:
         for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=HF_COLUMNS):
             yield from hf_rows(batch)
@@ -279,7 +247,7 @@ def read_utterances(root: str | os.PathLike, split: str,
     for record in records:
         data, uri = record.pop("audio_bytes"), record.pop("audio_uri", None)
         try:
-            audio, sample_rate = decode_audio(data if data is not None else read_bytes(uri))
+            audio, sample_rate = decode_audio(data if data is not None else storage.read_bytes(uri))
         except Exception as error:  # noqa: BLE001 - any unreadable file is reported, not fatal
             logger.warning("unreadable audio %s: %s", record["id"], error)
             audio, sample_rate = None, None
@@ -297,7 +265,7 @@ def write_hf_parquet(root: str | os.PathLike, split: str, out_dir: str | os.Path
         chunk = listing.utterances[start:start + rows_per_file]
         table = pa.Table.from_pylist([{
             "file": u.audio_uri.rsplit("/", 1)[-1],
-            "audio": {"bytes": read_bytes(u.audio_uri), "path": u.audio_uri.rsplit("/", 1)[-1]},
+            "audio": {"bytes": storage.read_bytes(u.audio_uri), "path": u.audio_uri.rsplit("/", 1)[-1]},
             "text": u.text, "speaker_id": int(u.speaker), "chapter_id": int(u.chapter), "id": u.utterance_id,
         } for u in chunk], schema=HF_SCHEMA)
         path = os.path.join(out_dir, split, f"{start // rows_per_file:04d}.parquet")

@@ -29,8 +29,8 @@ from transformers import (
     WavLMConfig,
 )
 
-from pinch_ray import gates as gates_lib
-from pinch_ray import pruned_modeling
+from pinch_ray.core import gates as gates_lib
+from pinch_ray.core import pruned_modeling
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def load_model(init_from: str, seed: int = 0, trust_remote_code: bool = False,
                 "ctc_loss_reduction": "mean", "ctc_zero_infinity": True, **config_overrides}
     if getattr(config, "vocab_size", None) == len(vocab):
         settings.pop("vocab_size")
-    # A neuron-pruned export (smaller layers, see pinch_ray.pruned_modeling): its loader class, here
+    # A neuron-pruned export (smaller layers, see pinch_ray.core.pruned_modeling): its loader class, here
     # without trust_remote_code (the same code as the copy in the directory).
     if getattr(config, pruned_modeling.PRUNED_KEY, None):
         loader, loader_kwargs = pruned_modeling.loader_class(config.model_type), {}
@@ -221,28 +221,18 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
     For a gated model ``nonzero`` counts what the hard masks keep; for a plain model it counts the
     entries of weight matrices (``dim >= 2``) that are not exactly zero, plus every vector parameter,
     so a folded model gives the same ``nonzero`` as before folding. A model whose neurons/heads were
-    removed (:mod:`pinch_ray.pruned_modeling`) counts them in ``total`` (its size before pruning)
+    removed (:mod:`pinch_ray.core.pruned_modeling`) counts them in ``total`` (its size before pruning)
     and not in ``nonzero``.
     """
     gated = gates_lib.gated_modules(model)
     total = gated_numel = nonzero = 0
-    skip = set()
+    skip = {id(p) for _, gate in gated.values() for p in gate.parameters()}  # thresholds: not the model's
     for module, gate in gated.values():
-        if gate.structured:  # neuron gate: its units' parameters stay in the model, counted below
-            numel, pruned = gate.hard_counts()
-            gated_numel += numel
-            nonzero -= pruned
-            continue
-        originals = list(module.parametrizations.weight.parameters(recurse=False))
-        skip.update(id(p) for p in originals)
-        numel_originals = sum(p.numel() for p in originals)
-        mask = gates_lib.module_hard_mask(module)
-        total += numel_originals
-        gated_numel += mask.numel()
-        nonzero += numel_originals - int(mask.numel() - mask.sum())
-    thresholds = {id(g.threshold) for _, g in gated.values() if isinstance(g, gates_lib.ThresholdGate)}
+        own, gate_total, gate_gated, gate_nonzero = gate.parameter_counts(module)
+        skip |= own
+        total, gated_numel, nonzero = total + gate_total, gated_numel + gate_gated, nonzero + gate_nonzero
     for p in model.parameters():
-        if id(p) in skip or id(p) in thresholds:
+        if id(p) in skip:
             continue
         total += p.numel()
         # Exact zeros count as removed only in weight matrices: zero biases are a normal init.

@@ -29,7 +29,6 @@ import logging
 import multiprocessing
 import os
 import random
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -37,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pinch_ray.corpus.librispeech import resampler
+from pinch_ray import storage
+from pinch_ray.data.librispeech import resampler
 
 logger = logging.getLogger(__name__)
 
@@ -329,40 +329,35 @@ def generate_corpus(out_dir: str | os.PathLike, num_utterances: int = 6000, seed
 
     started = time.perf_counter()
     plan = plan_corpus(num_utterances, seed, split_fractions)
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    size = chunk_size(len(plan))
-    chunks = [plan[i:i + size] for i in range(0, len(plan), size)]
-    num_workers = max(1, min(num_workers or os.cpu_count() or 1, len(chunks)))
-    num_samples: dict[str, int] = {}
-    with _pool(num_workers) as pool, tqdm.tqdm(total=len(plan), unit="utt", desc="synthesize",
-                                               disable=not progress) as bar:
-        for written in pool.imap_unordered(functools.partial(_synthesize_chunk, str(tmp_dir)), chunks):
-            num_samples.update(written)
-            bar.update(len(written))
+    storage.remove_stale_tmp(out_dir)
+    with storage.atomic_dir(out_dir) as tmp_dir:  # replaces the empty out_dir, if any (checked above)
+        size = chunk_size(len(plan))
+        chunks = [plan[i:i + size] for i in range(0, len(plan), size)]
+        num_workers = max(1, min(num_workers or os.cpu_count() or 1, len(chunks)))
+        num_samples: dict[str, int] = {}
+        with _pool(num_workers) as pool, tqdm.tqdm(total=len(plan), unit="utt", desc="synthesize",
+                                                   disable=not progress) as bar:
+            for written in pool.imap_unordered(functools.partial(_synthesize_chunk, str(tmp_dir)), chunks):
+                num_samples.update(written)
+                bar.update(len(written))
 
-    transcripts: dict[str, list[str]] = defaultdict(list)
-    for utt in plan:
-        transcripts[utt.relative_dir].append(f"{utt.utterance_id} {utt.text}")
-    for relative_dir, lines in transcripts.items():
-        speaker, chapter = relative_dir.split("/")[1:]
-        Path(tmp_dir, relative_dir, f"{speaker}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
+        transcripts: dict[str, list[str]] = defaultdict(list)
+        for utt in plan:
+            transcripts[utt.relative_dir].append(f"{utt.utterance_id} {utt.text}")
+        for relative_dir, lines in transcripts.items():
+            speaker, chapter = relative_dir.split("/")[1:]
+            Path(tmp_dir, relative_dir, f"{speaker}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
 
-    seconds = time.perf_counter() - started
-    summary = {
-        "settings": settings,
-        "utterances": {split: sum(u.split == split for u in plan) for split in split_fractions},
-        "hours": round(sum(num_samples.values()) / SAMPLE_RATE / 3600, 4),
-        "mean_duration_s": round(sum(num_samples.values()) / SAMPLE_RATE / len(plan), 3),
-        "generation_seconds": round(seconds, 2),
-        "utterances_per_second": round(len(plan) / seconds, 1),
-    }
-    (tmp_dir / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
-    if out_dir.exists():
-        out_dir.rmdir()  # empty (checked above)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp_dir, out_dir)
+        seconds = time.perf_counter() - started
+        summary = {
+            "settings": settings,
+            "utterances": {split: sum(u.split == split for u in plan) for split in split_fractions},
+            "hours": round(sum(num_samples.values()) / SAMPLE_RATE / 3600, 4),
+            "mean_duration_s": round(sum(num_samples.values()) / SAMPLE_RATE / len(plan), 3),
+            "generation_seconds": round(seconds, 2),
+            "utterances_per_second": round(len(plan) / seconds, 1),
+        }
+        (tmp_dir / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
     logger.info("synthetic corpus: %d utterances (%.2f h) in %s, %.1f utt/s",
                 len(plan), summary["hours"], out_dir, summary["utterances_per_second"])
     return summary

@@ -1,0 +1,38 @@
+"""Configuration: the typed schema (:mod:`.schema`), loading YAML + overrides (:mod:`.loading`),
+path checks (:mod:`.paths`) and the README reference generator (:mod:`.reference`)."""
+
+from pinch_ray.config.loading import dump_pipeline, load_pipeline
+from pinch_ray.config.paths import check_paths
+from pinch_ray.config.schema import (
+    COMPRESSION_METHODS,
+    CORPUS_LAYOUTS,
+    ConfigError,
+    CorpusConfig,
+    DEFAULT_GATE_PATTERNS,
+    DEFAULT_SYNTH_UTTERANCES,
+    DENSE,
+    DataConfig,
+    EvalConfig,
+    FEATURE_ENCODER_PATTERN,
+    FOUNDATION_TRIAL,
+    GRANULARITIES,
+    GateConfig,
+    MAGNITUDE_METHODS,
+    MAX_TARGET_SPARSITY,
+    METHODS,
+    ModelConfig,
+    NEURON_UNITS,
+    POS_CONV_PATTERN,
+    PipelineConfig,
+    RUNS_DIR,
+    RUN_NAME,
+    ResourcesConfig,
+    SSPG_METHODS,
+    SYNTH_SPLITS,
+    SweepConfig,
+    TARGET_BASES,
+    THRESHOLD_UPDATES,
+    TrainConfig,
+    raise_if_problems,
+    target_sparsity_problems,
+)

@@ -1,0 +1,245 @@
+"""The prepare stage: a corpus split -> parquet shards, on Ray Data.
+
+Prepare, per split::
+
+    list utterances (driver: names, sizes, transcripts)  ->  Ray Data, streaming, one task per
+    shard: decode (soundfile) -> downmix -> resample to 16 kHz (torchaudio) -> normalise
+    -> tokenise characters -> filter by duration -> write the parquet shard (pyarrow)
+    ->  the driver collects one small summary row per shard (counts, skips) for the report
+
+Shard rows: :data:`pinch_ray.data.features.SHARD_SCHEMA`.
+
+Output: ``<cache_dir>/<split>-<key>/`` with ``*.parquet``, ``prepare_report.json`` and the
+completion marker ``_COMPLETE`` (written last, then the directory is renamed into place); a shard
+file appears only complete (written under a temporary name, then renamed). The key
+hashes the corpus URI, the split, every listed file's size and mtime, the settings and the vocab,
+so a rerun with the same inputs reuses the shards. Bad input is skipped and counted by kind
+(:data:`SKIP_KINDS`), never fatal, unless no usable utterance is left.
+
+Example (Ray already initialised by the caller)::
+
+    prepared = prepare_split("data/synth_corpus", "train", vocab, DataConfig())
+    ds = prepared.dataset()   # ray.data.Dataset of the shards
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from pinch_ray import storage
+from pinch_ray.config import CorpusConfig, DataConfig, raise_if_problems
+from pinch_ray.data.features import (CONVERSION_KINDS, FORMAT_VERSION, SKIP_KINDS, WORD_DELIMITER, PrepareSettings,
+                                     write_shard)
+from pinch_ray.data.librispeech import HF_COLUMNS, SplitListing, hf_rows, list_split
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "prepare_report.json"
+COMPLETE_MARKER = "_COMPLETE"
+SHARDS_PER_TASK = 4  # LibriSpeech layout: most shards one prepare task writes, one after another
+TASKS_PER_CPU = 2  # LibriSpeech layout: fewest prepare tasks per cluster CPU
+# What a prepare task returns per written shard (the driver builds the report from these rows).
+SUMMARY_SCHEMA = pa.schema([
+    ("file", pa.string()),  # shard file name, null when nothing was kept
+    ("kept", pa.int64()),
+    ("num_samples", pa.int64()),
+    ("skipped", pa.string()),  # JSON list of {id, path, kind, reason}
+    ("conversions", pa.string()),  # JSON {kind: count}
+])
+
+
+class PrepareError(RuntimeError):
+    """The prepare stage produced no usable utterance (the message lists the skips by kind)."""
+
+
+def _records_of(batch: pa.Table, split: str) -> list[dict]:
+    if "audio" in batch.column_names:  # HF parquet layout
+        return [{**row, "split": split} for row in hf_rows(batch)]
+    return batch.to_pylist()
+
+
+def prepare_shards(batch: pa.Table, *, out_dir: str, vocab: Mapping[str, int], settings: PrepareSettings,
+                   split: str, rows_per_shard: int, rows_per_group: int) -> pa.Table:
+    """Ray Data UDF: a pyarrow batch of listing rows (LibriSpeech layout) or HF-layout rows ->
+    parquet shards in ``out_dir`` (:func:`write_shard`; the batch is cut into the fewest shards
+    of at most ``rows_per_shard`` utterances, of nearly equal sizes) -> one SUMMARY_SCHEMA row per
+    shard. A shard is named after its utterance ids, so a retried task overwrites its files
+    rather than duplicating them."""
+    records = _records_of(batch, split)
+    num_shards = -(-len(records) // rows_per_shard)
+    bounds = [len(records) * i // num_shards for i in range(num_shards + 1)]
+    summaries = []
+    for start, end in zip(bounds, bounds[1:]):
+        shard = records[start:end]
+        name = hashlib.sha1("\n".join(r["id"] for r in shard).encode()).hexdigest()[:20]
+        summary = write_shard(shard, Path(out_dir, f"shard-{name}.parquet"), vocab, settings, rows_per_group)
+        summaries.append({**summary, "skipped": json.dumps(summary["skipped"]),
+                          "conversions": json.dumps(summary["conversions"])})
+    return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedSplit:
+    """A prepared split: ``path`` holds the parquet shards and ``prepare_report.json``."""
+
+    path: str
+    report: dict
+    from_cache: bool
+
+    @property
+    def num_utterances(self) -> int:
+        return int(self.report["kept"])
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(str(p) for p in Path(self.path).glob("*.parquet"))
+
+    def dataset(self):
+        """The shards as a ``ray.data.Dataset`` (streamed, not loaded)."""
+        return ray.data.read_parquet(self.files)
+
+
+def cache_key(listing: SplitListing, settings: PrepareSettings, vocab: Mapping[str, int]) -> str:
+    """Hex digest of what determines the shards: corpus URI, split, layout, files (size, mtime),
+    settings, vocabulary and the shard format version."""
+    payload = json.dumps({"root": listing.root, "split": listing.split, "layout": listing.layout,
+                          "files": listing.fingerprint, "settings": asdict(settings),
+                          "vocab": sorted(vocab.items()), "format": FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def prepare_split(corpus: CorpusConfig | str | os.PathLike, split: str, vocab: Mapping[str, int],
+                  data_cfg: DataConfig | None = None, cache_dir: str | os.PathLike | None = None,
+                  ) -> PreparedSplit:
+    """Featurize one split of a corpus into parquet shards with Ray Data (streaming), or reuse
+    the cached shards of an identical earlier run.
+
+    ``corpus``: a CorpusConfig, or the corpus root (local path or s3:// / gs:// / file:// URI;
+    layout detected). ``vocab``: character -> id (HF ``Wav2Vec2CTCTokenizer.get_vocab()``;
+    ``|`` is the word delimiter). ``cache_dir`` defaults to ``data_cfg.cache_dir``; on a cluster of
+    several nodes it must be a directory every node shares (NFS): the workers write the shards
+    and their skip lists there. Ray must already be initialised by the caller.
+
+    Raises FileNotFoundError (corpus or split missing), ConfigError (invalid settings),
+    PrepareError (no usable utterance; the message lists the skips by kind).
+    """
+    data_cfg = data_cfg or DataConfig()
+    corpus_cfg = corpus if isinstance(corpus, CorpusConfig) else CorpusConfig(root=os.fspath(corpus))
+    raise_if_problems(corpus_cfg.problems() + data_cfg.problems(), "prepare settings")
+    if WORD_DELIMITER not in vocab:
+        raise ValueError(f"vocab has no word delimiter {WORD_DELIMITER!r}; use the model's CTC vocabulary")
+    settings = PrepareSettings.from_config(data_cfg)
+    started = time.perf_counter()
+
+    listing = list_split(corpus_cfg.root, split, corpus_cfg.layout)
+    key = cache_key(listing, settings, vocab)
+    cache_root = Path(cache_dir or data_cfg.cache_dir)
+    final_dir = cache_root / f"{split.replace('/', '_')}-{key[:16]}"
+    if (final_dir / COMPLETE_MARKER).exists():
+        report = json.loads((final_dir / REPORT_FILE).read_text())
+        logger.info("prepare %s/%s: cache hit %s (%d utterances)", corpus_cfg.root, split, final_dir, report["kept"])
+        return PreparedSplit(str(final_dir), report, from_cache=True)
+
+    storage.remove_stale_tmp(final_dir)
+    # an earlier, unfinished attempt (no marker) at final_dir is replaced
+    with storage.atomic_dir(final_dir) as tmp_dir:
+        summaries = _featurize_to_parquet(listing, tmp_dir, vocab, settings, data_cfg)
+        report = _build_report(listing, summaries, tmp_dir, key, settings, data_cfg, time.perf_counter() - started)
+        if report["kept"] == 0:
+            counts = ", ".join(f"{k}={v}" for k, v in report["skipped_by_kind"].items() if v) or "no utterances listed"
+            examples = "; ".join(f"{item['id']}: {item['reason']}" for item in report["skipped"][:3])
+            raise PrepareError(f"no usable utterance in {corpus_cfg.root}/{split} ({counts}); e.g. {examples}. "
+                               "Check the corpus files and data.min_duration_s / max_duration_s")
+        (tmp_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        (tmp_dir / COMPLETE_MARKER).write_text(json.dumps({"key": key}) + "\n")
+    if report["skipped"]:
+        logger.warning("prepare %s/%s skipped %d utterances: %s (listed in %s)", corpus_cfg.root, split,
+                       len(report["skipped"]), {k: v for k, v in report["skipped_by_kind"].items() if v},
+                       final_dir / REPORT_FILE)
+    logger.info("prepare %s/%s: %d kept, %d skipped, %.2f h -> %s (%.1f s)", corpus_cfg.root, split,
+                report["kept"], len(report["skipped"]), report["hours"], final_dir, report["seconds"])
+    return PreparedSplit(str(final_dir), report, from_cache=False)
+
+
+def _featurize_to_parquet(listing: SplitListing, out_dir: Path, vocab: Mapping[str, int],
+                          settings: PrepareSettings, data_cfg: DataConfig) -> list[dict]:
+    """The Ray Data job: listing rows (or HF shards) -> prepare_shards tasks, which featurize and
+    write the parquet shards into out_dir -> their summaries (small rows, streamed to the driver)."""
+    fn_kwargs = {"out_dir": str(out_dir), "vocab": dict(vocab), "settings": settings, "split": listing.split,
+                 "rows_per_shard": data_cfg.rows_per_shard, "rows_per_group": data_cfg.prepare_batch_size}
+    if listing.layout == "librispeech":
+        if not listing.utterances:
+            return []
+        items = [u.as_row() for u in listing.utterances]
+        # One task per block; a task writes up to SHARDS_PER_TASK shards (fewer tasks: less
+        # scheduling work on the driver), and every CPU gets TASKS_PER_CPU tasks (balance).
+        num_blocks = max(TASKS_PER_CPU * _num_cpus(), -(-len(items) // (SHARDS_PER_TASK * data_cfg.rows_per_shard)))
+        dataset = ray.data.from_items(items, override_num_blocks=min(num_blocks, len(items)))
+        dataset = dataset.map_batches(prepare_shards, batch_format="pyarrow", batch_size=None, fn_kwargs=fn_kwargs)
+        # The job is one fused operator whose inputs (listing rows) and outputs (summaries) are
+        # tiny, so Ray Data's per-operator resource reservation has nothing to protect; it only
+        # throttles: each job starts with no known cluster CPUs and runs a single task until
+        # they arrive (~1 s in Ray 2.60), then leaves ~0.1 s idle between tasks. Off for this job.
+        dataset.context.op_resource_reservation_enabled = False
+    else:
+        if not listing.parquet_files:
+            return []
+        filesystem, _ = storage.filesystem(listing.parquet_files[0])
+        paths = [storage.filesystem(uri)[1] for uri in listing.parquet_files]
+        dataset = ray.data.read_parquet(paths, filesystem=filesystem).select_columns(HF_COLUMNS)
+        # Reservation stays on: it keeps the read tasks from filling the object store with audio.
+        dataset = dataset.map_batches(prepare_shards, batch_format="pyarrow", batch_size=data_cfg.rows_per_shard,
+                                      fn_kwargs=fn_kwargs)
+    return [row for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+            for row in batch.to_pylist()]
+
+
+def _num_cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _build_report(listing: SplitListing, summaries: list[dict], out_dir: Path, key: str,
+                  settings: PrepareSettings, data_cfg: DataConfig, seconds: float) -> dict:
+    skipped = list(listing.problems)
+    conversions: Counter = Counter()
+    kept = num_samples = 0
+    for summary in summaries:
+        kept += summary["kept"]
+        num_samples += summary["num_samples"]
+        skipped += json.loads(summary["skipped"])
+        conversions.update(json.loads(summary["conversions"]))
+    written = sum(pq.ParquetFile(p).metadata.num_rows for p in out_dir.glob("*.parquet"))
+    if written != kept:
+        raise RuntimeError(f"prepare wrote {written} rows but its report counts {kept}; rerun the stage")
+    by_kind = Counter(item["kind"] for item in skipped)
+    for item in skipped:
+        logger.debug("skipped %s (%s): %s", item["id"], item["kind"], item["reason"])
+    return {
+        "corpus": listing.root, "split": listing.split, "layout": listing.layout, "cache_key": key,
+        "settings": asdict(settings), "rows_per_shard": data_cfg.rows_per_shard,
+        "kept": kept, "hours": round(num_samples / settings.sample_rate / 3600, 6),
+        "skipped_by_kind": {kind: by_kind.get(kind, 0) for kind in SKIP_KINDS},
+        "converted_by_kind": {kind: conversions.get(kind, 0) for kind in CONVERSION_KINDS},
+        "skipped": sorted(skipped, key=lambda item: (item["kind"], item["id"])),
+        "seconds": round(seconds, 2),
+    }
+
+

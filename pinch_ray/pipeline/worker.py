@@ -1,0 +1,340 @@
+"""The Ray Train side of training: the per-worker function that runs a :class:`Compressor` under
+DDP, the driver that starts it as a ``TorchTrainer``, and the callbacks that log and print progress.
+
+A worker loads its starting model, builds the Compressor, resumes from Ray Train's checkpoint if
+there is one, and steps through its shard of the training data; every ``report_every`` steps it
+reports, every ``checkpoint_every`` steps (and at the end) rank 0 checkpoints. At the end rank 0
+calibrates, evaluates the dev split and writes the final checkpoint (:mod:`pinch_ray.pipeline.runs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pinch_ray import storage
+from pinch_ray.config import GateConfig, ResourcesConfig, TrainConfig, raise_if_problems, target_sparsity_problems
+from pinch_ray.core import gates as gates_lib
+from pinch_ray.core.compressor import Compressor
+from pinch_ray.core.export import export_model, pruned_copy
+from pinch_ray.core.models import load_model
+from pinch_ray.core.scoring import score, transcribe_rows
+from pinch_ray.data.batches import batches_per_epoch, iter_train_batches, read_prepared_rows
+from pinch_ray.pipeline import runs
+
+log = logging.getLogger(__name__)
+
+
+def worker_config(init_from: str, method: str, target_sparsity: float, train_cfg: TrainConfig,
+                  gate_cfg: GateConfig, *, train_rows: int, target_basis: str = "params",
+                  dev_path: str | None = None, bucket_window_batches: int = 20, model_overrides: dict | None = None,
+                  trust_remote_code: bool = False, fail_at: dict | None = None) -> dict:
+    """The plain dict :func:`train_loop_per_worker` takes (validated here, before Ray starts).
+
+    ``train_rows``: utterances of the prepared train split (fixes the batches per epoch per rank);
+    ``target_basis``: what ``target_sparsity`` is a fraction of (``SweepConfig.target_basis``);
+    ``dev_path``: prepared dev shards, evaluated on rank 0 every ``eval_every`` steps;
+    ``bucket_window_batches``: length bucketing of the training batches (``DataConfig``).
+    ``fail_at``: fault injection, ``{"step": k, "rank": r, "marker": path}``: worker ``r`` exits
+    just before step ``k`` if ``marker`` does not exist yet (it creates it), so it fails once.
+    """
+    raise_if_problems(train_cfg.problems() + gate_cfg.problems()
+                      + target_sparsity_problems(method, target_sparsity, target_basis=target_basis),
+                      source="training settings")
+    return {"init_from": str(init_from), "method": method, "target_sparsity": float(target_sparsity),
+            "target_basis": target_basis,
+            "training": dataclasses.asdict(train_cfg), "gates": dataclasses.asdict(gate_cfg),
+            "train_rows": int(train_rows), "dev_path": str(dev_path) if dev_path else None,
+            "bucket_window_batches": int(bucket_window_batches),
+            "model_overrides": dict(model_overrides or {}), "trust_remote_code": bool(trust_remote_code),
+            "fail_at": dict(fail_at) if fail_at else None}
+
+
+def _maybe_fail(fail_at: dict | None, step: int, rank: int) -> None:
+    """Fault injection (see :func:`worker_config`): kill this worker process once."""
+    if not fail_at or step != fail_at["step"] or rank != fail_at["rank"] or os.path.exists(fail_at["marker"]):
+        return
+    Path(fail_at["marker"]).write_text(f"worker {rank} killed before step {step}\n")
+    log.warning("fault injection: worker %d exits before step %d", rank, step)
+    # Ray Train's controller registers reports when it polls the workers (every 2 s): wait for the
+    # reports already made to be registered, so the last checkpoint before the crash is known.
+    time.sleep(5)
+    os._exit(1)
+
+
+def _threshold_rank_spread(run: Compressor) -> float:
+    """Largest difference of any gate threshold between DDP ranks (0.0: in sync, as it must be)."""
+    thresholds = [g.threshold.detach() for g in gates_lib.gates_of(run.unwrapped)]
+    if not thresholds or not torch.distributed.is_initialized():
+        return 0.0
+    high = torch.stack(thresholds).float()
+    low = high.clone()
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    return float((high - low).max())
+
+
+def _dev_scores(run: Compressor, processor, dev_path: str, batch_size: int) -> dict:
+    with torch.no_grad():
+        scores = score(transcribe_rows(run.unwrapped, processor, read_prepared_rows(dev_path), batch_size))
+    return {"dev_wer": scores.wer, "dev_cer": scores.cer}
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs each ``ray.train.report`` call of every worker at INFO ("Reporting training
+    result 7: TrainingReport(...) from rank 0"), hundreds of lines a run on the driver's console
+    beside the one progress line per report the driver prints itself; keep its warnings only."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # a Ray without that module: its logging stays as it is
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # Ray names that logger by file
+
+
+def _build(config: dict, train_cfg: TrainConfig, gate_cfg: GateConfig, world: int):
+    """This rank's :class:`Compressor` on its device, and the model's processor."""
+    if train_cfg.torch_threads:
+        torch.set_num_threads(train_cfg.torch_threads)
+    overrides = dict(config["model_overrides"])
+    if world > 1:
+        overrides["layerdrop"] = 0.0  # skipped layers differ across ranks: DDP would hang
+    with storage.local_dir(config["init_from"]) as init_from:  # in an object store: a local copy
+        model, processor = load_model(str(init_from), seed=train_cfg.seed,
+                                      trust_remote_code=config["trust_remote_code"], **overrides)
+    run = Compressor.create(model, config["method"], config["target_sparsity"], train_cfg, gate_cfg,
+                            device=ray.train.torch.get_device(), target_basis=config["target_basis"],
+                            use_attention_mask=processor.feature_extractor.return_attention_mask)
+    return run, processor
+
+
+def _resume(run: Compressor, rank: int) -> dict:
+    """Load Ray Train's checkpoint into ``run`` if there is one; returns the data progress
+    (``epoch``, ``batch_in_epoch``, ``elapsed_s``, ``resumed_at``: the steps it resumed at)."""
+    progress = {"epoch": 0, "batch_in_epoch": 0, "elapsed_s": 0.0, "resumed_at": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return progress
+    with checkpoint.as_directory() as directory:
+        state = runs.load_checkpoint_state(directory, map_location=run.device)
+    run.load_state_dict(state["compressor"])
+    progress = state["progress"]
+    progress["resumed_at"] = progress["resumed_at"] + [run.step_count]
+    log.info("rank %d resumes at step %d (epoch %d)", rank, run.step_count, progress["epoch"])
+    return progress
+
+
+def _micro_batches(shard, train_cfg: TrainConfig, per_epoch: int, progress: dict, bucket_window_batches: int):
+    """Endless ``(index in epoch, micro-batches of one step)``, epoch after epoch, from where
+    ``progress`` stands; the caller records ``batch_in_epoch`` once the step is done."""
+    while True:
+        micro_batches = []
+        batches = iter_train_batches(shard, train_cfg.batch_size, num_batches=per_epoch,
+                                     seed=train_cfg.seed, epoch=progress["epoch"],
+                                     bucket_window_batches=bucket_window_batches)
+        for index, batch in enumerate(batches):
+            if index < progress["batch_in_epoch"]:
+                continue  # resumed inside this epoch: these batches were trained on already
+            micro_batches.append(batch)
+            if len(micro_batches) == train_cfg.grad_accum_steps:
+                yield index, micro_batches
+                micro_batches = []
+        progress["epoch"] += 1
+        progress["batch_in_epoch"] = 0
+
+
+class _Reporter:
+    """What a worker does at a report: metrics to Ray Train (every rank; :class:`MetricsLog` logs
+    them) and, every ``checkpoint_every`` steps and at the end, a checkpoint (rank 0). The final report calibrates
+    first (sspg), so its figures describe the exported model, and writes the final checkpoint."""
+
+    def __init__(self, config: dict, run: Compressor, processor, train_cfg: TrainConfig, rank: int, progress: dict):
+        self.config, self.run, self.processor, self.train_cfg = config, run, processor, train_cfg
+        self.rank, self.progress = rank, progress
+        self.started = time.perf_counter() - progress["elapsed_s"]  # the clock goes on across resumes
+
+    def due(self, step: int) -> bool:
+        return (step >= self.train_cfg.max_steps or step % self.train_cfg.report_every == 0
+                or step % self.train_cfg.checkpoint_every == 0)
+
+    def report(self, metrics: dict, final: bool) -> None:
+        run, step = self.run, self.run.step_count
+        self.progress["elapsed_s"] = time.perf_counter() - self.started
+        # every rank, before rank 0's calibration rescales its thresholds (it would look like drift)
+        spread = _threshold_rank_spread(run)
+        if final and self.rank == 0:
+            metrics = {**metrics, **run.finish()}
+        # hard_sparsity: on the target's basis, so progress lines compare it with the trial's target
+        metrics = {**metrics, "hard_sparsity": run.on_basis(run.hard_sparsity()),
+                   "elapsed_s": self.progress["elapsed_s"], "epoch": self.progress["epoch"],
+                   "resumed_at": list(self.progress["resumed_at"]), "threshold_rank_spread": spread}
+        eval_every = self.train_cfg.eval_every
+        if self.rank == 0 and self.config["dev_path"] and eval_every and (final or step % eval_every == 0):
+            metrics.update(_dev_scores(run, self.processor, self.config["dev_path"], self.train_cfg.eval_batch_size))
+        if self.rank != 0 or not (final or step % self.train_cfg.checkpoint_every == 0):
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            if final:
+                runs.save_final(directory, lambda model_dir: export_model(pruned_copy(run.model), self.processor,
+                                                                          model_dir),
+                                self._result(metrics))
+            runs.save_checkpoint(directory, run.state_dict(), self.progress)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=runs.checkpoint_name(step))
+
+    def _result(self, metrics: dict) -> dict:
+        """``train_result.json``: what the run is, what it achieved, the settings it ran with."""
+        run = self.run
+        return {"method": run.method, "target_sparsity": run.target_sparsity, "target_basis": run.target_basis,
+                "seed": self.train_cfg.seed, "params_total": run.params_total, "params_gated": run.params_gated,
+                "steps": run.step_count, "init_from": self.config["init_from"],
+                "compression_seconds": self.progress["elapsed_s"], **metrics,
+                "settings": self.config.get("settings")}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: train ``config["method"]`` (:func:`worker_config`) on this rank's shard of
+    the ``train`` dataset, under DDP across ranks (gloo on CPU, nccl on GPU, set up by
+    ``TorchTrainer``). Resumes from ``ray.train.get_checkpoint()`` (a restarted worker group or a
+    rerun under the same run name): step, optimizers, thresholds, multiplier and data position
+    continue where the checkpoint left them."""
+    _quiet_ray_train_reports()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    train_cfg, gate_cfg = TrainConfig(**config["training"]), GateConfig(**config["gates"])
+    run, processor = _build(config, train_cfg, gate_cfg, world)
+    progress = _resume(run, rank)
+    if world > 1:
+        run.model = ray.train.torch.prepare_model(run.model, move_to_device=False)
+    per_epoch = batches_per_epoch(config["train_rows"], world, train_cfg.batch_size)
+    if per_epoch < train_cfg.grad_accum_steps:
+        raise ValueError(f"{config['train_rows']} training utterances give {per_epoch} batches of "
+                         f"{train_cfg.batch_size} per worker, fewer than grad_accum_steps="
+                         f"{train_cfg.grad_accum_steps}; lower training.batch_size or resources.num_workers")
+    reporter = _Reporter(config, run, processor, train_cfg, rank, progress)
+    steps = _micro_batches(ray.train.get_dataset_shard("train"), train_cfg, per_epoch, progress,
+                           config["bucket_window_batches"])
+    while run.step_count < train_cfg.max_steps:
+        index, micro_batches = next(steps)
+        _maybe_fail(config["fail_at"], run.step_count + 1, rank)
+        metrics = run.step(micro_batches)
+        progress["batch_in_epoch"] = index + 1
+        if reporter.due(run.step_count):
+            reporter.report(metrics, final=run.step_count >= train_cfg.max_steps)
+
+
+def progress_line(name: str, metrics: dict, max_steps: int) -> str:
+    """One line of training progress: ``[sspg-0.65] step 200/900  ctc 0.84  sparsity 0.612  52 s, ~3 min left``."""
+    step, elapsed = metrics.get("step", 0), metrics.get("elapsed_s", 0.0)
+    parts = [f"[{name}] step {step}/{max_steps}", f"ctc {metrics['ctc_loss']:.3f}" if "ctc_loss" in metrics else ""]
+    if metrics.get("hard_sparsity"):
+        parts.append(f"sparsity {metrics['hard_sparsity']:.3f}")
+    if "dev_wer" in metrics:
+        parts.append(f"dev WER {metrics['dev_wer']:.3f}")
+    left = elapsed / step * (max_steps - step) if step else 0.0
+    parts.append(f"{elapsed:.0f} s" + (f", ~{left / 60:.1f} min left" if step < max_steps else ", done"))
+    return "  ".join(part for part in parts if part)
+
+
+class MetricsLog(ray.train.UserCallback):
+    """A Ray Train callback for rank 0's metrics of every report: appended to ``path`` (JSON lines),
+    written as TensorBoard scalars under ``tensorboard_dir`` (``train/<metric>`` at the report's
+    step), and, with ``name`` and ``max_steps``, printed as a :func:`progress_line` (shown by the
+    driver). It runs in the Ray Train controller, so both paths must be writable there (the
+    driver's machine for local runs; shared storage on a cluster)."""
+
+    def __init__(self, path: str | os.PathLike, name: str | None = None, max_steps: int | None = None,
+                 tensorboard_dir: str | os.PathLike | None = None):
+        self.path, self.name, self.max_steps = str(path), name, max_steps
+        self.tensorboard_dir = str(tensorboard_dir) if tensorboard_dir else None
+        self._events = None  # opened in the controller, on the first report (a file does not pickle)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_events": None}
+
+    def after_report(self, run_context, metrics, checkpoint):
+        report = metrics[0]
+        with open(self.path, "a") as f:
+            f.write(json.dumps(report, default=float) + "\n")
+        if self.tensorboard_dir:
+            self._write_events(report)
+        if self.name and self.max_steps:
+            print(progress_line(self.name, report, self.max_steps), flush=True)
+
+    def _write_events(self, report: dict) -> None:
+        """One TensorBoard event of the report's numbers, written and flushed before returning:
+        tensorboardX's ``SummaryWriter`` writes from a thread of its own, and the controller may be
+        gone before that thread writes the last report."""
+        from tensorboardX.proto import event_pb2, summary_pb2
+        from tensorboardX.record_writer import RecordWriter
+
+        if self._events is None:
+            os.makedirs(self.tensorboard_dir, exist_ok=True)
+            name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+            self._events = RecordWriter(os.path.join(self.tensorboard_dir, name))
+            self._events.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        values = [summary_pb2.Summary.Value(tag=f"train/{key}", simple_value=float(value))
+                  for key, value in report.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        event = event_pb2.Event(wall_time=time.time(), step=int(report.get("step", 0)),
+                                summary=summary_pb2.Summary(value=values))
+        self._events.write(event.SerializeToString())
+        self._events.flush()
+
+
+def tune_report_callback():
+    """A Ray Train callback forwarding every report to the Tune trial it runs in (so Tune's results
+    and the Ray dashboard show each trial's curves); None outside a Tune trial."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    try:
+        return TuneReportCallback()
+    except RuntimeError:  # not in a Tune session (the pipeline's dense baseline, the Python API)
+        return None
+
+
+def run_training(config: dict, train_dataset, resources: ResourcesConfig, *, name: str,
+                 storage_path: str, callbacks: list | None = None):
+    """Run :func:`train_loop_per_worker` as a Ray Train ``TorchTrainer`` job; returns its Result.
+
+    ``name`` + ``storage_path`` identify the run: rerunning the same pair resumes from its latest
+    checkpoint. Ray must already be initialised (``ray.init()`` or a cluster address).
+
+    Raises:
+        ConfigError: bad resources.
+        ray.train.TrainingFailedError: the run failed more than ``resources.max_failures`` times.
+    """
+    problems = resources.problems()
+    cluster_cpus = ray.cluster_resources().get("CPU", 0)
+    if resources.num_workers * resources.cpus_per_worker >= cluster_cpus:
+        problems.append(f"resources: {resources.num_workers} workers x {resources.cpus_per_worker} CPUs take every "
+                        f"CPU of the cluster ({cluster_cpus:g}), leaving none for Ray Data to stream the training "
+                        "data (the run would hang); lower resources.cpus_per_worker (e.g. 0.5) or num_workers")
+    raise_if_problems(problems, source="resources")
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+        datasets={"train": train_dataset},
+        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
+                             failure_config=FailureConfig(max_failures=resources.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    return trainer.fit()
