@@ -27,6 +27,7 @@ import torch
 from transformers import AutoModelForCTC, Wav2Vec2Config
 
 from pinch_ray.core import gates
+from pinch_ray.core.masks import unmasked_weight
 from pinch_ray.config import GateConfig, TrainConfig
 from pinch_ray.core.models import CHAR_VOCAB, load_model
 from pinch_ray.core.compressor import Compressor
@@ -66,7 +67,7 @@ def measure(name: str, steps: int, warmup: int, device: str) -> dict:
     runs["sspg"].step_count = train_cfg.max_steps  # the schedules give tau_end
     with torch.no_grad():
         for module, gate in gates.gated_modules(runs["sspg"].unwrapped).values():
-            w2 = gates.unmasked_weight(module).float().pow(2).flatten()
+            w2 = unmasked_weight(module).float().pow(2).flatten()
             sample = w2[torch.randperm(w2.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
             gate.threshold.fill_(float((sample.quantile(0.65) / w2.mean()).sqrt()))
     late = interleaved_medians(runs, batch, max(steps // 2, 5), warmup, device, after_each=lambda: setattr(

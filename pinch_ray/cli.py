@@ -87,7 +87,7 @@ def _add_run_commands(subparsers) -> None:
     from pinch_ray.pipeline import STAGES
 
     run = subparsers.add_parser(
-        "run", help="run a pipeline YAML: prepare -> baseline -> compress -> finalize",
+        "run", parents=[_verbose()], help="run a pipeline YAML: prepare -> baseline -> compress -> finalize",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run every stage of a pipeline: prepare the corpus (Ray Data), fine-tune the dense "
                     "baseline and the compression trials (Ray Train, swept with Ray Tune), then hard-prune, "
@@ -146,7 +146,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _add_evaluate_commands(subparsers) -> None:
     evaluate = subparsers.add_parser(
-        "evaluate", help="WER/CER of any exported model on a corpus split",
+        "evaluate", parents=[_verbose()], help="WER/CER of any exported model on a corpus split",
         description="Transcribe one split of a corpus (LibriSpeech layout or HF parquet) with an exported "
                     "model directory (a trial's model/, or any Hugging Face *ForCTC checkpoint with its "
                     "processor) and print WER and CER as one JSON line.",
@@ -174,7 +174,8 @@ def _export_2to4(args: argparse.Namespace) -> int:
 
 def _add_export_commands(subparsers) -> None:
     export = subparsers.add_parser(
-        "export-2to4", help="give an exported model the 2:4 pattern GPU sparse tensor cores run fast",
+        "export-2to4", parents=[_verbose()],
+        help="give an exported model the 2:4 pattern GPU sparse tensor cores run fast",
         description="Keep the 2 largest of every 4 consecutive weights in each gated Linear layer of an "
                     "exported model and write it as a stock Hugging Face directory (plus "
                     "sparsity_2to4.json: each layer's sparsity before and after). On an Ampere or newer GPU, "
@@ -188,10 +189,11 @@ def _add_export_commands(subparsers) -> None:
 
 
 def _add_corpus_commands(subparsers) -> None:
-    corpus = subparsers.add_parser("corpus", help="speech corpora")
+    corpus = subparsers.add_parser("corpus", parents=[_verbose()], help="speech corpora")
     corpus_commands = corpus.add_subparsers(dest="corpus_command", required=True)
     synth = corpus_commands.add_parser(
-        "synth", help="generate the synthetic espeak-ng speech corpus (LibriSpeech layout)",
+        "synth", parents=[_verbose()],
+        help="generate the synthetic espeak-ng speech corpus (LibriSpeech layout)",
         description="Write a synthetic English speech corpus (espeak-ng voices as speakers, 16 kHz FLAC, "
                     "LibriSpeech layout, disjoint sentences per split). Deterministic for a seed.")
     synth.add_argument("out_dir", help="output directory (must not exist or be empty)")
@@ -202,6 +204,14 @@ def _add_corpus_commands(subparsers) -> None:
     synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(handler=_corpus_synth)
+
+
+def _verbose() -> argparse.ArgumentParser:
+    """``-v`` for a command: after the command it sets the same ``verbose`` as before it; not given,
+    it leaves the top level's value (``SUPPRESS``)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,28 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
                "exit codes: 0 success, 2 bad settings or input (nothing written), 1 failure.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (before or after COMMAND)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = _VerboseEverywhere(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_commands(commands)
     _add_evaluate_commands(commands)
     _add_export_commands(commands)
     _add_corpus_commands(commands)
     return parser
 
-
-class _VerboseEverywhere:
-    """Subparsers whose every command (nested ones too) also takes ``-v``: given after the command,
-    it sets the same ``verbose``; not given, it leaves the top level's value (``SUPPRESS``)."""
-
-    def __init__(self, subparsers):
-        self.subparsers = subparsers
-
-    def add_parser(self, *args, **kwargs):
-        parser = self.subparsers.add_parser(*args, **kwargs)
-        parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                            help="debug logging")
-        add_subparsers = parser.add_subparsers
-        parser.add_subparsers = lambda **options: _VerboseEverywhere(add_subparsers(**options))
-        return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from conftest import tensorboard_events
 
 pytestmark = pytest.mark.slow
 
@@ -151,14 +152,7 @@ def _parse(path: Path) -> None:
     elif suffix in (".md", ".txt"):
         assert path.read_text(encoding="utf-8").strip(), path
     elif path.name.startswith("events.out.tfevents."):  # TensorBoard: TFRecord frames of Event protos
-        from tensorboardX.proto import event_pb2
-
-        data, offset, events = path.read_bytes(), 0, 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-            offset, events = offset + 16 + length, events + 1
-        assert offset == len(data) and events > 1, path
+        assert len(tensorboard_events(path)) > 1, path
     else:
         raise AssertionError(f"{path}: an artifact of unexpected type; add its parser here")
 

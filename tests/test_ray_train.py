@@ -1,7 +1,6 @@
 """One-pass compression on Ray Train: DDP workers, checkpoints, fault tolerance, resume (CPU)."""
 
 import json
-import struct
 import time
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from pinch_ray.core.models import CHAR_VOCAB, count_parameters, load_model
 from pinch_ray.core.compressor import Compressor
 from pinch_ray.pipeline.runs import CHECKPOINT_MODEL, TRAIN_RESULT, load_checkpoint_state
 from pinch_ray.pipeline.worker import MetricsLog, run_training, worker_config
+
+from conftest import tensorboard_events
 
 pytestmark = pytest.mark.slow
 
@@ -42,17 +43,10 @@ def run(prepared, tmp_path, name, method="sspg", target=0.5, steps=12, workers=1
 
 
 def tensorboard_scalars(directory: Path) -> dict[str, dict[int, float]]:
-    """``{tag: {step: value}}`` of the TensorBoard event files under ``directory`` (TFRecord framing:
-    length u64, its CRC, the Event proto, its CRC)."""
-    from tensorboardX.proto import event_pb2
-
+    """``{tag: {step: value}}`` of the TensorBoard event files under ``directory``."""
     scalars = {}
     for path in sorted(directory.glob("events.out.tfevents.*")):
-        data, offset = path.read_bytes(), 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-            offset += 12 + length + 4
+        for event in tensorboard_events(path):
             for value in event.summary.value:
                 scalars.setdefault(value.tag, {})[event.step] = value.simple_value
     return scalars

@@ -54,11 +54,10 @@ from torch.nn.utils import parametrize
 
 from pinch_ray.config import ConfigError, GateConfig
 from pinch_ray.core import pruned_modeling
-from pinch_ray.core.masks import WEIGHT, FixedMask, Gate, ThresholdGate, hard_mask, unmasked_weight
+from pinch_ray.core.masks import WEIGHT, FixedMask, Gate, ThresholdGate, unmasked_weight
 from pinch_ray.core.neurons import attach_neuron_gates
 
 GATEABLE_TYPES = (nn.Linear, nn.Conv1d)
-__all__ = ["FixedMask", "Gate", "ThresholdGate", "hard_mask", "unmasked_weight"]  # re-exported from masks
 
 # ----------------------------------------------------------------------------------------------
 # Choosing, attaching, inspecting

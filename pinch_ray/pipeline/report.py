@@ -242,9 +242,11 @@ def finalize_trial(model: torch.nn.Module, processor, info: TrialInfo, output_di
             log.info("%s %s: WER %.4f CER %.4f (%d utterances)", info.trial, split, per_split[split]["wer"],
                      per_split[split]["cer"], per_split[split]["num_utterances"])
 
-        metrics = _metrics(plain, info, layers, per_split, tmp)
+        metrics = _metrics(plain, info, layers, per_split)
         (tmp / "model" / "README.md").write_text(model_card(info, metrics, plain.config))
-        metrics["artifact_bytes"]["model"] = export.dir_bytes(tmp / "model")
+        model_bytes, compact_bytes = export.dir_bytes(tmp / "model"), export.dir_bytes(tmp / "compact")
+        metrics["artifact_bytes"] = {"model": model_bytes, "compact": compact_bytes}  # the card included
+        metrics["compact_ratio"] = compact_bytes / (tmp / "model" / "model.safetensors").stat().st_size
         seconds["other"] = time.perf_counter() - started - sum(seconds.values())
         metrics["finalize_seconds"] = {key: round(value, 3) for key, value in seconds.items()}
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")  # last: the completion marker
@@ -291,11 +293,10 @@ def model_card(info: TrialInfo, metrics: dict, config) -> str:
                "(`modeling_pinch_ray_pruned.py`), hence `trust_remote_code=True`.\n" if pruned_units else ""))
 
 
-def _metrics(plain, info: TrialInfo, layers, per_split: dict, directory: Path) -> dict:
+def _metrics(plain, info: TrialInfo, layers, per_split: dict) -> dict:
     counts = count_parameters(plain)
     gated_numel, gated_pruned = sum(l.numel for l in layers), sum(l.pruned for l in layers)
     gated_sparsity = gated_pruned / gated_numel if gated_numel else 0.0
-    model_bytes, compact_bytes = export.dir_bytes(directory / "model"), export.dir_bytes(directory / "compact")
     return {
         "trial": info.trial,
         "method": info.method,
@@ -322,8 +323,6 @@ def _metrics(plain, info: TrialInfo, layers, per_split: dict, directory: Path) -
         "per_split": per_split,
         "compression_seconds": info.compression_seconds,
         "training_seconds": info.training_seconds,
-        "artifact_bytes": {"model": model_bytes, "compact": compact_bytes},
-        "compact_ratio": compact_bytes / (directory / "model" / "model.safetensors").stat().st_size,
         "versions": versions(),
     }
 

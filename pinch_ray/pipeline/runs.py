@@ -20,8 +20,10 @@ import posixpath
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from pinch_ray import storage
+from pinch_ray.core.export import export_model, pruned_copy
 
 CHECKPOINT_STATE = "state.pt"  # Compressor.state_dict() + data progress (torch.save, tensors only)
 CHECKPOINT_MODEL = "model"  # final checkpoint only: the folded HF model + processor
@@ -38,11 +40,12 @@ def save_checkpoint(directory: str | os.PathLike, compressor_state: dict, progre
     torch.save({"compressor": compressor_state, "progress": dict(progress)}, Path(directory) / CHECKPOINT_STATE)
 
 
-def save_final(directory: str | os.PathLike, export, result: dict) -> None:
-    """Add what makes ``directory`` a final checkpoint: ``export(model_dir)`` writes the folded model,
-    then ``result`` (JSON-able; floats of any kind) becomes ``train_result.json``."""
+def save_final(directory: str | os.PathLike, model: nn.Module, processor, result: dict) -> None:
+    """Add what makes ``directory`` a final checkpoint: the hard-pruned ``model`` (gated or plain,
+    left untouched) with its processor, then ``result`` (JSON-able; floats of any kind) as
+    ``train_result.json``."""
     directory = Path(directory)
-    export(directory / CHECKPOINT_MODEL)
+    export_model(pruned_copy(model), processor, directory / CHECKPOINT_MODEL)
     (directory / TRAIN_RESULT).write_text(json.dumps(result, indent=2, default=float))
 
 

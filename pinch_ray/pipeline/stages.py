@@ -34,6 +34,7 @@ from pinch_ray.data.synth import generate_corpus
 from pinch_ray.pipeline import STAGES, runs
 from pinch_ray.pipeline.report import TrialInfo, finalize_trial, read_trial_hypotheses, write_summary
 from pinch_ray.pipeline.sweep import TrialJob, run_sweep, train_trial, trial_name
+from pinch_ray.pipeline.worker import time_left
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,6 @@ def _read_marker(cfg: PipelineConfig, stage: str) -> dict | None:
 
 def _write_marker(cfg: PipelineConfig, stage: str, outputs: dict) -> None:
     path = marker_path(cfg.output_dir, stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
     marker = {"fingerprint": fingerprint(cfg, stage), "outputs": outputs}
     storage.atomic_write_text(path, json.dumps(marker, indent=2) + "\n")
 
@@ -131,15 +131,8 @@ def stage_prepare(cfg: PipelineConfig, outputs: dict) -> dict:
         splits[split] = {"path": prepared.path, "num_utterances": prepared.num_utterances}
         log.info("prepare: split %d/%d, %s: %d utterances%s (%s)", number, len(names), split,
                  prepared.num_utterances, " (cached)" if prepared.from_cache else "",
-                 _time_left(started, number, len(names)))
+                 time_left(time.perf_counter() - started, number, len(names)))
     return splits
-
-
-def _time_left(started: float, done: int, total: int) -> str:
-    """``"52 s, ~3.1 min left"``: elapsed since ``started`` and the rest at the same pace."""
-    elapsed = time.perf_counter() - started
-    left = elapsed / done * (total - done)
-    return f"{elapsed:.0f} s" + (f", ~{left / 60:.1f} min left" if done < total else "")
 
 
 def _prepared(outputs: dict) -> dict:
@@ -209,7 +202,7 @@ def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False) 
         if name in references.values():
             dense_hypotheses[name] = read_trial_hypotheses(trial_dir(cfg.output_dir, name))
         log.info("finalize: trial %d/%d, %s done (%s)", number, len(order), name,
-                 _time_left(started, number, len(order)))
+                 time_left(time.perf_counter() - started, number, len(order)))
     write_summary(cfg.output_dir)
     return {name: str(trial_dir(cfg.output_dir, name)) for name in trials}
 

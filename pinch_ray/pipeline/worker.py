@@ -29,7 +29,6 @@ from pinch_ray import storage
 from pinch_ray.config import GateConfig, ResourcesConfig, TrainConfig, raise_if_problems, target_sparsity_problems
 from pinch_ray.core import gates as gates_lib
 from pinch_ray.core.compressor import Compressor
-from pinch_ray.core.export import export_model, pruned_copy
 from pinch_ray.core.models import load_model
 from pinch_ray.core.scoring import score, transcribe_rows
 from pinch_ray.data.batches import batches_per_epoch, iter_train_batches, read_prepared_rows
@@ -188,9 +187,7 @@ class _Reporter:
             return
         with tempfile.TemporaryDirectory() as directory:
             if final:
-                runs.save_final(directory, lambda model_dir: export_model(pruned_copy(run.model), self.processor,
-                                                                          model_dir),
-                                self._result(metrics))
+                runs.save_final(directory, run.model, self.processor, self._result(metrics))
             runs.save_checkpoint(directory, run.state_dict(), self.progress)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=runs.checkpoint_name(step))
@@ -244,9 +241,14 @@ def progress_line(name: str, metrics: dict, max_steps: int) -> str:
         parts.append(f"sparsity {metrics['hard_sparsity']:.3f}")
     if "dev_wer" in metrics:
         parts.append(f"dev WER {metrics['dev_wer']:.3f}")
-    left = elapsed / step * (max_steps - step) if step else 0.0
-    parts.append(f"{elapsed:.0f} s" + (f", ~{left / 60:.1f} min left" if step < max_steps else ", done"))
+    parts.append(time_left(elapsed, step, max_steps) + ("" if step < max_steps else ", done"))
     return "  ".join(part for part in parts if part)
+
+
+def time_left(elapsed: float, done: int, total: int) -> str:
+    """``"52 s, ~3.1 min left"``: ``elapsed`` seconds for ``done`` of ``total``, the rest at the same pace."""
+    left = elapsed / done * (total - done) if done else 0.0
+    return f"{elapsed:.0f} s" + (f", ~{left / 60:.1f} min left" if done < total else "")
 
 
 class MetricsLog(ray.train.UserCallback):
