@@ -4,7 +4,8 @@ quality, over seeds.
 Prints one JSON object:
     {"ratio_mean": ..., "ratio_std": ..., "ratios": [...], "seeds": [...], "runs": [{per seed}], ...}
 
-From the same starting model (a dense checkpoint: by default the demo's ``foundation``), per seed:
+From the same starting model (where the pipeline's compression trials start: by default the demo's
+shipped foundation ``synth-tiny``), per seed:
 
 - **one pass**: ``sspg`` fine-tuning at the target until dev WER (of the hard-pruned model) stops
   improving; the sparsity target ramps over ``--ramp-steps`` and stopping is only considered after.
@@ -24,13 +25,8 @@ each arm took to first reach it; ``ratio`` = one pass / two stage. So where a st
 to end a run no longer decides the result. Test WERs are of each arm's kept (best) model.
 Runs in this process on the core API (no Ray), ``--threads`` torch threads.
 
-    pinch-ray run pipelines/demo.yaml      # once: the corpus, its prepared shards, the foundation
+    pinch-ray run pipelines/demo.yaml --only prepare    # once: the corpus and its prepared shards
     python benchmarks/compression_time.py --seeds 0 1 2
-
-    # from the synthetic benchmark's converged foundation (its gates settings too):
-    pinch-ray run pipelines/synthetic_benchmark.yaml
-    python benchmarks/compression_time.py --pipeline pipelines/synthetic_benchmark.yaml \\
-        --dev-utterances 500 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -53,9 +49,8 @@ from pinch_ray.config import GateConfig, PipelineConfig, TrainConfig, load_pipel
 from pinch_ray.data.batches import iter_train_batches, read_prepared_rows
 from pinch_ray.core.scoring import score, transcribe_rows
 from pinch_ray.core.models import load_model
-from pinch_ray.pipeline.stages import marker_path
+from pinch_ray.pipeline.stages import compression_init_from, marker_path
 from pinch_ray.core.compressor import Compressor
-from pinch_ray.pipeline.runs import CHECKPOINT_MODEL
 
 
 def stage_outputs(cfg: PipelineConfig, pipeline: Path, stage: str) -> dict:
@@ -166,8 +161,10 @@ def main() -> None:
     train_rows = list(read_prepared_rows(splits[cfg.corpus.train_split]))
     dev_rows = list(islice(read_prepared_rows(splits[cfg.corpus.eval_splits[0]]), args.dev_utterances))
     test_rows = list(read_prepared_rows(splits[cfg.corpus.eval_splits[-1]]))
-    start = args.init_from or str(
-        Path(stage_outputs(cfg, args.pipeline, "baseline")[cfg.baseline_trial()]) / CHECKPOINT_MODEL)
+    # where the pipeline's compression trials start: the shipped foundation (pipelines/demo.yaml),
+    # or the baseline's model when the pipeline trains its own (sweep.init_from_dense)
+    baseline = stage_outputs(cfg, args.pipeline, "baseline") if cfg.sweep.init_from_dense else {}
+    start = args.init_from or compression_init_from(cfg, {"baseline": baseline})
 
     def fresh():
         return load_model(start, **cfg.model.overrides)

@@ -5,6 +5,8 @@
     pinch-ray evaluate runs/demo/sspg-0.65/model --corpus data/synth_corpus --split test
     pinch-ray export-2to4 runs/demo/sspg-0.5/model runs/demo/sspg-0.5/model-2to4
     pinch-ray corpus synth data/synth_corpus --utterances 6000 --seed 0
+    pinch-ray foundation list                                 # shipped foundations (model.init_from names)
+    pinch-ray foundation ship runs/foundation                 # after pinch-ray run pipelines/foundation.yaml
 
 Exit codes: 0 success, 2 bad input (arguments, existing output, invalid settings), 1 failure.
 Each command group registers its subcommands in one ``_add_*_commands`` function.
@@ -206,6 +208,50 @@ def _add_corpus_commands(subparsers) -> None:
     synth.set_defaults(handler=_corpus_synth)
 
 
+def _foundation_list(args: argparse.Namespace) -> int:
+    from pinch_ray.core import models
+
+    for name in models.foundation_names():
+        record = json.loads((models.FOUNDATIONS_DIR / name / models.FOUNDATION_FILE).read_text())
+        try:
+            models.checkpoint_path(name)
+            state = "ok"
+        except models.FoundationDrift as drift:
+            state = f"out of date: {drift}"
+        print(json.dumps({"name": name, "path": str(models.FOUNDATIONS_DIR / name), "state": state,
+                          "wer": record.get("results", {}).get("wer"), "code_version": record.get("code_version")}))
+    return EXIT_OK
+
+
+def _foundation_ship(args: argparse.Namespace) -> int:
+    from pinch_ray.pipeline.foundation import ship
+
+    path = ship(args.output_dir, args.name, args.dest)
+    print(json.dumps({"name": path.name, "path": str(path)}))
+    return EXIT_OK
+
+
+def _add_foundation_commands(subparsers) -> None:
+    from_name = "pinch_ray/foundations/<name>"
+    foundation = subparsers.add_parser("foundation", parents=[_verbose()],
+                                       help="the small pre-trained foundations shipped with the package")
+    commands = foundation.add_subparsers(dest="foundation_command", required=True)
+    listing = commands.add_parser("list", parents=[_verbose()], help="shipped foundations and whether they "
+                                  "match this code (one JSON line each)")
+    listing.set_defaults(handler=_foundation_list)
+    ship = commands.add_parser(
+        "ship", parents=[_verbose()], help="copy a finished foundation run into the package",
+        description=f"Copy trial 'foundation' of a finished run of pipelines/foundation.yaml to {from_name} "
+                    "with foundation.json (settings, corpus, code version, WER, fingerprint), so "
+                    "model.init_from: <name> loads it.",
+        epilog="example:\n  pinch-ray run pipelines/foundation.yaml && pinch-ray foundation ship runs/foundation",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ship.add_argument("output_dir", help="output_dir of the finished foundation run")
+    ship.add_argument("--name", default=None, help="foundation name (default: synth-tiny)")
+    ship.add_argument("--dest", default=None, help="directory to put <name>/ in (default: the package's foundations/)")
+    ship.set_defaults(handler=_foundation_ship)
+
+
 def _verbose() -> argparse.ArgumentParser:
     """``-v`` for a command: after the command it sets the same ``verbose`` as before it; not given,
     it leaves the top level's value (``SUPPRESS``)."""
@@ -230,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_commands(commands)
     _add_export_commands(commands)
     _add_corpus_commands(commands)
+    _add_foundation_commands(commands)
     return parser
 
 

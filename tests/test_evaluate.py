@@ -95,6 +95,21 @@ def test_mapsswe_detects_a_clearly_worse_system_and_not_a_tiny_difference():
     assert scoring.mapsswe(references, barely, good).p_value > 0.3
 
 
+def test_mapsswe_known_answer_computed_by_hand():
+    """Four segments; word errors a = [1 substitution, 2 deletions, 0, 1 insertion], b = [0, 0, 0, 1
+    deletion]; differences [1, 2, 0, 0]: mean 0.75, sample variance 2.75 / 3, standard error
+    sqrt(2.75 / 3) / 2 = 0.478714, z = 1.566699, two-sided p = 2 (1 - Phi(z)) = 0.117185."""
+    references = ["THE CAT SAT", "A DOG RAN HOME", "HELLO", "GOOD DAY"]
+    a = ["THE BAT SAT", "A DOG", "HELLO", "GOOD DAY SIR"]
+    b = ["THE CAT SAT", "A DOG RAN HOME", "HELLO", "GOOD"]
+    assert scoring.word_errors(references, a).tolist() == [1, 2, 0, 1]
+    assert scoring.word_errors(references, b).tolist() == [0, 0, 0, 1]
+    result = scoring.mapsswe(references, a, b)
+    assert result.num_segments == 4 and result.mean_difference == 0.75
+    assert result.z == pytest.approx(1.566699, abs=1e-6)
+    assert result.p_value == pytest.approx(0.117185, abs=1e-6)
+
+
 def test_compare_matches_by_id_and_rejects_different_utterances():
     references, good = synthetic_systems(num_utterances=50)
     system = [scoring.Utterance(f"u{i}", r, h) for i, (r, h) in enumerate(zip(references, good))]

@@ -28,7 +28,7 @@ TINY = {
     "name": "tiny-pipeline",
     "corpus": {"synth_utterances": 60, "eval_splits": ["dev"]},
     "training": {"max_steps": 4, "batch_size": 4, "warmup_steps": 1, "report_every": 2, "checkpoint_every": 2,
-                 "eval_every": 100},
+                 "eval_every": 100, "distill_logits": 0.5},
     "baseline_training": {"max_steps": 6, "torch_threads": 1},
     "sweep": {"methods": ["sspg", "sspg-neuron", "ump"], "target_sparsities": [0.5]},
     "resources": {"cpus_per_worker": 0.5, "max_failures": 0},
@@ -131,6 +131,8 @@ def test_every_run_logs_its_curves_for_tensorboard_and_tune(finished):
     for trial in TRIALS:  # rank 0's metrics of every report: JSON lines and TensorBoard events
         logged = [json.loads(line) for line in (out / "logs" / f"{trial}.jsonl").read_text().splitlines()]
         assert logged[-1]["step"] == (6 if trial == "foundation" else 4) and "ctc_loss" in logged[-1]
+        # the compression trials learn from the model they started from too; the dense runs never
+        assert ("distill_logits" in logged[-1]) == (trial not in ("foundation", "dense")), trial
         assert list((out / "logs" / trial).glob("events.out.tfevents.*")), trial
     # the sweep's trials report every report's metrics to Tune too, not only where they ended (a
     # trial reused by the rerun reports only its result; ump resumed there after its crash)

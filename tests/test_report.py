@@ -162,7 +162,8 @@ test_report.finalize_ump({str(tmp_path)!r})
     assert os.listdir(tmp_path) == ["ump-0.65"]
     assert report.is_complete(tmp_path / "ump-0.65")
     assert set(metrics["wer"]) == {"dev", "test"} and metrics["p_value_vs_dense"] == {"dev": None, "test": None}
-    assert AutoModelForCTC.from_pretrained(tmp_path / "ump-0.65" / "model") is not None
+    exported = count_parameters(AutoModelForCTC.from_pretrained(tmp_path / "ump-0.65" / "model"))
+    assert (exported.total, exported.nonzero) == (metrics["params_total"], metrics["params_nonzero"])
 
 
 def test_finalize_replaces_an_incomplete_trial_directory(tmp_path):

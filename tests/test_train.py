@@ -236,3 +236,51 @@ print(default, faults_per_cycle())
     default, kept = map(float, result.stdout.split())
     assert default > 3_000  # ~10k 4 KiB pages (40 MB of the 120 MB) faulted in again every cycle
     assert kept < 0.05 * default
+
+
+def test_distillation_teaches_from_a_frozen_copy_of_the_start_and_never_the_dense_reference():
+    from pinch_ray.core.distill import Distiller
+
+    batch = next(random_batches(1, batch=2, seconds=1.0, seed=3))
+    batch["attention_mask"] = torch.ones_like(batch["input_values"], dtype=torch.long)
+    batch["attention_mask"][1, 8000:] = 0  # the second utterance is half padding
+    model, _ = load_model("tiny", seed=0, **NO_RANDOMNESS)
+    distiller = Distiller.create(model, logits_weight=1.0, hidden_weight=1.0, layers=[1, -1])
+    model.eval()
+    with torch.no_grad():  # the student is still the teacher: both terms are exactly zero
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        total, terms = distiller.loss(model(**inputs, output_hidden_states=True), inputs)
+    assert terms["distill_logits"].item() == pytest.approx(0.0, abs=1e-6)
+    # L1 0 and cosine 1: -log sigmoid(1) is the hidden term's floor
+    assert terms["distill_hidden"].item() == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(1.0)).item(),
+                                                           abs=1e-5)
+
+    train = dict(distill_logits=1.0, distill_hidden=0.5, distill_layers=[-1])
+    run = compressor("sspg", 0.5, 4, **train)
+    teacher_before = {k: v.clone() for k, v in run.distiller.teacher.state_dict().items()}
+    metrics = [run.step([b]) for b in random_batches(3, batch=2, seed=1)]
+    assert all(m["distill_logits"] > 0 and m["distill_hidden"] > 0 for m in metrics[1:])  # gates move the student
+    teacher_after = run.distiller.teacher.state_dict()
+    assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)  # frozen
+    assert not any(p.requires_grad for p in run.distiller.teacher.parameters())
+    assert not gates.gated_modules(run.distiller.teacher)  # the model as the trial started: no gates
+    assert "distill_logits" not in run.state_dict()["model"] and not any(
+        "teacher" in key for key in run.state_dict()["model"])  # not part of a checkpoint
+
+    assert compressor("dense", 0.0, 4, **train).distiller is None  # plain fine-tuning, the fair reference
+    model, _ = load_model("tiny", seed=0, **NO_RANDOMNESS)  # a new CTC head teaches nothing: hidden states only
+    fresh_head = Compressor.create(model, "ump", 0.5, TrainConfig(max_steps=4, **train), GateConfig(),
+                                   teacher_has_head=False)
+    assert fresh_head.distiller.logits_weight == 0 and fresh_head.distiller.hidden_weight == 0.5
+    assert "distill_logits" not in fresh_head.step([next(random_batches(1, batch=2))])
+
+
+def test_distillation_settings_are_checked():
+    problems = TrainConfig(distill_logits=-1.0, distill_temperature=0.0, distill_layers=[2]).problems()
+    assert any("training.distill_logits: must be >= 0" in p for p in problems)
+    assert any("training.distill_temperature: must be > 0" in p for p in problems)
+    assert any("training.distill_layers: set, but distill_hidden is 0" in p for p in problems)
+    model, _ = load_model("tiny", **NO_RANDOMNESS)  # 3 layers: hidden_states has 4 entries
+    with pytest.raises(ValueError, match=r"training.distill_layers: \[4\] out of range .* 3 layers"):
+        Compressor.create(model, "sspg", 0.5, TrainConfig(distill_hidden=1.0, distill_layers=[0, 3, -4, 4]),
+                          GateConfig())

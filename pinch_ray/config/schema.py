@@ -243,6 +243,16 @@ class TrainConfig:
     # worker's CPUs rounded up. More threads than cores, counting every run at once, is much slower.
     torch_threads: int = 0
     seed: int = 0  # initialisation of a tiny preset's weights, and the batch order
+    # Distillation from the model each compression trial starts from (frozen, on the same worker;
+    # the dense reference trains on CTC alone). Weights of the two terms, 0: off.
+    # distill_logits: KL of the CTC output distributions, used only where that model's CTC head was
+    # trained (not on a pre-trained SSL checkpoint, whose head is new).
+    distill_logits: float = 0.0
+    # distill_hidden: L1 - log sigmoid(cosine) between hidden states on distill_layers.
+    distill_hidden: float = 0.0
+    # Indices into the model's hidden_states (0: the projected features, -1: the last layer); []: the last.
+    distill_layers: list[int] = field(default_factory=list)
+    distill_temperature: float = 1.0  # softens both distributions of distill_logits
 
     @property
     def effective_threshold_lr(self) -> float:
@@ -270,6 +280,14 @@ class TrainConfig:
             out.append(f"{prefix}.max_grad_norm: must be > 0 (got {self.max_grad_norm})")
         if not isinstance(self.torch_threads, int) or self.torch_threads < 0:
             out.append(f"{prefix}.torch_threads: must be an integer >= 0 (0: Ray's default), got {self.torch_threads!r}")
+        for key in ("distill_logits", "distill_hidden"):
+            if not getattr(self, key) >= 0:
+                out.append(f"{prefix}.{key}: must be >= 0 (0: off), got {getattr(self, key)!r}")
+        if not self.distill_temperature > 0:
+            out.append(f"{prefix}.distill_temperature: must be > 0 (got {self.distill_temperature!r})")
+        if self.distill_layers and not self.distill_hidden:
+            out.append(f"{prefix}.distill_layers: set, but distill_hidden is 0; give distill_hidden a weight "
+                       "(e.g. 1.0) or remove distill_layers")
         return out
 
 

@@ -4,7 +4,8 @@ and :class:`Compressor`, which trains a model under one of them.
 Everything here runs in a plain Python process (no Ray); the Ray Train worker
 (:mod:`pinch_ray.pipeline.worker`) wraps :class:`Compressor`.
 One optimizer step = ``grad_accum_steps`` micro-batches of CTC loss (+ the sparsity Lagrangian for
-``sspg``), gradient clipping, AdamW, the learning-rate schedule, and the temperature schedule.
+``sspg``, + distillation from the starting model, :mod:`pinch_ray.core.distill`), gradient
+clipping, AdamW, the learning-rate schedule, and the temperature schedule.
 
 A micro-batch is a dict of tensors: ``input_values`` [B, T] float32 (16 kHz audio),
 ``attention_mask`` [B, T] int64 (1 = real sample) and ``labels`` [B, L] int64 (padding = -100).
@@ -25,6 +26,7 @@ from torch import nn
 from pinch_ray.config import (DENSE, MAGNITUDE_METHODS, MAX_TARGET_SPARSITY, SSPG_METHODS, ConfigError, GateConfig,
                               TrainConfig, raise_if_problems, target_sparsity_problems)
 from pinch_ray.core import gates as gates_lib
+from pinch_ray.core.distill import Distiller
 from pinch_ray.core.models import total_parameters
 
 log = logging.getLogger(__name__)
@@ -221,17 +223,28 @@ class Compressor:
     step_count: int = 0  # optimizer steps done
     autocast_dtype: torch.dtype | None = None
     use_attention_mask: bool = True  # pass attention_mask to the model (False for group-norm wav2vec2-base)
+    distiller: Distiller | None = None  # the starting model as teacher (training.distill_*), or None
 
     @classmethod
     def create(cls, model: nn.Module, method: str, target_sparsity: float, train_cfg: TrainConfig,
                gate_cfg: GateConfig, device: torch.device | str = "cpu",
-               use_attention_mask: bool = True, target_basis: str = "params") -> "Compressor":
+               use_attention_mask: bool = True, target_basis: str = "params",
+               teacher_has_head: bool = True) -> "Compressor":
+        """``teacher_has_head``: ``model``'s CTC head was trained (not new on an SSL checkpoint), so
+        ``training.distill_logits`` can use its outputs. The dense method is never distilled: the
+        reference is plain fine-tuning, whatever the compression trials use."""
         raise_if_problems(train_cfg.problems() + gate_cfg.problems(), source="training settings")
         device = torch.device(device)
         if device.type == "cpu":
             keep_freed_cpu_memory()
         if train_cfg.freeze_feature_encoder and hasattr(model, "freeze_feature_encoder"):
             model.freeze_feature_encoder()
+        distiller = None
+        if method != DENSE:  # the teacher: the model as the trial starts, before any gate goes in
+            distiller = Distiller.create(model, train_cfg.distill_logits, train_cfg.distill_hidden,
+                                         train_cfg.distill_layers, train_cfg.distill_temperature, teacher_has_head)
+            if distiller is not None:
+                distiller.teacher.to(device)
         _, params_total, params_gated = prepare_method(model, method, target_sparsity, gate_cfg, target_basis)
         model.to(device)
         lagrangian, sparsity_start = None, 0.0
@@ -246,7 +259,7 @@ class Compressor:
                    lagrangian=lagrangian, target_basis=target_basis, params_total=params_total,
                    params_gated=params_gated,
                    sparsity_start=sparsity_start, autocast_dtype=torch.bfloat16 if use_bf16 else None,
-                   use_attention_mask=use_attention_mask)
+                   use_attention_mask=use_attention_mask, distiller=distiller)
 
     @property
     def gated_target(self) -> float:
@@ -285,7 +298,8 @@ class Compressor:
 
         Metrics: ``step`` (after the update), ``ctc_loss`` (mean over micro-batches), ``lr``,
         ``grad_norm``, ``seconds``; for sspg also ``sparsity_loss``, ``soft_sparsity``,
-        ``target_now``, ``tau``, ``lambda_1``.
+        ``target_now``, ``tau``, ``lambda_1``; with distillation ``distill_logits`` and/or
+        ``distill_hidden`` (unweighted).
         """
         started = time.perf_counter()
         self.model.train()
@@ -300,8 +314,15 @@ class Compressor:
                 inputs = {k: batch[k].to(self.device, non_blocking=True) for k in keys if k in batch}
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                     enabled=self.autocast_dtype is not None):
-                    ctc_loss = self.model(**inputs).loss
-                loss = ctc_loss
+                    hidden = self.distiller is not None and self.distiller.wants_hidden_states
+                    out = self.model(**inputs, output_hidden_states=hidden)
+                    ctc_loss = out.loss
+                    loss = ctc_loss
+                    if self.distiller is not None:
+                        distill_loss, terms = self.distiller.loss(out, inputs)
+                        loss = loss + distill_loss
+                        for name, value in terms.items():
+                            sums[name] = sums.get(name, 0) + value
                 if self.lagrangian is not None:
                     soft = gates_lib.soft_sparsity(self.unwrapped)
                     sparsity_loss = self.lagrangian(soft, now["target_now"])

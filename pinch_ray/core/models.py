@@ -1,13 +1,19 @@
-"""Speech CTC models: loading (hub id, local path or tiny preset), processors, parameter accounting.
+"""Speech CTC models: loading (hub id, local path, tiny preset or shipped foundation), processors,
+parameter accounting.
 
 Any Hugging Face ``*ForCTC`` speech model loads through ``AutoModelForCTC``: a pre-trained SSL
 checkpoint (``facebook/wav2vec2-base``, ``facebook/hubert-large-ll60k``; its CTC head is created
 fresh for our character vocabulary), a fine-tuned CTC model, or a pinch_ray artifact's ``model/``.
-Tiny presets (random weights, a few hundred thousand parameters) serve tests and the demo.
+Tiny presets (random weights, a few hundred thousand parameters) serve tests. A shipped foundation
+(``synth-tiny``: a tiny preset trained on the synthetic corpus, in ``pinch_ray/foundations/``)
+is what the demo compresses; its ``foundation.json`` records how it was built and a fingerprint
+of the code it depends on (:func:`foundation_fingerprint`), and loading one that no longer
+matches the code is refused with the command that rebuilds it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -72,6 +78,68 @@ TINY_CONFIG = dict(
 )
 
 
+# Foundations shipped with the package: pinch_ray/foundations/<name>/ (a model directory plus
+# FOUNDATION_FILE), named by model.init_from like a hub id.
+FOUNDATIONS_DIR = Path(__file__).resolve().parents[1] / "foundations"
+FOUNDATION_FILE = "foundation.json"
+REBUILD_FOUNDATION = "pinch-ray run pipelines/foundation.yaml && pinch-ray foundation ship runs/foundation"
+
+
+class FoundationDrift(ValueError):
+    """A shipped foundation was built by code that differs from this code where it matters."""
+
+
+def foundation_names() -> list[str]:
+    """The foundations shipped with this installation."""
+    if not FOUNDATIONS_DIR.is_dir():
+        return []
+    return sorted(path.parent.name for path in FOUNDATIONS_DIR.glob(f"*/{FOUNDATION_FILE}"))
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def foundation_fingerprint(preset: str, overrides: dict, corpus: dict) -> dict[str, str]:
+    """What a foundation trained from ``preset`` (+ ``overrides``) on the synthetic corpus
+    ``corpus`` (``{"synth_utterances": N, "synth_seed": S}``) depends on in this code: the preset's
+    settings, the vocabulary, and the corpus plan (every utterance's sentence, split and speaker)."""
+    from pinch_ray.data import synth  # the corpus generator (data does not import core: no cycle)
+
+    plan = synth.plan_corpus(corpus["synth_utterances"], corpus["synth_seed"])
+    return {"preset": _digest([preset, TINY_PRESETS[preset].__name__, TINY_CONFIG, overrides]),
+            "vocabulary": _digest(CHAR_VOCAB),
+            "corpus": _digest([synth.SAMPLE_RATE, [vars(s) for s in synth.SPEAKERS], [vars(u) for u in plan]])}
+
+
+def foundation_record(init_from: str) -> dict | None:
+    """The ``foundation.json`` of the shipped foundation ``init_from`` names, or None."""
+    if "/" in init_from or init_from not in foundation_names():
+        return None
+    return json.loads((FOUNDATIONS_DIR / init_from / FOUNDATION_FILE).read_text())
+
+
+def checkpoint_path(init_from: str) -> str:
+    """Where ``init_from`` is read from: a shipped foundation's directory, else ``init_from``.
+
+    Raises:
+        FoundationDrift: the foundation no longer matches the code (its message names the command
+            that rebuilds it).
+    """
+    record = foundation_record(init_from)
+    if record is None:
+        return init_from
+    directory = FOUNDATIONS_DIR / init_from
+    now = foundation_fingerprint(record["model"]["preset"], record["model"]["overrides"], record["corpus"])
+    changed = [key for key, value in record["fingerprint"].items() if now.get(key) != value]
+    if changed:
+        raise FoundationDrift(
+            f"model.init_from={init_from!r}: the shipped foundation was built with a different "
+            f"{' and '.join(changed)} than this code has ({directory / FOUNDATION_FILE}); rebuild it with "
+            f"'{REBUILD_FOUNDATION}' (about 25 minutes on 2 cores), or name another model")
+    return str(directory)
+
+
 def make_processor(vocab: dict[str, int] | None = None,
                    feature_extractor: Wav2Vec2FeatureExtractor | None = None) -> Wav2Vec2Processor:
     """A character CTC processor: feature extractor (16 kHz, normalised) + tokenizer over ``vocab``."""
@@ -116,6 +184,7 @@ def load_model(init_from: str, seed: int = 0, trust_remote_code: bool = False,
         model = AutoModelForCTC.from_config(tiny_config(init_from, **config_overrides))
         return model, processor
 
+    init_from = checkpoint_path(init_from)
     processor = load_processor(init_from, trust_remote_code)
     vocab = processor.tokenizer.get_vocab()
     config = AutoConfig.from_pretrained(init_from, trust_remote_code=trust_remote_code)
@@ -149,6 +218,7 @@ def model_skeleton(init_from: str, trust_remote_code: bool = False, **config_ove
         config = tiny_config(init_from, **config_overrides)
         loader = AutoModelForCTC
     else:
+        init_from = checkpoint_path(init_from)
         tokenizer = load_processor(init_from, trust_remote_code).tokenizer
         config = AutoConfig.from_pretrained(init_from, trust_remote_code=trust_remote_code)
         for key, value in {"vocab_size": len(tokenizer.get_vocab()), **config_overrides}.items():
@@ -161,17 +231,31 @@ def model_skeleton(init_from: str, trust_remote_code: bool = False, **config_ove
         return loader(config)
 
 
-def load_processor(init_from: str, trust_remote_code: bool) -> Wav2Vec2Processor:
-    """The checkpoint's own processor if it has a tokenizer, else the character vocabulary."""
+def _checkpoint_tokenizer(init_from: str) -> Wav2Vec2CTCTokenizer | None:
+    """The checkpoint's CTC tokenizer, or None (a pre-trained SSL checkpoint has none)."""
     try:
         tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(init_from)
     except (OSError, ValueError, TypeError):
-        tokenizer = None
+        return None
+    return tokenizer if tokenizer.get_vocab() else None
+
+
+def has_trained_head(init_from: str) -> bool:
+    """Whether :func:`load_model` keeps a trained CTC head for ``init_from``: a checkpoint with a
+    tokenizer (a fine-tuned CTC model, a pinch_ray ``model/``). A preset is random and an SSL
+    checkpoint gets a new head."""
+    return init_from not in TINY_PRESETS and _checkpoint_tokenizer(checkpoint_path(init_from)) is not None
+
+
+def load_processor(init_from: str, trust_remote_code: bool) -> Wav2Vec2Processor:
+    """The checkpoint's own processor if it has a tokenizer, else the character vocabulary."""
+    init_from = checkpoint_path(init_from)
+    tokenizer = _checkpoint_tokenizer(init_from)
     try:
         feature_extractor = AutoFeatureExtractor.from_pretrained(init_from, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         feature_extractor = None
-    if tokenizer is None or not tokenizer.get_vocab():
+    if tokenizer is None:
         log.info("%s has no tokenizer: using the %d-character vocabulary", init_from, len(CHAR_VOCAB))
         return make_processor(feature_extractor=feature_extractor)
     vocab = tokenizer.get_vocab()

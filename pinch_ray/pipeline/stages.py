@@ -25,7 +25,7 @@ from typing import Any
 
 from pinch_ray import storage
 from pinch_ray.config import DENSE, FOUNDATION_TRIAL, ConfigError, PipelineConfig, dump_pipeline
-from pinch_ray.core import models
+from pinch_ray.core import distill, models
 from pinch_ray.core.compressor import prepare_method
 from pinch_ray.core.export import trial_dir
 from pinch_ray.data.batches import read_prepared_rows
@@ -104,6 +104,8 @@ def model_problems(cfg: PipelineConfig) -> list[str]:
         return [f"model.init_from: cannot load {cfg.model.init_from!r} ({reason}); name a preset (tiny, "
                 "tiny-hubert, tiny-wavlm), a checkpoint directory, or a hub id this machine can reach"]
     problems = []
+    if cfg.training.distill_hidden:
+        problems += distill.layer_problems(skeleton.config.num_hidden_layers, cfg.training.distill_layers)
     for method, target in cfg.sweep.trials():  # the seeds change no shapes
         try:
             prepare_method(copy.deepcopy(skeleton), method, target, cfg.gates, cfg.sweep.target_basis)

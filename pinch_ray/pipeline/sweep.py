@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pinch_ray.config import DENSE, PipelineConfig, ResourcesConfig, TrainConfig
+from pinch_ray.core import models
 from pinch_ray.pipeline import runs
 from pinch_ray.pipeline.worker import MetricsLog, run_training, tune_report_callback, worker_config
 
@@ -78,6 +79,14 @@ def run_settings(config: dict, train_path: str, num_workers: int) -> dict:
     if config["method"] == DENSE:  # prunes nothing: no gates, no target
         settings.pop("gates")
         settings.pop("target_basis")
+    training = settings["training"]
+    if config["method"] == DENSE or not (training["distill_logits"] or training["distill_hidden"]):
+        for key in [key for key in training if key.startswith("distill_")]:  # no teacher: they change nothing
+            training.pop(key)
+    foundation = models.foundation_record(config["init_from"])
+    if foundation is not None:  # a shipped foundation: the build, not the name (a rebuild retrains)
+        settings["init_from"] = {"foundation": foundation["fingerprint"], "code_version": foundation["code_version"],
+                                 "results": foundation["results"]}
     settings["train_data"] = Path(train_path).name
     settings["num_workers"] = num_workers
     upstream = runs.result_dir_of(config["init_from"])  # starts from a run of ours (the baseline)
