@@ -109,7 +109,9 @@ def test_prepare_skips_and_counts_bad_input(ray_cluster, corpus, tmp_path):
 
     flacs[1].write_bytes(b"this is not a flac file" * 50)  # unreadable_audio
     audio, rate = soundfile.read(flacs[2], dtype="float32")
-    soundfile.write(flacs[2], np.stack([audio, 0.5 * audio], axis=1), rate, format="FLAC")  # stereo
+    # stereo, the second channel independent of the first: averaging and taking one channel differ
+    other = np.random.default_rng(1).normal(0, 0.05, size=audio.shape).astype(np.float32)
+    soundfile.write(flacs[2], np.stack([audio, other], axis=1), rate, format="FLAC")
     resampled = torchaudio.functional.resample(torch.from_numpy(audio), 16000, 22050).numpy()
     soundfile.write(flacs[3], resampled, 22050, format="FLAC")  # 22.05 kHz mono
 
@@ -148,7 +150,12 @@ def test_prepare_skips_and_counts_bad_input(ray_cluster, corpus, tmp_path):
     assert rows[f"{prefix}-9007"]["text"] == "STEREO AT FORTY FOUR KHZ"  # upper-cased, not out of vocabulary
     assert len(rows[f"{prefix}-9007"]["audio"]) == 16000
     assert abs(len(rows[flacs[3].stem]["audio"]) - len(audio)) <= 1  # 22.05 kHz -> 16 kHz
-    assert len(rows[flacs[2].stem]["audio"]) == len(audio)
+    stereo, _ = soundfile.read(flacs[2], dtype="float32")  # as stored (FLAC quantises to 16 bits)
+    mixed = stereo.mean(axis=1)
+    expected = (mixed - mixed.mean()) / np.sqrt(mixed.var() + 1e-7)  # the mean of the channels, normalised
+    np.testing.assert_allclose(rows[flacs[2].stem]["audio"], expected, atol=1e-4)
+    first = (stereo[:, 0] - stereo[:, 0].mean()) / np.sqrt(stereo[:, 0].var() + 1e-7)
+    assert np.abs(np.asarray(rows[flacs[2].stem]["audio"]) - first).max() > 0.1  # not channel 0 alone
 
 
 def test_prepare_fails_clearly_without_usable_utterances(ray_cluster, corpus, tmp_path):

@@ -1,7 +1,11 @@
 """Neuron-granularity gates: whole FFN neurons and attention heads, physically removed on export."""
 
 import json
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -94,6 +98,23 @@ def test_exported_model_is_smaller_and_equals_the_hard_masked_model(arch, tmp_pa
         assert pruned_modeling.layer_shapes(loaded) == shapes
         with torch.no_grad():
             torch.testing.assert_close(loaded(x).logits, hard_logits, atol=1e-4, rtol=0)
+    # in a fresh interpreter: the shipped loader needs torch + transformers, never pinch_ray
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "logits.npy", hard_logits.numpy())
+    code = ("import sys, numpy as np, torch\n"
+            "from transformers import AutoModelForCTC\n"
+            "model = AutoModelForCTC.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
+            "with torch.no_grad():\n"
+            "    logits = model(torch.from_numpy(np.load(sys.argv[2]))).logits.numpy()\n"
+            "assert 'pinch_ray' not in sys.modules, sorted(m for m in sys.modules if 'pinch' in m)\n"
+            "print(float(np.abs(logits - np.load(sys.argv[3])).max()))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(tmp_path / "x.npy"),
+                           str(tmp_path / "logits.npy")], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.strip().splitlines()[-1]) <= 1e-4
+    (tmp_path / "x.npy").unlink()
+    (tmp_path / "logits.npy").unlink()
     compact = tmp_path / "compact"
     export.save_compact(tmp_path, compact)
     assert pruned_modeling.layer_shapes(export.load_compact(compact)) == shapes

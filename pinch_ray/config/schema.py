@@ -421,9 +421,10 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a directory name and a R
 class ModelConfig:
     """The model to fine-tune and compress (see ``pinch_ray.core.models.load_model``)."""
 
-    # A tiny preset (tiny, tiny-hubert, tiny-wavlm: random weights, for tests and the demo), a
-    # checkpoint directory or a hub id such as facebook/wav2vec2-base. Used as written: it is not
-    # resolved against the working directory (from_pretrained looks for a local directory first).
+    # A tiny preset (tiny, tiny-hubert, tiny-wavlm: random weights, for tests), a shipped foundation
+    # (synth-tiny: the demo's; pinch-ray foundation list), a checkpoint directory or a hub id such as
+    # facebook/wav2vec2-base. Used as written: it is not resolved against the working directory
+    # (from_pretrained looks for a local directory first).
     init_from: str = "tiny"
     trust_remote_code: bool = False  # let transformers run code shipped with the checkpoint
     # Hugging Face config overrides, e.g. {layerdrop: 0.0, mask_time_prob: 0.05}.
