@@ -212,7 +212,7 @@ def _foundation_list(args: argparse.Namespace) -> int:
     from pinch_ray.core import models
 
     for name in models.foundation_names():
-        record = json.loads((models.FOUNDATIONS_DIR / name / models.FOUNDATION_FILE).read_text())
+        record = models.foundation_record(name)
         try:
             models.checkpoint_path(name)
             state = "ok"
@@ -232,7 +232,6 @@ def _foundation_ship(args: argparse.Namespace) -> int:
 
 
 def _add_foundation_commands(subparsers) -> None:
-    from_name = "pinch_ray/foundations/<name>"
     foundation = subparsers.add_parser("foundation", parents=[_verbose()],
                                        help="the small pre-trained foundations shipped with the package")
     commands = foundation.add_subparsers(dest="foundation_command", required=True)
@@ -241,7 +240,7 @@ def _add_foundation_commands(subparsers) -> None:
     listing.set_defaults(handler=_foundation_list)
     ship = commands.add_parser(
         "ship", parents=[_verbose()], help="copy a finished foundation run into the package",
-        description=f"Copy trial 'foundation' of a finished run of pipelines/foundation.yaml to {from_name} "
+        description="Copy trial 'foundation' of a finished run of pipelines/foundation.yaml to pinch_ray/foundations/<name> "
                     "with foundation.json (settings, corpus, code version, WER, fingerprint), so "
                     "model.init_from: <name> loads it.",
         epilog="example:\n  pinch-ray run pipelines/foundation.yaml && pinch-ray foundation ship runs/foundation",
