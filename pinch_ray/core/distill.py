@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pinch_ray.core.models import frame_lengths
+
 log = logging.getLogger(__name__)
 
 
@@ -106,7 +108,7 @@ def _frame_mask(model: nn.Module, attention_mask: torch.Tensor | None, logits: t
     """[B, frames] bool, True on frames that come from real samples; None: every frame is real."""
     if attention_mask is None:
         return None
-    lengths = model._get_feat_extract_output_lengths(attention_mask.sum(-1))
+    lengths = frame_lengths(model, attention_mask)
     return torch.arange(logits.shape[1], device=logits.device)[None, :] < lengths[:, None]
 
 

@@ -266,6 +266,12 @@ def load_processor(init_from: str, trust_remote_code: bool) -> Wav2Vec2Processor
     return make_processor(vocab, feature_extractor)
 
 
+def frame_lengths(model: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Output frames [B] the model's conv feature encoder makes of each utterance's real samples
+    (``attention_mask`` [B, T], 1 = real sample)."""
+    return model._get_feat_extract_output_lengths(attention_mask.sum(-1))
+
+
 # ----------------------------------------------------------------------------------------------
 # Parameter accounting
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import jiwer
 import numpy as np
 import torch
 
+from pinch_ray.core.models import frame_lengths
 from pinch_ray.data.batches import iter_eval_batches
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,7 @@ def transcribe_batch(model, processor, batch: Mapping[str, Any]) -> list[str]:
     if processor.feature_extractor.return_attention_mask:
         inputs["attention_mask"] = batch["attention_mask"].to(device)
     logits = model(**inputs).logits
-    frame_lengths = model._get_feat_extract_output_lengths(batch["attention_mask"].sum(-1))
-    return greedy_decode(logits.float(), frame_lengths, processor.tokenizer)
+    return greedy_decode(logits.float(), frame_lengths(model, batch["attention_mask"]), processor.tokenizer)
 
 
 def transcribe_rows(model, processor, source: Any, batch_size: int = 16) -> list[Utterance]:

@@ -29,7 +29,7 @@ from pinch_ray import storage
 from pinch_ray.config import GateConfig, ResourcesConfig, TrainConfig, raise_if_problems, target_sparsity_problems
 from pinch_ray.core import gates as gates_lib
 from pinch_ray.core.compressor import Compressor
-from pinch_ray.core.models import has_trained_head, load_model
+from pinch_ray.core.models import checkpoint_path, has_trained_head, load_model
 from pinch_ray.core.scoring import score, transcribe_rows
 from pinch_ray.data.batches import batches_per_epoch, iter_train_batches, read_prepared_rows
 from pinch_ray.pipeline import runs
@@ -111,9 +111,10 @@ def _build(config: dict, train_cfg: TrainConfig, gate_cfg: GateConfig, world: in
     if world > 1:
         overrides["layerdrop"] = 0.0  # skipped layers differ across ranks: DDP would hang
     with storage.local_dir(config["init_from"]) as init_from:  # in an object store: a local copy
-        model, processor = load_model(str(init_from), seed=train_cfg.seed,
-                                      trust_remote_code=config["trust_remote_code"], **overrides)
-        trained_head = has_trained_head(str(init_from))
+        path = checkpoint_path(str(init_from))  # a shipped foundation: checked against the code once
+        model, processor = load_model(path, seed=train_cfg.seed, trust_remote_code=config["trust_remote_code"],
+                                      **overrides)
+        trained_head = has_trained_head(path)
     run = Compressor.create(model, config["method"], config["target_sparsity"], train_cfg, gate_cfg,
                             device=ray.train.torch.get_device(), target_basis=config["target_basis"],
                             use_attention_mask=processor.feature_extractor.return_attention_mask,
