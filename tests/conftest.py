@@ -1,6 +1,7 @@
-"""Shared test fixtures: offline Hugging Face, one local Ray cluster per test session; a reader of
-TensorBoard event files."""
+"""Shared test fixtures: offline Hugging Face, one local Ray cluster per test session, fault
+injection into its workers; a reader of TensorBoard event files."""
 
+import json
 import os
 import struct
 
@@ -14,7 +15,41 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def faults_file(tmp_path_factory):
+    """The session's ``PINCH_RAY_FAULTS`` file (no faults), set before Ray starts so that every Ray
+    worker sees the variable; tests put faults in it with the ``inject_faults`` fixture."""
+    from pinch_ray.pipeline.debug import FAULTS_ENV
+
+    path = tmp_path_factory.mktemp("faults") / "faults.json"
+    path.write_text("[]")
+    os.environ[FAULTS_ENV] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trace_dir(tmp_path_factory):
+    """The session's ``PINCH_RAY_TRACE`` directory: every Ray worker logs the utterance ids of each
+    training step to ``<dir>/<trial>.rank<r>.jsonl`` (tests that read it use trial names of their own)."""
+    from pinch_ray.pipeline.debug import TRACE_ENV
+
+    path = tmp_path_factory.mktemp("trace")
+    os.environ[TRACE_ENV] = str(path)
+    return path
+
+
+@pytest.fixture
+def inject_faults(faults_file):
+    """``inject_faults(fault, ...)``: the faults (see :mod:`pinch_ray.pipeline.debug`) every worker
+    started from now on obeys, until the test ends."""
+    def inject(*faults: dict) -> None:
+        faults_file.write_text(json.dumps(list(faults)))
+
+    yield inject
+    faults_file.write_text("[]")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(faults_file, trace_dir):
     """One local Ray cluster shared by every test that needs Ray (startup costs ~5 s)."""
     import ray
 

@@ -94,12 +94,14 @@ def test_overrides_are_typed():
         "sweep.target_sparsities=[0.5,0.6]", "sweep.methods=[sspg]", "resources.cpus_per_worker=2",
         "training.adam_betas=[0.9, 0.95]", "model.overrides.layerdrop=0", "name=2024",
         "sweep.method_targets={sspg: [0.7]}", "evaluation.gpus_per_actor=0.5", "output_dir=out/x",
+        "resources.cluster_max.GPU=16",
     ])
     assert cfg.training.max_steps == 500 and cfg.training.lr == 3e-4 and cfg.training.threshold_lr == 1e-3
     assert cfg.sweep.target_sparsities == [0.5, 0.6] and cfg.sweep.trials() == [("sspg", 0.7)]
     assert cfg.resources.cpus_per_worker == 2.0 and isinstance(cfg.resources.cpus_per_worker, float)
     assert cfg.training.adam_betas == (0.9, 0.95) and cfg.model.overrides == {"layerdrop": 0}
     assert cfg.name == "2024" and cfg.evaluation.gpus_per_actor == 0.5
+    assert cfg.resources.cluster_max == {"GPU": 16.0} and isinstance(cfg.resources.cluster_max["GPU"], float)
     assert cfg.output_dir == str(Path.cwd() / "out/x")
     assert load_pipeline(None, ["training.threshold_lr=null"]).training.threshold_lr is None
 
@@ -185,6 +187,9 @@ def test_float_fields_accept_exponent_strings_only(in_tmp_dir):
     (["output_dir=s3://bucket/out"], "output_dir: s3://bucket/out is an object-store URI"),
     (["data.cache_dir=gs://bucket/cache"], "data.cache_dir: gs://bucket/cache is an object-store URI"),
     (["sweep.methods=[sspg-neuron]", "gates.neuron_units=[ffn, rows]"], "gates.neuron_units: ['ffn', 'rows']"),
+    (["resources.cluster_max.cpu=200"], "resources.cluster_max.cpu: unknown resource; set CPU and/or GPU"),
+    (["resources.cluster_max.GPU=-4"], "resources.cluster_max.GPU: must be >= 0"),
+    (["resources.cluster_max={CPU: many}"], "resources.cluster_max.CPU: expected float"),
 ])
 def test_impossible_combinations(overrides, key):
     error = problems_of(None, overrides)
@@ -211,8 +216,8 @@ def test_check_paths_without_creating_anything(in_tmp_dir):
 
 @pytest.mark.parametrize("path", [None, *PIPELINES], ids=lambda path: getattr(path, "name", "defaults"))
 def test_dump_round_trips(path, in_tmp_dir):
-    cfg = load_pipeline(path, ["training.threshold_lr=2.5e-4", "model.overrides.final_dropout=0.1"],
-                        check_paths=False)
+    cfg = load_pipeline(path, ["training.threshold_lr=2.5e-4", "model.overrides.final_dropout=0.1",
+                               "resources.cluster_max={CPU: 200, GPU: 16}"], check_paths=False)
     dumped = write_yaml(in_tmp_dir / "pipeline.yaml", dump_pipeline(cfg))
     assert load_pipeline(dumped, check_paths=False) == cfg
 

@@ -47,7 +47,7 @@ def mtimes(directory: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def finished(ray_cluster, tmp_path_factory):
+def finished(ray_cluster, tmp_path_factory, faults_file):
     root = tmp_path_factory.mktemp("pipeline")
     spec = {**TINY, "output_dir": str(root / "out"),
             "data": {"cache_dir": str(root / "cache"), "bucket_window_batches": 3},
@@ -55,9 +55,13 @@ def finished(ray_cluster, tmp_path_factory):
     (root / "tiny.yaml").write_text(yaml.safe_dump(spec))
     cfg = load_pipeline(root / "tiny.yaml")
     out = Path(cfg.output_dir)
-    crash = {"ump-0.5": {"step": 3, "rank": 0, "marker": str(root / "ump-crashed")}}
-    with pytest.raises(RuntimeError, match="ump-0.5"):
-        stages.run(cfg, fail_at=crash)
+    faults_file.write_text(json.dumps([{"trial": "ump-0.5", "step": 3, "rank": 0, "action": "exit",
+                                        "marker": str(root / "ump-crashed")}]))
+    try:
+        with pytest.raises(RuntimeError, match="ump-0.5"):
+            stages.run(cfg)
+    finally:
+        faults_file.write_text("[]")
     assert (root / "ump-crashed").exists(), "the fault was not injected"
     store = local(cfg.run_storage())
     interrupted = {"sspg_run": mtimes(local(final_result_dir(cfg.run_storage(), "sspg-0.5"))),

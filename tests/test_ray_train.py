@@ -27,17 +27,19 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def prepared(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("ray_train_corpus") / "synth"
-    generate_corpus(root, 120, seed=3, num_workers=2, progress=False)
+    generate_corpus(root, 60, seed=3, num_workers=2, progress=False)  # 48 train utterances
     cache = tmp_path_factory.mktemp("ray_train_prepared")
-    return {split: prepare_split(root, split, CHAR_VOCAB, DataConfig(), cache_dir=cache) for split in ("train", "dev")}
+    # several shards per split: blocks that Ray may stream in any order unless told to keep it
+    return {split: prepare_split(root, split, CHAR_VOCAB, DataConfig(rows_per_shard=16), cache_dir=cache)
+            for split in ("train", "dev")}
 
 
-def run(prepared, tmp_path, name, method="sspg", target=0.5, steps=12, workers=1, fail_at=None, max_failures=0,
+def run(prepared, tmp_path, name, method="sspg", target=0.5, steps=12, workers=1, max_failures=0,
         checkpoint_every=4):
     train_cfg = TrainConfig(max_steps=steps, batch_size=4, warmup_steps=2, report_every=2,
                             checkpoint_every=checkpoint_every, eval_every=1000)
     config = worker_config("tiny", method, target, train_cfg, GateConfig(calibrate=False),
-                           train_rows=prepared["train"].num_utterances, dev_path=prepared["dev"].path, fail_at=fail_at)
+                           train_rows=prepared["train"].num_utterances, dev_path=prepared["dev"].path)
     resources = ResourcesConfig(num_workers=workers, cpus_per_worker=0.5, max_failures=max_failures)
     (tmp_path / name).mkdir(exist_ok=True)
     log = MetricsLog(tmp_path / name / "metrics.jsonl", tensorboard_dir=tmp_path / name / "tensorboard")
@@ -95,10 +97,10 @@ def test_two_workers_train_sspg_in_sync_and_checkpoint_matches(prepared, tmp_pat
     assert [m["step"] for m in logged] == list(range(2, 17, 2))
 
 
-def test_worker_crash_resumes_from_last_checkpoint(prepared, tmp_path):
+def test_worker_crash_resumes_from_last_checkpoint(prepared, tmp_path, inject_faults):
     marker = tmp_path / "crashed"
-    result = run(prepared, tmp_path, "crash", workers=2, steps=12, max_failures=1,
-                 fail_at={"step": 7, "rank": 1, "marker": str(marker)})
+    inject_faults({"trial": "crash", "step": 7, "rank": 1, "action": "exit", "marker": str(marker)})
+    result = run(prepared, tmp_path, "crash", workers=2, steps=12, max_failures=1)
     assert marker.exists(), "the fault was not injected"
     assert result.error is None
     assert result.metrics["step"] == 12
@@ -111,14 +113,30 @@ def test_worker_crash_resumes_from_last_checkpoint(prepared, tmp_path):
     assert adam_steps == {12}
 
 
-def test_interrupted_run_continues_under_the_same_name(prepared, tmp_path):
+def trace(trace_dir, trial: str, rank: int = 0) -> list[dict]:
+    return [json.loads(line) for line in (trace_dir / f"{trial}.rank{rank}.jsonl").read_text().splitlines()]
+
+
+def test_interrupted_run_continues_under_the_same_name(prepared, tmp_path, inject_faults, trace_dir):
     marker = tmp_path / "interrupted"
+    inject_faults({"trial": "resume", "step": 10, "rank": 0, "action": "exit", "marker": str(marker)})
     with pytest.raises(TrainingFailedError):
-        run(prepared, tmp_path, "resume", steps=12, fail_at={"step": 10, "rank": 0, "marker": str(marker)})
+        run(prepared, tmp_path, "resume", steps=12)
     assert marker.exists()
     result = run(prepared, tmp_path, "resume", steps=12)
     assert result.error is None and result.metrics["step"] == 12
     assert result.metrics["resumed_at"] == [8]
+    # the resumed run trains on the batches the interrupted one would have: step 9 again on the
+    # same utterances, and the epoch (12 batches of 4) on every train utterance once
+    records = trace(trace_dir, "resume")
+    pids = list(dict.fromkeys(record["pid"] for record in records))  # one worker process per run
+    assert len(pids) == 2
+    first, second = ({r["step"]: r for r in records if r["pid"] == pid} for pid in pids)
+    assert sorted(first) == list(range(1, 10)) and sorted(second) == [9, 10, 11, 12]
+    assert second[9]["ids"] == first[9]["ids"]
+    trained = [i for step in range(1, 13) for i in (first if step <= 8 else second)[step]["ids"]]
+    assert sorted(trained) == sorted(row["id"] for row in read_prepared_rows(prepared["train"].path))
+    assert {r["epoch"] for r in [*first.values(), *second.values()]} == {0}
 
 
 def test_resources_that_starve_the_data_stream_are_refused(prepared, tmp_path):

@@ -188,13 +188,29 @@ def target_sparsity_problems(method: str, target_sparsity: float, key: str = "ta
 
 @dataclass
 class ResourcesConfig:
-    """Where training runs: workers per trial and what each gets."""
+    """Where training runs: workers per trial and what each gets.
+
+    On an autoscaling cluster, ``cluster_max`` says what the cluster can grow to, so the resource
+    check of a training run and the sweep's trial concurrency count the nodes the autoscaler will
+    add rather than only those up at the start (:meth:`capacity`).
+    """
 
     num_workers: int = 1  # Ray Train workers (DDP ranks) per training run
     use_gpu: bool = False  # one (or gpus_per_worker) GPU per worker; nccl instead of gloo
     cpus_per_worker: float = 1.0  # CPUs Ray reserves per worker (may be fractional)
     gpus_per_worker: float = 1.0  # may be fractional, so small trials share a GPU (with use_gpu)
     max_failures: int = 2  # worker crashes a run survives (restarts from the last checkpoint)
+    # What an autoscaling cluster can grow to, in Ray's resource names: {CPU: 200, GPU: 16} (head +
+    # max workers x each node's resources; e.g. resources.cluster_max.GPU=16). Sizes the resource check
+    # and sweep concurrency where larger than what is up; {} or 0: only what is up.
+    cluster_max: dict[str, float] = field(default_factory=dict)
+
+    CLUSTER_RESOURCES = ("CPU", "GPU")  # the keys cluster_max may set
+
+    def capacity(self, cluster: dict[str, float]) -> dict[str, float]:
+        """``{"CPU": ..., "GPU": ...}`` a run may count on: per resource, the larger of ``cluster``
+        (what is up: Ray's ``cluster_resources()``) and ``cluster_max`` (what it can grow to)."""
+        return {key: max(cluster.get(key, 0), self.cluster_max.get(key, 0)) for key in self.CLUSTER_RESOURCES}
 
     def problems(self, prefix: str = "resources") -> list[str]:
         out = []
@@ -206,6 +222,12 @@ class ResourcesConfig:
             out.append(f"{prefix}.gpus_per_worker: must be > 0 with use_gpu (got {self.gpus_per_worker!r})")
         if not isinstance(self.max_failures, int) or self.max_failures < -1:
             out.append(f"{prefix}.max_failures: must be an integer >= -1 (-1: unlimited), got {self.max_failures!r}")
+        for key, amount in self.cluster_max.items():
+            if key not in self.CLUSTER_RESOURCES:
+                out.append(f"{prefix}.cluster_max.{key}: unknown resource; set CPU and/or GPU (Ray's names, "
+                           f"e.g. {prefix}.cluster_max.GPU=16)")
+            elif not amount >= 0:
+                out.append(f"{prefix}.cluster_max.{key}: must be >= 0 (0: what is up), got {amount!r}")
         return out
 
 

@@ -144,15 +144,11 @@ def _prepared(outputs: dict) -> dict:
             for split, entry in outputs["prepare"].items()}
 
 
-def _job(cfg: PipelineConfig, outputs: dict, init_from: str, fail_at: dict | None = None):
-    return TrialJob.create(cfg, _prepared(outputs), init_from, cfg.output_dir, fail_at)
-
-
-def stage_baseline(cfg: PipelineConfig, outputs: dict, fail_at: dict | None = None) -> dict:
+def stage_baseline(cfg: PipelineConfig, outputs: dict) -> dict:
     if not cfg.dense_baseline:
         return {}
     name = cfg.baseline_trial()
-    job = _job(cfg, outputs, cfg.model.init_from, fail_at)
+    job = TrialJob.create(cfg, _prepared(outputs), cfg.model.init_from, cfg.output_dir)
     return {name: str(train_trial(job, DENSE, 0.0, name=name, training=cfg.baseline_train_config()))}
 
 
@@ -164,11 +160,11 @@ def compression_init_from(cfg: PipelineConfig, outputs: dict) -> str:
     return cfg.model.init_from
 
 
-def stage_compress(cfg: PipelineConfig, outputs: dict, fail_at: dict | None = None) -> dict:
+def stage_compress(cfg: PipelineConfig, outputs: dict) -> dict:
     # the baseline is the dense reference when the trials do not start from it (two-stage prunes it)
     dense = {} if cfg.sweep.init_from_dense or not cfg.dense_baseline else {None: outputs["baseline"][DENSE]}
     result_dirs = run_sweep(cfg, _prepared(outputs), compression_init_from(cfg, outputs), cfg.output_dir,
-                            dense_results=dense, fail_at=fail_at)
+                            dense_results=dense)
     return {name: str(path) for name, path in result_dirs.items()}
 
 
@@ -232,15 +228,14 @@ def stages_to_run(from_stage: str | None = None, only: str | None = None) -> set
     return set()
 
 
-def run(cfg: PipelineConfig, *, from_stage: str | None = None, only: str | None = None,
-        fail_at: dict[str, dict] | None = None) -> dict[str, Any]:
+def run(cfg: PipelineConfig, *, from_stage: str | None = None, only: str | None = None) -> dict[str, Any]:
     """Run the pipeline ``cfg`` (validated by ``load_pipeline``); returns every stage's outputs.
 
     Ray must be initialised (the CLI calls ``ray.init()``). ``from_stage`` / ``only`` redo that
     stage (and, for ``from_stage``, the later ones) even if finished; with ``only``, the earlier
     stages must have finished. A redone baseline/compress reuses finished training runs (delete
     ``<storage_path or output_dir/runs>/<trial>`` to retrain one); a redone finalize rewrites every
-    trial directory. ``fail_at``: fault injection for tests (trial name -> ``worker_config`` ``fail_at``).
+    trial directory.
 
     Raises:
         ValueError: bad ``from_stage`` / ``only``, or ``only`` before its earlier stages finished.
@@ -267,9 +262,7 @@ def run(cfg: PipelineConfig, *, from_stage: str | None = None, only: str | None 
             raise ValueError(f"--only {only}: stage {stage} has not finished; run the pipeline without --only first")
         log.info("%s ...", label)
         started = time.perf_counter()
-        kwargs = {"fail_at": fail_at} if stage in ("baseline", "compress") else {}
-        if stage == "finalize":
-            kwargs = {"overwrite": stage in forced}
+        kwargs = {"overwrite": stage in forced} if stage == "finalize" else {}
         outputs[stage] = functions[stage](cfg, outputs, **kwargs)
         _write_marker(cfg, stage, outputs[stage])
         log.info("%s ... done in %.1f s", label, time.perf_counter() - started)

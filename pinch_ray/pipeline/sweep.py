@@ -46,8 +46,12 @@ DATA_CPU_RESERVE = 1.0
 # What a Tune trial itself reserves: it only waits on its TorchTrainer (whose workers reserve
 # their own resources), so it must not hold CPUs they or Ray Data need (Ray Data tasks take a
 # whole CPU: even 0.01 CPU per trial would starve them on a 2-CPU machine). Tune refuses an
-# empty request, so the trial reserves a little memory (bytes) instead.
-DRIVER_RESOURCES = {"CPU": 0, "memory": 100 * 1024**2}
+# empty request, so the trial reserves a little memory (bytes) instead, and a sliver of the head
+# node's own resource: trials run on the head, where the job's driver runs, and so do their Train
+# controllers (Ray Train keeps a controller on its driver's node), so losing a worker node costs a
+# trial only its workers, which Ray Train restarts from the last checkpoint (resources.max_failures).
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's: 1.0 on the head node, absent elsewhere
+DRIVER_RESOURCES = {"CPU": 0, "memory": 100 * 1024**2, HEAD_NODE_RESOURCE: 0.001}
 
 
 def trial_name(method: str, target_sparsity: float, seed: int | None = None) -> str:
@@ -59,7 +63,7 @@ def trial_name(method: str, target_sparsity: float, seed: int | None = None) -> 
 
 # Keys of a run's worker config and training settings that do not change what it trains (where it
 # reports, evaluates, checkpoints; intra-op threads), so a finished run is reused whatever they are.
-_NOT_SETTINGS = ("dev_path", "fail_at", "settings")
+_NOT_SETTINGS = ("dev_path", "settings")
 _NOT_TRAINING_SETTINGS = ("report_every", "checkpoint_every", "eval_every", "eval_batch_size", "torch_threads")
 
 
@@ -148,17 +152,16 @@ class TrialJob:
     dev_path: str | None  # prepared dev split (evaluated during training), None: none
     output_dir: str
     storage_path: str  # Ray Train/Tune runs: PipelineConfig.run_storage()
-    fail_at: dict[str, dict] | None = None  # tests only: trial name -> worker_config fail_at
 
     @classmethod
-    def create(cls, cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, output_dir: str | os.PathLike,
-               fail_at: dict[str, dict] | None = None) -> "TrialJob":
+    def create(cls, cfg: PipelineConfig, prepared: dict[str, Any], init_from: str,
+               output_dir: str | os.PathLike) -> "TrialJob":
         """``prepared``: ``{split: PreparedSplit}``; the first eval split is evaluated during training."""
         train = prepared[cfg.corpus.train_split]
         dev = prepared[cfg.corpus.eval_splits[0]] if cfg.corpus.eval_splits else None
         return cls(cfg=cfg, init_from=str(init_from), train_path=train.path, train_files=train.files,
                    train_rows=train.num_utterances, dev_path=dev.path if dev else None,
-                   output_dir=os.fspath(output_dir), storage_path=cfg.run_storage(), fail_at=fail_at)
+                   output_dir=os.fspath(output_dir), storage_path=cfg.run_storage())
 
 
 def trial_config(job: TrialJob, method: str, target_sparsity: float, name: str,
@@ -169,8 +172,7 @@ def trial_config(job: TrialJob, method: str, target_sparsity: float, name: str,
     config = worker_config(init_from or job.init_from, method, target_sparsity, training or cfg.training,
                            cfg.gates, train_rows=job.train_rows, target_basis=cfg.sweep.target_basis,
                            dev_path=job.dev_path, bucket_window_batches=cfg.data.bucket_window_batches,
-                           model_overrides=cfg.model.overrides, trust_remote_code=cfg.model.trust_remote_code,
-                           fail_at=(job.fail_at or {}).get(name))
+                           model_overrides=cfg.model.overrides, trust_remote_code=cfg.model.trust_remote_code)
     config["settings"] = run_settings(config, job.train_path, cfg.resources.num_workers)
     return config
 
@@ -233,20 +235,21 @@ def _trial_driver(config: dict, job: TrialJob) -> None:
 
 def max_concurrent_trials(resources: ResourcesConfig, num_trials: int, cluster: dict[str, float],
                           requested: int = 0) -> int:
-    """How many trials run at once: ``requested`` if > 0, else as many as ``cluster`` (Ray's
-    ``cluster_resources()``) holds with :data:`DATA_CPU_RESERVE` CPUs kept for Ray Data; at least 1
-    (the rest queue), at most ``num_trials``."""
+    """How many trials run at once: ``requested`` if > 0, else as many as the cluster holds with
+    :data:`DATA_CPU_RESERVE` CPUs kept for Ray Data, counting what it can grow to
+    (:meth:`ResourcesConfig.capacity` of ``cluster``, Ray's ``cluster_resources()``, and
+    ``resources.cluster_max``); at least 1 (the rest queue), at most ``num_trials``."""
     if requested > 0:
         return max(1, min(requested, num_trials))
-    fits = math.floor((cluster.get("CPU", 0) - DATA_CPU_RESERVE) / (resources.num_workers * resources.cpus_per_worker))
+    capacity = resources.capacity(cluster)
+    fits = math.floor((capacity["CPU"] - DATA_CPU_RESERVE) / (resources.num_workers * resources.cpus_per_worker))
     if resources.use_gpu:
-        fits = min(fits, math.floor(cluster.get("GPU", 0) / (resources.num_workers * resources.gpus_per_worker) + 1e-9))
+        fits = min(fits, math.floor(capacity["GPU"] / (resources.num_workers * resources.gpus_per_worker) + 1e-9))
     return max(1, min(fits, num_trials))
 
 
 def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, output_dir: str | os.PathLike, *,
-              dense_results: dict[int | None, str] | None = None,
-              fail_at: dict[str, dict] | None = None) -> dict[str, str]:
+              dense_results: dict[int | None, str] | None = None) -> dict[str, str]:
     """Run every trial of ``cfg.compression_trials()`` (the compression trials of ``cfg.sweep``, and
     the ``dense`` references when they start from the baseline) on Ray Tune; returns ``{trial: final
     checkpoint dir}``.
@@ -256,8 +259,7 @@ def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, out
     (``{None: <the baseline's final checkpoint dir>}`` when the baseline is the dense reference).
     ``prepared``: ``{split: PreparedSplit}`` with the train split (and ``dev``-like eval splits;
     the first eval split is evaluated during training). Finished trials are reused (see the module
-    docstring); Ray must be initialised. ``fail_at``: fault injection for tests (trial name ->
-    :func:`pinch_ray.pipeline.worker.worker_config` ``fail_at``).
+    docstring); Ray must be initialised.
 
     Raises:
         SettingsChangedError: a trial finished earlier with other settings (nothing was trained).
@@ -266,7 +268,7 @@ def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, out
     trials = cfg.compression_trials()
     if not trials:
         return {}
-    job = TrialJob.create(cfg, prepared, init_from, output_dir, fail_at)
+    job = TrialJob.create(cfg, prepared, init_from, output_dir)
     dense = dict(dense_results or {})
     for method, target, seed in trials:  # a finished trial with other settings stops the sweep up front
         if method == DENSE:

@@ -16,7 +16,6 @@ import os
 import socket
 import tempfile
 import time
-from pathlib import Path
 
 import ray
 import ray.train
@@ -32,7 +31,7 @@ from pinch_ray.core.compressor import Compressor
 from pinch_ray.core.models import checkpoint_path, has_trained_head, load_model
 from pinch_ray.core.scoring import score, transcribe_rows
 from pinch_ray.data.batches import batches_per_epoch, iter_train_batches, read_prepared_rows
-from pinch_ray.pipeline import runs
+from pinch_ray.pipeline import debug, runs
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +39,13 @@ log = logging.getLogger(__name__)
 def worker_config(init_from: str, method: str, target_sparsity: float, train_cfg: TrainConfig,
                   gate_cfg: GateConfig, *, train_rows: int, target_basis: str = "params",
                   dev_path: str | None = None, bucket_window_batches: int = 20, model_overrides: dict | None = None,
-                  trust_remote_code: bool = False, fail_at: dict | None = None) -> dict:
+                  trust_remote_code: bool = False) -> dict:
     """The plain dict :func:`train_loop_per_worker` takes (validated here, before Ray starts).
 
     ``train_rows``: utterances of the prepared train split (fixes the batches per epoch per rank);
     ``target_basis``: what ``target_sparsity`` is a fraction of (``SweepConfig.target_basis``);
     ``dev_path``: prepared dev shards, evaluated on rank 0 every ``eval_every`` steps;
     ``bucket_window_batches``: length bucketing of the training batches (``DataConfig``).
-    ``fail_at``: fault injection, ``{"step": k, "rank": r, "marker": path}``: worker ``r`` exits
-    just before step ``k`` if ``marker`` does not exist yet (it creates it), so it fails once.
     """
     raise_if_problems(train_cfg.problems() + gate_cfg.problems()
                       + target_sparsity_problems(method, target_sparsity, target_basis=target_basis),
@@ -58,20 +55,7 @@ def worker_config(init_from: str, method: str, target_sparsity: float, train_cfg
             "training": dataclasses.asdict(train_cfg), "gates": dataclasses.asdict(gate_cfg),
             "train_rows": int(train_rows), "dev_path": str(dev_path) if dev_path else None,
             "bucket_window_batches": int(bucket_window_batches),
-            "model_overrides": dict(model_overrides or {}), "trust_remote_code": bool(trust_remote_code),
-            "fail_at": dict(fail_at) if fail_at else None}
-
-
-def _maybe_fail(fail_at: dict | None, step: int, rank: int) -> None:
-    """Fault injection (see :func:`worker_config`): kill this worker process once."""
-    if not fail_at or step != fail_at["step"] or rank != fail_at["rank"] or os.path.exists(fail_at["marker"]):
-        return
-    Path(fail_at["marker"]).write_text(f"worker {rank} killed before step {step}\n")
-    log.warning("fault injection: worker %d exits before step %d", rank, step)
-    # Ray Train's controller registers reports when it polls the workers (every 2 s): wait for the
-    # reports already made to be registered, so the last checkpoint before the crash is known.
-    time.sleep(5)
-    os._exit(1)
+            "model_overrides": dict(model_overrides or {}), "trust_remote_code": bool(trust_remote_code)}
 
 
 def _threshold_rank_spread(run: Compressor) -> float:
@@ -227,9 +211,13 @@ def train_loop_per_worker(config: dict) -> None:
     reporter = _Reporter(config, run, processor, train_cfg, rank, progress)
     steps = _micro_batches(ray.train.get_dataset_shard("train"), train_cfg, per_epoch, progress,
                            config["bucket_window_batches"])
+    trial = context.get_experiment_name()  # the run name: the trial's
+    faults = debug.faults_for(trial, rank)
+    trace = debug.StepTrace(trial, rank, ray.get_runtime_context().get_node_id())
     while run.step_count < train_cfg.max_steps:
         index, micro_batches = next(steps)
-        _maybe_fail(config["fail_at"], run.step_count + 1, rank)
+        debug.maybe_fail(faults, run.step_count + 1, rank)
+        trace.step(run.step_count + 1, progress["epoch"], index, micro_batches)
         metrics = run.step(micro_batches)
         progress["batch_in_epoch"] = index + 1
         if reporter.due(run.step_count):
@@ -310,6 +298,41 @@ def tune_report_callback():
         return None
 
 
+def _ingest_config() -> ray.train.DataConfig:
+    """Ray Train's data ingest, in a fixed order: every run (and a resumed one) streams each rank
+    the same rows in the same order for the same seed and epoch, so a resume that skips the
+    batches of its epoch already trained on skips exactly those (the split hands each block to the
+    rank with fewest rows so far, which is deterministic once blocks come in order)."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options)
+
+
+def resource_problems(resources: ResourcesConfig, cluster: dict[str, float]) -> list[str]:
+    """Problems of running one training run of ``resources`` on ``cluster`` (Ray's
+    ``cluster_resources()``: what is up), counting what an autoscaling cluster can grow to
+    (``resources.cluster_max``, :meth:`ResourcesConfig.capacity`); [] when it fits."""
+    problems = resources.problems()
+    if problems:
+        return problems
+    capacity = resources.capacity(cluster)
+    where = {key: f"the cluster can grow to ({amount:g}, resources.cluster_max.{key})"
+             if resources.cluster_max.get(key, 0) > cluster.get(key, 0) else f"the cluster has ({amount:g})"
+             for key, amount in capacity.items()}
+    grow = "or, on an autoscaling cluster, set resources.cluster_max.{} to what it can grow to"
+    workers = resources.num_workers
+    if workers * resources.cpus_per_worker >= capacity["CPU"]:
+        problems.append(f"resources: {workers} workers x {resources.cpus_per_worker:g} CPUs take every CPU "
+                        f"{where['CPU']}, leaving none for Ray Data to stream the training data (the run would "
+                        "hang); lower resources.cpus_per_worker (e.g. 0.5) or num_workers, " + grow.format("CPU"))
+    gpus = workers * resources.gpus_per_worker
+    if resources.use_gpu and gpus > capacity["GPU"] + 1e-9:
+        problems.append(f"resources: {workers} workers x {resources.gpus_per_worker:g} GPUs need {gpus:g} GPUs, "
+                        f"more than {where['GPU']} (the run would wait forever); lower resources.num_workers or "
+                        "gpus_per_worker, set resources.use_gpu=false, " + grow.format("GPU"))
+    return problems
+
+
 def run_training(config: dict, train_dataset, resources: ResourcesConfig, *, name: str,
                  storage_path: str, callbacks: list | None = None):
     """Run :func:`train_loop_per_worker` as a Ray Train ``TorchTrainer`` job; returns its Result.
@@ -318,16 +341,10 @@ def run_training(config: dict, train_dataset, resources: ResourcesConfig, *, nam
     checkpoint. Ray must already be initialised (``ray.init()`` or a cluster address).
 
     Raises:
-        ConfigError: bad resources.
+        ConfigError: bad resources, or a run the cluster cannot hold (:func:`resource_problems`).
         ray.train.TrainingFailedError: the run failed more than ``resources.max_failures`` times.
     """
-    problems = resources.problems()
-    cluster_cpus = ray.cluster_resources().get("CPU", 0)
-    if resources.num_workers * resources.cpus_per_worker >= cluster_cpus:
-        problems.append(f"resources: {resources.num_workers} workers x {resources.cpus_per_worker} CPUs take every "
-                        f"CPU of the cluster ({cluster_cpus:g}), leaving none for Ray Data to stream the training "
-                        "data (the run would hang); lower resources.cpus_per_worker (e.g. 0.5) or num_workers")
-    raise_if_problems(problems, source="resources")
+    raise_if_problems(resource_problems(resources, ray.cluster_resources()), source="resources")
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
@@ -338,6 +355,7 @@ def run_training(config: dict, train_dataset, resources: ResourcesConfig, *, nam
                                      resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         datasets={"train": train_dataset},
+        dataset_config=_ingest_config(),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=resources.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
