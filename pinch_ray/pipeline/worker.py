@@ -9,6 +9,7 @@ calibrates, evaluates the dev split and writes the final checkpoint (:mod:`pinch
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -18,6 +19,7 @@ import tempfile
 import time
 
 import ray
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -303,7 +305,9 @@ def _ingest_config() -> ray.train.DataConfig:
     the same rows in the same order for the same seed and epoch, so a resume that skips the
     batches of its epoch already trained on skips exactly those (the split hands each block to the
     rank with fewest rows so far, which is deterministic once blocks come in order)."""
-    options = ray.train.DataConfig.default_ingest_options()
+    # the driver's Ray Data options (as DataConfig.default_ingest_options, which passes the
+    # deprecated exclude_resources on and so warns on every run), in order
+    options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
     options.preserve_order = True
     return ray.train.DataConfig(execution_options=options)
 
