@@ -50,14 +50,23 @@ def _init_ray(verbose: bool) -> None:
 
     Ray Data's per-operator progress bars are off unless ``--verbose``: streamed from every training
     worker they are thousands of lines; the stage lines and each trial's progress lines say enough.
-    The setting reaches the workers of a cluster started here (they inherit the environment).
+    The setting reaches the workers of a cluster started here (they inherit the environment) and,
+    on a cluster joined, this job's workers (the job's runtime environment), unless the job was
+    submitted with the variable set.
     """
-    if not verbose:
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    quiet = {} if verbose else {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    for key, value in quiet.items():
+        os.environ.setdefault(key, value)
     import ray
     import ray.data
 
-    ray.init()
+    runtime_env = None
+    if os.environ.get("RAY_ADDRESS"):
+        # a submitted job's runtime env (Ray merges ours into it, and refuses a variable set in both)
+        submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+        env_vars = {key: value for key, value in quiet.items() if key not in (submitted.get("env_vars") or {})}
+        runtime_env = {"env_vars": env_vars} if env_vars else None
+    ray.init(runtime_env=runtime_env)
     if not verbose:
         ray.data.DataContext.get_current().enable_progress_bars = False
 

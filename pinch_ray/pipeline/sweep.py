@@ -13,7 +13,9 @@ object-store URI; default ``<output_dir>/runs``), so
 
 The Train workers are scheduled by Ray Train outside the Tune trial's own (near-zero) reservation,
 so Tune cannot see them: :func:`max_concurrent_trials` sizes the parallelism from the cluster's
-CPUs/GPUs and the per-trial resources, and the remaining trials queue.
+CPUs/GPUs (what is up, or what an autoscaling cluster can grow to: ``resources.cluster_max``) and
+the per-trial resources, and the remaining trials queue. The trials themselves run on the head node
+(:data:`DRIVER_RESOURCES`), so a lost worker node never takes a trial's driver with it.
 
     from pinch_ray.pipeline.sweep import run_sweep
     result_dirs = run_sweep(cfg, prepared, init_from="runs/demo/runs/dense/step-0000060/model",
