@@ -3,8 +3,8 @@ again finishes the job as if nothing had happened.
 
 The driver joins the session's Ray cluster (``RAY_ADDRESS``), as a job submitted to a cluster does,
 so killing it leaves the cluster up and Ray cleans up the job's trials and workers. Trials run one
-at a time, 12 steps each (one epoch): ``sspg-0.4`` finishes, then ``ump-0.4`` hangs before step 6 (fault injection), after its
-checkpoint at step 4, and the driver is killed there. The rerun must reuse ``sspg-0.4`` untouched,
+at a time, 12 steps each (one epoch): ``sspg-0.4`` finishes, then ``ump-0.4`` hangs before step 6
+(fault injection), after its checkpoint at step 4, and the driver is killed there. The rerun must reuse ``sspg-0.4`` untouched,
 resume ``ump-0.4`` at step 4 and train the rest of its epoch on exactly the utterances it had not
 reached: none repeated, none skipped (the step trace records every step's utterance ids).
 """
@@ -57,7 +57,8 @@ def wait_for(condition, what: str, driver: subprocess.Popen, log: Path, timeout:
 
 def test_killed_driver_rerun_reuses_finished_trials_and_resumes_exactly(ray_cluster, inject_faults, trace_dir,
                                                                          tmp_path):
-    spec = {**PIPELINE, "output_dir": str(tmp_path / "out"), "corpus": {**PIPELINE["corpus"], "root": str(tmp_path / "corpus")},
+    spec = {**PIPELINE, "output_dir": str(tmp_path / "out"),
+            "corpus": {**PIPELINE["corpus"], "root": str(tmp_path / "corpus")},
             "data": {"cache_dir": str(tmp_path / "cache"), "rows_per_shard": 8}}
     pipeline = tmp_path / "killed.yaml"
     pipeline.write_text(yaml.safe_dump(spec))
@@ -100,7 +101,8 @@ def test_killed_driver_rerun_reuses_finished_trials_and_resumes_exactly(ray_clus
     pids = list(dict.fromkeys(record["pid"] for record in records))
     assert len(pids) == 2, pids
     killed, resumed = ({r["step"]: r for r in records if r["pid"] == pid} for pid in pids)
-    assert sorted(killed) == list(range(1, HANG_AT)) and sorted(resumed) == list(range(CHECKPOINT_EVERY + 1, MAX_STEPS + 1))
+    assert sorted(killed) == list(range(1, HANG_AT))
+    assert sorted(resumed) == list(range(CHECKPOINT_EVERY + 1, MAX_STEPS + 1))
     assert resumed[CHECKPOINT_EVERY + 1]["ids"] == killed[CHECKPOINT_EVERY + 1]["ids"]
     steps = {**{s: r for s, r in killed.items() if s <= CHECKPOINT_EVERY}, **resumed}
     first_epoch = [i for s in sorted(steps) if steps[s]["epoch"] == 0 for i in steps[s]["ids"]]

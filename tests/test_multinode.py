@@ -33,7 +33,8 @@ PIPELINE = {
 @pytest.fixture(scope="module")
 def multinode(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("multinode")
-    spec = {**PIPELINE, "output_dir": str(workdir / "out"), "corpus": {**PIPELINE["corpus"], "root": str(workdir / "corpus")},
+    spec = {**PIPELINE, "output_dir": str(workdir / "out"),
+            "corpus": {**PIPELINE["corpus"], "root": str(workdir / "corpus")},
             "data": {"cache_dir": str(workdir / "cache"), "rows_per_shard": 8}}
     (workdir / "pipeline.yaml").write_text(yaml.safe_dump(spec))
     done = subprocess.run([sys.executable, str(HERE / "multinode_run.py"), str(workdir)], capture_output=True,

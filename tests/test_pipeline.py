@@ -9,6 +9,7 @@ filesystem layer as they do for ``s3://`` / ``gs://`` (the job-submission test c
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -19,8 +20,9 @@ from pinch_ray.config import ResourcesConfig, load_pipeline
 from pinch_ray.core.models import load_model
 from pinch_ray.pipeline.report import METRICS_FILE
 from pinch_ray.config import RUNS_DIR
-from pinch_ray.pipeline.runs import final_result_dir
-from pinch_ray.pipeline.sweep import SettingsChangedError, max_concurrent_trials
+from pinch_ray.pipeline.runs import (CHECKPOINT_SETTINGS, checkpoint_name, final_result_dir, read_checkpoint_settings,
+                                     save_checkpoint)
+from pinch_ray.pipeline.sweep import SettingsChangedError, max_concurrent_trials, reusable_result_dir
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +88,21 @@ def test_interrupted_sweep_keeps_finished_trials_and_resumes_the_rest(finished):
     # the crashed trial resumed from its checkpoint at step 2 and finished
     ump = result(finished, "ump-0.5")
     assert ump["steps"] == 4 and ump["resumed_at"] == [2]
+    # every checkpoint records the settings it trained with (what a resume is checked against)
+    assert read_checkpoint_settings(store / "ump-0.5" / checkpoint_name(2)) == ump["settings"]
+
+
+def test_an_unfinished_run_resumes_only_under_its_own_settings(tmp_path):
+    job = SimpleNamespace(storage_path=str(tmp_path))
+    checkpoint = tmp_path / "ump-0.5" / checkpoint_name(2)
+    checkpoint.mkdir(parents=True)
+    save_checkpoint(checkpoint, {}, {"epoch": 0}, {"training": {"lr": 0.001}})
+    assert reusable_result_dir(job, "ump-0.5", {"settings": {"training": {"lr": 0.001}}}) is None  # resumes
+    with pytest.raises(SettingsChangedError, match=r"ump-0\.5: an unfinished run \(checkpoint step-0000002\) "
+                                                   r"with other settings .*training\.lr: 0\.001 -> 0\.002"):
+        reusable_result_dir(job, "ump-0.5", {"settings": {"training": {"lr": 0.002}}})
+    (checkpoint / CHECKPOINT_SETTINGS).unlink()  # a checkpoint of an older pinch_ray: resumed as before
+    assert reusable_result_dir(job, "ump-0.5", {"settings": {"training": {"lr": 0.002}}}) is None
 
 
 def test_every_artifact_is_written(finished):

@@ -9,8 +9,8 @@ before ``ray.init`` / ``ray start``, or in a job's ``runtime_env`` ``env_vars``.
   whose marker exists has happened, so each fires once, whatever restarts follow.
 - ``PINCH_RAY_TRACE``: a directory; every worker appends one JSON line per training step to
   ``<dir>/<trial>.rank<r>.jsonl``: the step, epoch, index of the batch in its epoch, time, node,
-  process, and the ids of the utterances the step trained on (what resume tests check: none repeated, none
-  skipped).
+  process, and the ids of the utterances the step trained on (what resume tests check: none
+  repeated, none skipped).
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ class StepTrace:
         if self.path is None:
             return
         ids = [utterance for batch in micro_batches for utterance in batch["ids"]]
-        record = {"step": step, "epoch": epoch, "batch_in_epoch": index, "time": time.time(), **self.fixed, "ids": ids}
+        record = {"step": step, "epoch": epoch, "batch_in_epoch": index, "time": time.time(), **self.fixed,
+                  "ids": ids}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

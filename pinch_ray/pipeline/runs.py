@@ -3,6 +3,7 @@ storage, and the only module that writes, finds or reads it.
 
     <run storage>/<run name>/           run storage: storage_path, or <output_dir>/runs
       step-0000250/state.pt             every checkpoint: Compressor.state_dict() + data progress
+                   settings.json        every checkpoint: the settings the run trains with
       step-0001000/state.pt             the final checkpoint, also:
                    model/               the folded HF model + processor (save_pretrained)
                    train_result.json    what the run achieved, and the settings it ran with
@@ -28,6 +29,7 @@ from pinch_ray.core.export import export_model, pruned_copy
 CHECKPOINT_STATE = "state.pt"  # Compressor.state_dict() + data progress (torch.save, tensors only)
 CHECKPOINT_MODEL = "model"  # final checkpoint only: the folded HF model + processor
 TRAIN_RESULT = "train_result.json"  # final checkpoint only: what the run achieved
+CHECKPOINT_SETTINGS = "settings.json"  # every checkpoint: the run's settings (what a resume must match)
 
 
 def checkpoint_name(step: int) -> str:
@@ -35,9 +37,13 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
-def save_checkpoint(directory: str | os.PathLike, compressor_state: dict, progress: dict) -> None:
-    """Write a checkpoint's state into ``directory`` (Ray Train then uploads it)."""
+def save_checkpoint(directory: str | os.PathLike, compressor_state: dict, progress: dict,
+                    settings: dict | None = None) -> None:
+    """Write a checkpoint's state into ``directory`` (Ray Train then uploads it), with the run's
+    ``settings`` (``sweep.run_settings``), so that a rerun with other settings does not resume it."""
     torch.save({"compressor": compressor_state, "progress": dict(progress)}, Path(directory) / CHECKPOINT_STATE)
+    if settings is not None:
+        (Path(directory) / CHECKPOINT_SETTINGS).write_text(json.dumps(settings, indent=1, sort_keys=True))
 
 
 def save_final(directory: str | os.PathLike, model: nn.Module, processor, result: dict) -> None:
@@ -75,6 +81,24 @@ def final_result_dir(run_storage: str | os.PathLike, name: str) -> str | None:
         if result.type == pafs.FileType.File and model.type == pafs.FileType.Directory:
             finished.append(child.base_name)
     return storage.join(directory, max(finished)) if finished else None  # checkpoint_name sorts by step
+
+
+def latest_checkpoint(run_storage: str | os.PathLike, name: str) -> str | None:
+    """The checkpoint directory of run ``name`` with the highest step (finished or not), a local path
+    or a URI like ``run_storage``; None when the run has none."""
+    import pyarrow.fs as pafs
+
+    directory = run_dir(run_storage, name)
+    fs, base = storage.filesystem(directory)
+    steps = [child.base_name for child in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+             if child.type == pafs.FileType.Directory and child.base_name.startswith("step-")]
+    return storage.join(directory, max(steps)) if steps else None
+
+
+def read_checkpoint_settings(checkpoint_dir: str | os.PathLike) -> dict | None:
+    """The settings a checkpoint was trained with; None for one written before checkpoints recorded them."""
+    path = storage.join(checkpoint_dir, CHECKPOINT_SETTINGS)
+    return json.loads(storage.read_text(path)) if storage.is_file(path) else None
 
 
 def read_train_result(result_dir: str | os.PathLike) -> dict:

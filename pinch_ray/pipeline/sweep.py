@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,28 +119,39 @@ def _changes(recorded: Any, wanted: Any, key: str = "") -> list[str]:
 
 def reusable_result_dir(job: "TrialJob", name: str, config: dict) -> str | None:
     """The final checkpoint directory of run ``name`` if it finished with ``config``'s settings;
-    None when it has not finished.
+    None when it has not finished (an unfinished run with the same settings resumes from its last
+    checkpoint).
 
     Raises:
-        SettingsChangedError: it finished with other settings (what changed, and how to go on).
+        SettingsChangedError: it finished, or has a checkpoint, with other settings (what changed,
+            and how to go on): resuming would continue another run's training under this one's name.
     """
     done = runs.final_result_dir(job.storage_path, name)
     if done is None:
+        checkpoint = runs.latest_checkpoint(job.storage_path, name)
+        recorded = runs.read_checkpoint_settings(checkpoint) if checkpoint else None
+        if recorded is not None:  # (checkpoints of an older pinch_ray record none: resumed as before)
+            _raise_if_changed(job, name, recorded, config["settings"],
+                              f"an unfinished run (checkpoint {posixpath.basename(checkpoint)})")
         return None
     recorded = runs.read_train_result(done).get("settings")
     if recorded is None:
         log.warning("trial %s: the finished run %s recorded no settings (made by an older pinch_ray); "
                     "reused as it is", name, done)
         return done
-    changes = _changes(recorded, config["settings"])
+    _raise_if_changed(job, name, recorded, config["settings"], "a finished run")
+    return done
+
+
+def _raise_if_changed(job: "TrialJob", name: str, recorded: dict, wanted: dict, what: str) -> None:
+    changes = _changes(recorded, wanted)
     if changes:
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
         run_dir = runs.run_dir(job.storage_path, name)
         raise SettingsChangedError(
-            f"trial {name}: a finished run with other settings is in {run_dir} ({shown}). Delete that "
+            f"trial {name}: {what} with other settings is in {run_dir} ({shown}). Delete that "
             f"directory to train {name} again with the settings asked for now, or set output_dir (or "
             "storage_path) to a new place to keep both.")
-    return done
 
 
 @dataclass

@@ -177,7 +177,7 @@ class _Reporter:
         with tempfile.TemporaryDirectory() as directory:
             if final:
                 runs.save_final(directory, run.model, self.processor, self._result(metrics))
-            runs.save_checkpoint(directory, run.state_dict(), self.progress)
+            runs.save_checkpoint(directory, run.state_dict(), self.progress, self.config.get("settings"))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=runs.checkpoint_name(step))
 
