@@ -1,5 +1,5 @@
 """Shared test fixtures: offline Hugging Face, one local Ray cluster per test session, fault
-injection into its workers; a reader of TensorBoard event files."""
+injection into its workers; file modification times; a reader of TensorBoard event files."""
 
 import json
 import os
@@ -57,6 +57,12 @@ def ray_cluster(faults_file, trace_dir):
              log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def mtimes(directory) -> dict[str, int]:
+    """``{relative path: modification time (ns)}`` of every file under ``directory``: equal before and
+    after a rerun when the rerun rewrote nothing there."""
+    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def tensorboard_events(path) -> list:

@@ -24,6 +24,8 @@ from pinch_ray.config import load_pipeline
 from pinch_ray.data.batches import read_prepared_rows
 from pinch_ray.pipeline.runs import final_result_dir, read_train_result, run_dir
 
+from conftest import mtimes
+
 pytestmark = pytest.mark.slow
 
 BATCH, MAX_STEPS, HANG_AT, CHECKPOINT_EVERY = 4, 12, 6, 4  # 12 steps: one epoch
@@ -38,10 +40,6 @@ PIPELINE = {
     "resources": {"cpus_per_worker": 0.5, "max_failures": 0},
     "evaluation": {"batch_size": 8, "num_actors": 0},
 }
-
-
-def mtimes(directory: Path) -> dict[str, int]:
-    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def wait_for(condition, what: str, driver: subprocess.Popen, log: Path, timeout: float = 600) -> None:

@@ -24,6 +24,8 @@ from pinch_ray.pipeline.runs import (CHECKPOINT_SETTINGS, checkpoint_name, final
                                      save_checkpoint)
 from pinch_ray.pipeline.sweep import SettingsChangedError, max_concurrent_trials, reusable_result_dir
 
+from conftest import mtimes
+
 pytestmark = pytest.mark.slow
 
 TINY = {
@@ -42,10 +44,6 @@ TRIALS = ("foundation", "dense", "sspg-0.5", "sspg-neuron-0.5", "ump-0.5")
 def local(uri: str) -> Path:
     assert uri.startswith("file://"), uri
     return Path(uri.removeprefix("file://"))
-
-
-def mtimes(directory: Path) -> dict[str, int]:
-    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

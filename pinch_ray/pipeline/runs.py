@@ -65,17 +65,24 @@ def run_dir(run_storage: str | os.PathLike, name: str) -> str:
     return storage.join(run_storage, name)
 
 
+def _run_subdirs(run_storage: str | os.PathLike, name: str):
+    """``(directory, filesystem, [FileInfo of each directory in it])`` of run ``name``."""
+    import pyarrow.fs as pafs
+
+    directory = run_dir(run_storage, name)
+    fs, base = storage.filesystem(directory)
+    children = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    return directory, fs, [child for child in children if child.type == pafs.FileType.Directory]
+
+
 def final_result_dir(run_storage: str | os.PathLike, name: str) -> str | None:
     """The final checkpoint directory of run ``name``, a local path or a URI like ``run_storage``;
     None when the run has not finished (or never started)."""
     import pyarrow.fs as pafs
 
-    directory = run_dir(run_storage, name)
-    fs, base = storage.filesystem(directory)
+    directory, fs, children = _run_subdirs(run_storage, name)
     finished = []
-    for child in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
-        if child.type != pafs.FileType.Directory:
-            continue
+    for child in children:
         result, model = fs.get_file_info([posixpath.join(child.path, TRAIN_RESULT),
                                           posixpath.join(child.path, CHECKPOINT_MODEL)])
         if result.type == pafs.FileType.File and model.type == pafs.FileType.Directory:
@@ -86,12 +93,8 @@ def final_result_dir(run_storage: str | os.PathLike, name: str) -> str | None:
 def latest_checkpoint(run_storage: str | os.PathLike, name: str) -> str | None:
     """The checkpoint directory of run ``name`` with the highest step (finished or not), a local path
     or a URI like ``run_storage``; None when the run has none."""
-    import pyarrow.fs as pafs
-
-    directory = run_dir(run_storage, name)
-    fs, base = storage.filesystem(directory)
-    steps = [child.base_name for child in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-             if child.type == pafs.FileType.Directory and child.base_name.startswith("step-")]
+    directory, _, children = _run_subdirs(run_storage, name)
+    steps = [child.base_name for child in children if child.base_name.startswith("step-")]
     return storage.join(directory, max(steps)) if steps else None
 
 
