@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCTC
 
-from pinch_ray.core import export, gates, neurons, pruned_modeling
+from pinch_ray.core import compact_format, export, gates, neurons, pruned_modeling
 from pinch_ray.config import ConfigError, GateConfig
 from pinch_ray.core.models import count_parameters, load_model
 
@@ -118,6 +118,9 @@ def test_exported_model_is_smaller_and_equals_the_hard_masked_model(arch, tmp_pa
     compact = tmp_path / "compact"
     export.save_compact(tmp_path, compact)
     assert pruned_modeling.layer_shapes(export.load_compact(compact)) == shapes
+    unpacked = compact_format.unpack(compact, tmp_path / "unpacked")  # the store carries the loader too
+    assert (unpacked / pruned_modeling.MODULE_FILE).read_bytes() == (tmp_path / pruned_modeling.MODULE_FILE).read_bytes()
+    assert pruned_modeling.layer_shapes(AutoModelForCTC.from_pretrained(unpacked, trust_remote_code=True)) == shapes
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import torch
 import yaml
 from transformers import AutoModelForCTC, AutoProcessor
 
-from pinch_ray.core import scoring, gates
+from pinch_ray.core import compact_format, scoring, gates
 from pinch_ray.pipeline import report
 from pinch_ray.config import DataConfig, EvalConfig, GateConfig
 from pinch_ray.data.features import SHARD_SCHEMA
@@ -134,6 +134,11 @@ def test_model_card_and_feature_extractor_describe_the_trained_model(tmp_path):
     assert "`ump` at 0.65 of all parameters" in card and "AutoModelForCTC.from_pretrained(path)" in card
     assert f"{100 * metrics['param_reduction']:.1f}% of its {metrics['params_total']:,} parameters" in card
     assert metrics["artifact_bytes"]["model"] == sum(f.stat().st_size for f in (tmp_path / "ump-0.65" / "model").iterdir())
+    # the compact store unpacks into the whole model directory: card, processor, normalisation and all
+    unpacked = compact_format.unpack(tmp_path / "ump-0.65" / "compact", tmp_path / "unpacked")
+    assert sorted(p.name for p in unpacked.iterdir()) == sorted(p.name for p in (tmp_path / "ump-0.65" / "model").iterdir())
+    assert (unpacked / "README.md").read_text() == card
+    assert AutoProcessor.from_pretrained(unpacked).feature_extractor.do_normalize is False
 
 
 def test_finalize_killed_mid_write_leaves_nothing_complete_and_a_rerun_finishes(tmp_path):

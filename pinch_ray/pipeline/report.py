@@ -243,7 +243,9 @@ def finalize_trial(model: torch.nn.Module, processor, info: TrialInfo, output_di
                      per_split[split]["cer"], per_split[split]["num_utterances"])
 
         metrics = _metrics(plain, info, layers, per_split)
-        (tmp / "model" / "README.md").write_text(model_card(info, metrics, plain.config))
+        card = model_card(info, metrics, plain.config)
+        for directory in ("model", "compact"):  # the compact store unpacks into the whole model directory
+            (tmp / directory / "README.md").write_text(card)
         model_bytes, compact_bytes = export.dir_bytes(tmp / "model"), export.dir_bytes(tmp / "compact")
         metrics["artifact_bytes"] = {"model": model_bytes, "compact": compact_bytes}  # the card included
         metrics["compact_ratio"] = compact_bytes / (tmp / "model" / "model.safetensors").stat().st_size
