@@ -9,13 +9,24 @@ every file of a corpus stays cheap).
 
 **Atomic writes.** Every artifact is written under a temporary sibling name and renamed into place
 (:func:`atomic_path`), so a crash leaves the earlier version or nothing, never half a file; a hard
-kill may leave a ``<name>.tmp-<hex>`` sibling, which :func:`remove_stale_tmp` clears.
+kill may leave a ``<name>.tmp-<hex>`` sibling, which :func:`remove_stale_tmp` clears. A file at a URI
+(:func:`atomic_output`, :func:`write_bytes`) is renamed into place on a local filesystem
+(``file://``) and written in place on an object store, whose upload shows an object only once it is
+complete. A directory at a URI cannot be renamed into place: it is complete once its marker file,
+written last, is there.
+
+**An output directory in an object store** (:class:`RemoteOutput`): the pipeline writes a local
+staging copy as it would any output directory, and uploads what changed after each step of work,
+every marker file last (a trial's ``metrics.json``, a stage's ``.stages/<stage>.done``), so the
+store never shows work as finished before all of it is there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import logging
 import os
 import posixpath
 import shutil
@@ -23,7 +34,10 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
 
 SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")  # what pyarrow.fs resolves
 TMP_TAG = ".tmp-"  # in the name of every temporary sibling (never in a final name)
@@ -123,6 +137,59 @@ def read_text(path: str | os.PathLike) -> str:
     return read_bytes(path).decode("utf-8")
 
 
+def exists(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (a local path or a URI) is an existing file or directory."""
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete the directory ``path`` (a local path or a URI) and everything in it, if it exists."""
+    fs, inner = filesystem(path)
+    if exists(path):
+        fs.delete_dir(inner)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[tuple[Any, str]]:
+    """Yield ``(pyarrow filesystem, path inside it)`` to write the file ``path`` (a local path or a
+    URI) at; the file appears whole or not at all.
+
+    On a local filesystem (a local path, ``file://``) that is a hidden temporary sibling, renamed
+    into place when the block succeeds; on an object store, ``path`` itself (an upload shows the
+    object only once complete). A block that writes nothing replaces nothing.
+    """
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(path)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    target = inner
+    if local:
+        head, name = posixpath.split(inner)
+        fs.create_dir(head, recursive=True)
+        target = posixpath.join(head, f".{name}{TMP_TAG}{uuid.uuid4().hex}")
+    try:
+        yield fs, target
+    except BaseException:
+        if local and fs.get_file_info(target).type == pafs.FileType.File:
+            fs.delete_file(target)
+        raise
+    if local and fs.get_file_info(target).type == pafs.FileType.File:
+        fs.move(target, inner)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file at a local path or a URI, whole or not at all (:func:`atomic_output`)."""
+    with atomic_output(path) as (fs, target), fs.open_output_stream(target) as stream:
+        stream.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
 @contextlib.contextmanager
 def local_dir(path: str | os.PathLike) -> Iterator[Path]:
     """A local directory with the contents of ``path``: ``path`` itself when it is local, else a
@@ -194,15 +261,110 @@ def atomic_dir(final: str | os.PathLike):
     return atomic_path(final, directory=True)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temporary sibling and a rename."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def remove_stale_tmp(final: str | os.PathLike) -> None:
     """Delete temporary siblings of ``final`` left by an :func:`atomic_path` that was killed."""
     final = Path(final)
     for pattern in (f"{final.name}{TMP_TAG}*", f".{final.name}{TMP_TAG}*"):
         for stale in final.parent.glob(pattern):
             _remove(stale)
+
+
+# ----------------------------------------------------------------------------------------------
+# An output directory in an object store
+# ----------------------------------------------------------------------------------------------
+
+
+STAGING_ENV = "PINCH_RAY_STAGING"  # where RemoteOutput keeps its local copies (default ~/.cache/pinch_ray/staging)
+
+
+def is_marker(relative: str) -> int:
+    """0 for an ordinary file of an output directory; 1 for a trial's completion marker
+    (``<trial>/metrics.json``), 2 for a stage's (``.stages/<stage>.done``): uploaded in that order."""
+    parts = relative.split("/")
+    if len(parts) == 2 and parts[0] == ".stages" and parts[1].endswith(".done"):
+        return 2
+    return 1 if len(parts) == 2 and parts[1] == "metrics.json" else 0
+
+
+class RemoteOutput:
+    """An output directory at a URI (``s3://bucket/runs/demo``, ``file:///...``) and the local staging
+    directory the pipeline writes instead; :meth:`publish` uploads what changed.
+
+    :meth:`pull` starts the staging copy afresh from what the store holds, except what no later
+    step reads (``skip``: the runs, and every trial's ``model/`` and ``compact/``), so a rerun on
+    another machine sees the finished stages and trials. The files are read whole into memory
+    (markers, reports, hypotheses, logs: small). The store is then only added to:
+    :meth:`publish` deletes a marker that is about to change or has gone first, uploads the other
+    new or changed files (and deletes the ones known to have gone), and the markers last.
+    """
+
+    def __init__(self, uri: str, staging: str | os.PathLike | None = None,
+                 skip: tuple[str, ...] = ("runs/", "*/model/", "*/compact/")):
+        self.uri = uri.rstrip("/")
+        root = Path(staging or os.environ.get(STAGING_ENV) or Path.home() / ".cache" / "pinch_ray" / "staging")
+        self.local = root / hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+        self.skip = skip
+        self._known: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) the store has
+
+    def _skipped(self, relative: str) -> bool:
+        parts = relative.split("/")
+        for pattern in self.skip:
+            head = pattern.rstrip("/").split("/")
+            if len(parts) > len(head) and all(h in ("*", p) for h, p in zip(head, parts)):
+                return True
+        return False
+
+    def _local_files(self) -> dict[str, tuple[int, int]]:
+        """Every file of the staging directory but temporaries: relative path -> (size, mtime_ns)."""
+        files = {}
+        for path in self.local.rglob("*"):
+            relative = path.relative_to(self.local).as_posix()
+            if path.is_file() and TMP_TAG not in relative:
+                stat = path.stat()
+                files[relative] = (stat.st_size, stat.st_mtime_ns)
+        return files
+
+    def pull(self) -> Path:
+        """A fresh staging directory holding the store's files (but ``skip``); returns it."""
+        import pyarrow.fs as pafs
+
+        shutil.rmtree(self.local, ignore_errors=True)
+        self.local.mkdir(parents=True)
+        fs, base = filesystem(self.uri)
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        for info in infos:
+            relative = posixpath.relpath(info.path, base)
+            if info.type != pafs.FileType.File or self._skipped(relative):
+                continue
+            target = self.local / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as stream:
+                target.write_bytes(stream.read())
+        self._known = self._local_files()
+        log.info("output %s: staged at %s (%d files pulled)", self.uri, self.local, len(self._known))
+        return self.local
+
+    def publish(self) -> int:
+        """Upload what changed in the staging directory since the last pull or publish; returns the
+        number of files uploaded or deleted."""
+        fs, base = filesystem(self.uri)
+        now = self._local_files()
+        changed = sorted((rel for rel, stamp in now.items() if self._known.get(rel) != stamp), key=lambda r: (is_marker(r), r))
+        gone = sorted(rel for rel in self._known if rel not in now)
+
+        def delete(relative: str) -> None:
+            if self._known.pop(relative, None) is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    fs.delete_file(posixpath.join(base, relative))
+
+        for relative in changed + gone:
+            if is_marker(relative):
+                delete(relative)  # the store stops claiming "finished" before anything under it changes
+        for relative in changed:
+            write_bytes(join(self.uri, relative), (self.local / relative).read_bytes())
+            self._known[relative] = now[relative]
+        for relative in gone:
+            delete(relative)
+        if changed or gone:
+            log.info("output %s: %d files uploaded, %d deleted", self.uri, len(changed), len(gone))
+        return len(changed) + len(gone)

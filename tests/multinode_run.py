@@ -49,6 +49,7 @@ def lose_a_node(cluster, driver: subprocess.Popen, workdir: Path, storage: Path,
 def main(workdir: Path) -> None:
     from pinch_ray.config import load_pipeline
     from pinch_ray.pipeline.debug import FAULTS_ENV, TRACE_ENV
+    from pinch_ray.storage import STAGING_ENV, local_path
 
     # set before any raylet starts: every worker process inherits them
     os.environ[TRACE_ENV] = str(workdir / "trace")
@@ -70,10 +71,11 @@ def main(workdir: Path) -> None:
     # the driver joins the cluster from a process of its own, as under `ray job submit`
     with open(workdir / "driver.log", "w") as log:
         driver = subprocess.Popen([sys.executable, "-m", "pinch_ray.cli", "run", str(workdir / "pipeline.yaml")],
-                                  env={**os.environ, "RAY_ADDRESS": cluster.address}, stdout=log,
+                                  env={**os.environ, "RAY_ADDRESS": cluster.address,
+                                       STAGING_ENV: str(workdir / "staging")}, stdout=log,
                                   stderr=subprocess.STDOUT)
         try:
-            lose_a_node(cluster, driver, workdir, Path(cfg.run_storage()), report)  # main thread: Ray's
+            lose_a_node(cluster, driver, workdir, Path(local_path(cfg.run_storage())), report)  # main thread: Ray's
             report["rc"] = driver.wait(timeout=1200)  # node start installs signal handlers
         finally:
             if driver.poll() is None:

@@ -165,9 +165,9 @@ def test_both_run_a_valid_paper_pipeline(cluster_file):
     assert pipeline == "pipelines/wav2vec2_base_ls100.yaml"
     cfg = load_pipeline(REPO / pipeline, overrides, check_paths=False)
     assert cfg.model.init_from == "facebook/wav2vec2-base" and cfg.resources.use_gpu
-    # runs and checkpoints in the object store; artifacts and prepared shards on the shared mount
-    assert cfg.corpus.root.startswith("s3://") and cfg.storage_path.startswith("s3://")
-    assert cfg.output_dir.startswith("/mnt/") and cfg.data.cache_dir.startswith("/mnt/")
+    # everything in the object store: no shared file system to set up
+    assert cfg.corpus.root.startswith("s3://") and cfg.data.cache_dir.startswith("s3://")
+    assert cfg.output_dir.startswith("s3://") and cfg.run_storage() == cfg.output_dir + "/runs"
 
 
 @pytest.mark.parametrize("cluster_file", sorted(CLUSTERS))

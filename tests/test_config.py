@@ -184,8 +184,8 @@ def test_float_fields_accept_exponent_strings_only(in_tmp_dir):
     (["training.tau_start=1"], "training.tau_start: unknown key; did you mean gates.tau_start?"),
     (["training.synth_seed=1"], "training.synth_seed: unknown key; did you mean corpus.synth_seed?"),
     (["storage_path=ftp://host/runs"], "storage_path: 'ftp://host/runs' has scheme 'ftp'"),
-    (["output_dir=s3://bucket/out"], "output_dir: s3://bucket/out is an object-store URI"),
-    (["data.cache_dir=gs://bucket/cache"], "data.cache_dir: gs://bucket/cache is an object-store URI"),
+    (["output_dir=ftp://bucket/out"], "output_dir: 'ftp://bucket/out' has scheme 'ftp'"),
+    (["data.cache_dir=http://host/cache"], "data.cache_dir: 'http://host/cache' has scheme 'http'"),
     (["sweep.methods=[sspg-neuron]", "gates.neuron_units=[ffn, rows]"], "gates.neuron_units: ['ffn', 'rows']"),
     (["resources.cluster_max.cpu=200"], "resources.cluster_max.cpu: unknown resource; set CPU and/or GPU"),
     (["resources.cluster_max.GPU=-4"], "resources.cluster_max.GPU: must be >= 0"),
@@ -194,6 +194,14 @@ def test_float_fields_accept_exponent_strings_only(in_tmp_dir):
 def test_impossible_combinations(overrides, key):
     error = problems_of(None, overrides)
     assert any(key in problem for problem in error.problems), error.problems
+
+
+def test_object_store_outputs_are_accepted_and_the_runs_go_under_them():
+    cfg = load_pipeline(None, ["output_dir=s3://bucket/out?region=eu-west-1", "data.cache_dir=gs://bucket/cache"],
+                        check_paths=False)
+    assert cfg.output_dir == "s3://bucket/out?region=eu-west-1" and cfg.data.cache_dir == "gs://bucket/cache"
+    assert cfg.run_storage() == "s3://bucket/out/runs?region=eu-west-1"
+    assert load_pipeline(None, ["output_dir=s3://b/out", "storage_path=gs://c/runs"], check_paths=False).run_storage() == "gs://c/runs"
 
 
 def test_check_paths_without_creating_anything(in_tmp_dir):
@@ -258,7 +266,7 @@ def test_readme_configuration_reference_is_in_sync_with_config_py():
     current = readme.split(README_REFERENCE_BEGIN, 1)[1].split(README_REFERENCE_END, 1)[0].strip()
     assert current == config_reference().strip(), (
         "README.md's configuration reference is out of date: replace the block between the "
-        "config-reference markers with the output of `python -m pinch_ray.config`")
+        "config-reference markers with the output of `python -m pinch_ray.config.reference`")
     # every key is documented: its meaning comes from the comments beside it in config.py
     rows = [line for line in config_reference().splitlines() if line.startswith("| `")]
     assert len(rows) > 60 and not [row for row in rows if row.endswith("|  |")]

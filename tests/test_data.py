@@ -27,7 +27,8 @@ from pinch_ray.data.batches import (
     read_prepared_rows,
 )
 from pinch_ray.data.features import SKIP_KINDS, PrepareSettings, tokenize, write_shard
-from pinch_ray.data.prepare import COMPLETE_MARKER, REPORT_FILE, PrepareError, prepare_shards, prepare_split
+from pinch_ray.data.prepare import (COMPLETE_MARKER, REPORT_FILE, PrepareError, prepare_shards, prepare_split, read_shards,
+                                    shard_order)
 
 VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "'": 5,
          **{chr(ord("A") + i): 6 + i for i in range(26)}}
@@ -205,7 +206,8 @@ def test_write_shard_writes_kept_rows_in_row_groups_or_no_file(corpus, tmp_path)
     assert [(item["id"], item["kind"]) for item in summary["skipped"]] == [(rows[1]["id"], "out_of_vocabulary")]
     metadata = pq.ParquetFile(tmp_path / "a.parquet").metadata
     assert metadata.num_rows == 5 and metadata.num_row_groups == 3  # groups of 2 utterances, one skipped
-    assert summary["num_samples"] == sum(len(row["audio"]) for row in read_prepared_rows(tmp_path))
+    table = pq.read_table(tmp_path / "a.parquet")
+    assert summary["num_samples"] == sum(table.column("num_samples").to_pylist()) == sum(map(len, table["audio"].to_numpy()))
     nothing = write_shard(rows[1:2], tmp_path / "b.parquet", VOCAB, settings, rows_per_group=2)
     assert nothing["file"] is None and nothing["kept"] == 0 and len(nothing["skipped"]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet"]  # no empty file, no temporary left
@@ -312,3 +314,30 @@ def test_eval_batches_cover_every_utterance_once(prepared_train):
 def test_skip_kinds_are_the_documented_names():
     assert SKIP_KINDS == ("unreadable_audio", "missing_audio", "missing_transcript", "empty_audio",
                           "out_of_vocabulary", "too_short", "too_long")
+
+
+def test_prepare_writes_to_an_object_store_uri_in_shards_that_mix_speakers(ray_cluster, corpus, prepared_train, tmp_path):
+    uri = f"file://{tmp_path}/store"
+    prepared = prepare_split(corpus, "train", VOCAB, DataConfig(), cache_dir=uri)
+    assert not prepared.from_cache and prepared.path.startswith(uri) and all(f.startswith(uri) for f in prepared.files)
+    local = Path(prepared.path.removeprefix("file://"))
+    names = [Path(f).name for f in prepared.files]
+    assert names == [Path(f).name for f in prepared_train.files]  # the same shards as in a local cache
+    assert sorted(p.name for p in local.iterdir()) == sorted([COMPLETE_MARKER, REPORT_FILE, *names])
+    assert _rows_by_id(prepared.path).keys() == _rows_by_id(prepared_train.path).keys()
+    assert prepare_split(corpus, "train", VOCAB, DataConfig(), cache_dir=uri).from_cache
+
+    # each shard mixes speakers (the listing keeps a speaker's utterances together)
+    speakers = {u.speaker for u in list_split(corpus, "train").utterances}
+    per_shard = [{row["speaker"] for row in read_prepared_rows_of(file)} for file in prepared.files]
+    assert len(speakers) > 4 and all(len(shard) >= 3 for shard in per_shard), per_shard
+
+    # training reads the shards in an order of its seed: the same for a seed, another for another
+    files = prepared.files
+    assert shard_order(files, None) == files and sorted(shard_order(files, 3)) == sorted(files)
+    assert shard_order(files, 3) == shard_order(files, 3) != shard_order(files, 4)
+    assert read_shards(files, seed=3).count() == prepared.num_utterances
+
+
+def read_prepared_rows_of(file: str) -> list[dict]:
+    return pq.read_table(file.removeprefix("file://")).select(["id", "speaker"]).to_pylist()

@@ -7,6 +7,10 @@ at a time, 12 steps each (one epoch): ``sspg-0.4`` finishes, then ``ump-0.4`` ha
 (fault injection), after its checkpoint at step 4, and the driver is killed there. The rerun must reuse ``sspg-0.4`` untouched,
 resume ``ump-0.4`` at step 4 and train the rest of its epoch on exactly the utterances it had not
 reached: none repeated, none skipped (the step trace records every step's utterance ids).
+
+Everything the run writes goes to an object store (``file://`` URIs stand in for ``s3://``): the
+prepared shards, the runs and checkpoints, and the output directory, which each driver writes
+through a staging copy of its own; the rerun starts from an empty one, as a new driver machine would.
 """
 
 import json
@@ -20,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pinch_ray import storage
 from pinch_ray.config import load_pipeline
 from pinch_ray.data.batches import read_prepared_rows
 from pinch_ray.pipeline.runs import final_result_dir, read_train_result, run_dir
@@ -55,18 +60,20 @@ def wait_for(condition, what: str, driver: subprocess.Popen, log: Path, timeout:
 
 def test_killed_driver_rerun_reuses_finished_trials_and_resumes_exactly(ray_cluster, inject_faults, trace_dir,
                                                                          tmp_path):
-    spec = {**PIPELINE, "output_dir": str(tmp_path / "out"),
+    spec = {**PIPELINE, "output_dir": f"file://{tmp_path}/out",
             "corpus": {**PIPELINE["corpus"], "root": str(tmp_path / "corpus")},
-            "data": {"cache_dir": str(tmp_path / "cache"), "rows_per_shard": 8}}
+            "data": {"cache_dir": f"file://{tmp_path}/cache", "rows_per_shard": 8}}
     pipeline = tmp_path / "killed.yaml"
     pipeline.write_text(yaml.safe_dump(spec))
     cfg = load_pipeline(pipeline)
     hung = tmp_path / "ump-hung"
     inject_faults({"trial": "ump-0.4", "step": HANG_AT, "rank": 0, "action": "hang", "marker": str(hung)})
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+           storage.STAGING_ENV: str(tmp_path / "staging-first")}
     command = [sys.executable, "-m", "pinch_ray.cli", "run", str(pipeline)]
-    store = Path(cfg.run_storage())
-    snapshot = Path(run_dir(cfg.run_storage(), "ump-0.4")) / "checkpoint_manager_snapshot.json"
+    assert cfg.run_storage() == f"file://{tmp_path}/out/runs"
+    store = tmp_path / "out" / "runs"
+    snapshot = Path(storage.local_path(run_dir(cfg.run_storage(), "ump-0.4"))) / "checkpoint_manager_snapshot.json"
 
     first_log = tmp_path / "first.log"
     with open(first_log, "w") as out:
@@ -83,15 +90,26 @@ def test_killed_driver_rerun_reuses_finished_trials_and_resumes_exactly(ray_clus
     sspg_done = final_result_dir(cfg.run_storage(), "sspg-0.4")
     assert sspg_done is not None, "sspg-0.4 should have finished before ump-0.4 started"
     sspg_files = mtimes(store / "sspg-0.4")
+    assert (tmp_path / "out" / ".stages" / "prepare.done").is_file()  # uploaded when the stage finished
+    assert not (tmp_path / "out" / ".stages" / "compress.done").exists()
+    cache = mtimes(tmp_path / "cache")
 
+    # the same command on another driver machine: nothing staged there
+    env[storage.STAGING_ENV] = str(tmp_path / "staging-second")
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "[stage 1/4] prepare ... already done" in second.stderr and mtimes(tmp_path / "cache") == cache
 
     assert mtimes(store / "sspg-0.4") == sspg_files  # reused: not a file rewritten
     ump = read_train_result(final_result_dir(cfg.run_storage(), "ump-0.4"))
     assert ump["steps"] == MAX_STEPS and ump["resumed_at"] == [CHECKPOINT_EVERY]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert sorted(trial["trial"] for trial in summary["trials"]) == ["sspg-0.4", "ump-0.4"]
+    for trial in ("sspg-0.4", "ump-0.4"):  # every artifact reached the store, the marker last
+        for artifact in ("metrics.json", "model/model.safetensors", "compact/unpack_compact.py", "hypotheses/dev.txt"):
+            assert (tmp_path / "out" / trial / artifact).is_file(), (trial, artifact)
+    assert (tmp_path / "out" / ".stages" / "finalize.done").is_file()
+    assert not list((tmp_path / "out").rglob(f"*{storage.TMP_TAG}*"))
 
     # the data position: the rerun's step 5 is the killed run's step 5, and the epoch, put together
     # from both runs, trains every train utterance once (48 = 12 full batches of 4)
@@ -104,6 +122,6 @@ def test_killed_driver_rerun_reuses_finished_trials_and_resumes_exactly(ray_clus
     assert resumed[CHECKPOINT_EVERY + 1]["ids"] == killed[CHECKPOINT_EVERY + 1]["ids"]
     steps = {**{s: r for s, r in killed.items() if s <= CHECKPOINT_EVERY}, **resumed}
     first_epoch = [i for s in sorted(steps) if steps[s]["epoch"] == 0 for i in steps[s]["ids"]]
-    train_ids = {row["id"] for row in read_prepared_rows(next((tmp_path / "cache").glob("train-*")))}
+    train_ids = {row["id"] for row in read_prepared_rows(f"file://{next((tmp_path / 'cache').glob('train-*'))}")}
     assert len(train_ids) == 48 and sorted(first_epoch) == sorted(train_ids)
     assert [steps[s]["epoch"] for s in sorted(steps)] == [0] * 12

@@ -25,10 +25,10 @@ def test_atomic_dir_replaces_on_success_and_leaves_nothing_on_failure(tmp_path):
     assert os.listdir(tmp_path) == ["trial"]
 
 
-def test_atomic_write_text_replaces_whole_files_and_leaves_nothing_on_failure(tmp_path):
+def test_write_text_replaces_whole_files_and_leaves_nothing_on_failure(tmp_path):
     path = tmp_path / "summary.md"
-    storage.atomic_write_text(path, "first")
-    storage.atomic_write_text(path, "second")
+    storage.write_text(path, "first")
+    storage.write_text(path, "second")
     assert path.read_text() == "second" and os.listdir(tmp_path) == ["summary.md"]
     with pytest.raises(RuntimeError), storage.atomic_path(path) as tmp:
         tmp.write_text("half")
@@ -60,3 +60,65 @@ def test_uris_and_local_paths_read_alike(tmp_path):
     assert storage.absolute("rel") == os.path.abspath("rel") and storage.absolute("s3://b/x") == "s3://b/x"
     with storage.local_dir(uri + "/a") as local:
         assert (local / "x.txt").read_text() == "hello"
+
+
+def test_atomic_output_at_a_uri_shows_a_file_whole_or_not_at_all(tmp_path):
+    uri = f"file://{tmp_path}/deep/dir/x.bin"
+    with pytest.raises(RuntimeError), storage.atomic_output(uri) as (fs, target):
+        with fs.open_output_stream(target) as stream:
+            stream.write(b"half")
+        assert not (tmp_path / "deep" / "dir" / "x.bin").exists()  # not there while it is written
+        raise RuntimeError("killed mid-write")
+    assert os.listdir(tmp_path / "deep" / "dir") == []  # no file, no temporary
+    storage.write_text(uri, "whole")
+    assert storage.read_text(uri) == "whole" and os.listdir(tmp_path / "deep" / "dir") == ["x.bin"]
+    with storage.atomic_output(uri):
+        pass  # a block that writes nothing replaces nothing
+    assert storage.read_text(uri) == "whole"
+    storage.remove_tree(f"file://{tmp_path}/deep")
+    assert not storage.exists(f"file://{tmp_path}/deep") and os.listdir(tmp_path) == []
+
+
+def test_remote_output_uploads_markers_last_and_never_claims_a_changing_trial_finished(tmp_path, monkeypatch):
+    remote_dir = tmp_path / "store"
+    (remote_dir / "runs" / "sspg").mkdir(parents=True)
+    (remote_dir / "runs" / "sspg" / "ckpt.pt").write_text("big")
+    (remote_dir / "dense" / "model").mkdir(parents=True)
+    (remote_dir / "dense" / "model" / "model.safetensors").write_text("big")
+    (remote_dir / "dense" / "metrics.json").write_text("{}")
+    (remote_dir / "runs-notes.txt").write_text("a file beside runs/, not in it")
+    output = storage.RemoteOutput(f"file://{remote_dir}", staging=tmp_path / "staging")
+    local = output.pull()
+    pulled = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    assert pulled == ["dense/metrics.json", "runs-notes.txt"]  # runs and models stay in the store
+    assert output.publish() == 0  # nothing changed
+
+    events = []
+    write = storage.write_bytes
+    monkeypatch.setattr(storage, "write_bytes", lambda path, data: (events.append(("put", path)), write(path, data)))
+    (local / ".stages").mkdir()
+    (local / ".stages" / "finalize.done").write_text("{}")
+    (local / "sspg" / "model").mkdir(parents=True)
+    (local / "sspg" / "model" / "model.safetensors").write_text("weights")
+    (local / "sspg" / "metrics.json").write_text("{}")
+    (local / "sspg" / f"half{storage.TMP_TAG}0123").write_text("a temporary")
+    (local / "summary.md").write_text("| trial |")
+    (local / "dense" / "metrics.json").write_text('{"wer": 0.1}')  # a trial finalized again
+    (local / "runs-notes.txt").unlink()
+    assert output.publish() == 6
+    uploaded = [path.removeprefix(f"file://{remote_dir}/") for _, path in events]
+    assert uploaded == ["sspg/model/model.safetensors", "summary.md", "dense/metrics.json", "sspg/metrics.json",
+                        ".stages/finalize.done"]  # trial markers after every other file, stage markers last
+    assert (remote_dir / "dense" / "model" / "model.safetensors").read_text() == "big"  # never pulled, kept
+    assert not (remote_dir / "runs-notes.txt").exists() and (remote_dir / "runs" / "sspg" / "ckpt.pt").exists()
+    assert not list(remote_dir.rglob(f"*{storage.TMP_TAG}*"))
+
+    # a marker about to change is deleted before anything else is uploaded
+    (local / "dense" / "metrics.json").write_text('{"wer": 0.2}')
+    (local / "dense" / "hypotheses.txt").write_text("new")
+    seen = []
+    monkeypatch.setattr(storage, "write_bytes", lambda path, data: (
+        seen.append((path.rsplit("/", 1)[-1], (remote_dir / "dense" / "metrics.json").exists())), write(path, data)))
+    assert output.publish() == 2
+    assert seen == [("hypotheses.txt", False), ("metrics.json", False)]
+    assert (remote_dir / "dense" / "metrics.json").read_text() == '{"wer": 0.2}'

@@ -10,13 +10,13 @@ The pipeline config (:class:`PipelineConfig`, at the end) composes the sections;
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import typing
 from dataclasses import dataclass, field
 
 from pinch_ray.config import typed
-from pinch_ray.storage import is_uri, local_path, scheme_problem
+from pinch_ray.storage import local_path, scheme_problem
+from pinch_ray.storage import join as storage_join
 
 # dense: no pruning; ump: uniform magnitude pruning (weights) of the trial's starting model, then
 # fine-tuning with the mask fixed; two-stage: the same, starting from the finished dense trial (the
@@ -373,7 +373,8 @@ class DataConfig:
     prepare_batch_size: int = 256
     # At most this many utterances per parquet shard file (a task writes up to 4 shards).
     rows_per_shard: int = 256
-    # Prepared shards are cached here under a key of corpus + settings (rerun = cache hit).
+    # Prepared shards are cached here under a key of corpus + settings (rerun = cache hit): a
+    # directory, or an object-store URI (s3://bucket/prepared, file:///...) every node reaches.
     cache_dir: str = ".cache/prepared"
     # Length bucketing of training batches: rows are sorted by length within a window of this
     # many batches, cut into batches, and the batch order is shuffled (seed + epoch).
@@ -540,10 +541,13 @@ class PipelineConfig:
     """
 
     name: str = "tiny-synth"  # run name: Ray Train/Tune run names and the default output directory
-    output_dir: str = ""  # where artifacts go (see DESIGN.md); "": runs/<name> in the working directory
+    # Where artifacts go (see DESIGN.md): a directory, or an object-store URI (s3://bucket/x, gs://,
+    # file:///...; the run then writes a local staging copy and uploads as it goes, markers last:
+    # storage.RemoteOutput). "": runs/<name> in the working directory.
+    output_dir: str = ""
     # Where Ray Train/Tune keep runs and checkpoints: a local or shared directory, or an object
     # store URI (s3://bucket/runs, gs://..., file:///...; pyarrow filesystems) that workers on
-    # every node reach. "": <output_dir>/runs. (output_dir and data.cache_dir stay directories.)
+    # every node reach. "": <output_dir>/runs.
     storage_path: str = ""
     # The default pipeline generates the synthetic corpus (CorpusConfig alone never does: a real
     # corpus path that is missing must stay an error, so YAMLs for real corpora set synth_utterances: 0).
@@ -572,7 +576,7 @@ class PipelineConfig:
 
     def run_storage(self) -> str:
         """Where the Ray Train/Tune runs live: ``storage_path``, or ``<output_dir>/runs``."""
-        return self.storage_path or os.path.join(self.output_dir, RUNS_DIR)
+        return self.storage_path or storage_join(self.output_dir, RUNS_DIR)
 
     def baseline_trial(self) -> str:
         """Name of the dense baseline run: ``foundation`` when the compression trials start from
@@ -603,9 +607,8 @@ class PipelineConfig:
         if self.storage_path and (problem := scheme_problem("storage_path", self.storage_path)):
             out.append(problem)
         for key, path in (("output_dir", self.output_dir), ("data.cache_dir", self.data.cache_dir)):
-            if is_uri(path):
-                out.append(f"{key}: {path} is an object-store URI; it needs a local or shared directory (NFS, "
-                           "EFS). Put the runs and checkpoints in the object store with storage_path")
+            if problem := scheme_problem(key, path):
+                out.append(problem)
         if not isinstance(self.name, str) or not RUN_NAME.fullmatch(self.name):
             out.append(f"name: {self.name!r} is not a valid run name; use letters, digits, '.', '_' and '-'")
         out += self.corpus.problems("corpus") + self.data.problems("data") + self.model.problems("model")

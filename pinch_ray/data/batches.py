@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pinch_ray.data.features import SHARD_SCHEMA
+from pinch_ray import storage
+from pinch_ray.data.features import SHARD_SCHEMA, shard_files
 
 LABEL_PAD = -100  # padded label positions (ignored by the HF CTC loss)
 
@@ -132,7 +132,10 @@ def iter_eval_batches(source: Any, batch_size: int, *,
 
 
 def read_prepared_rows(path: str | os.PathLike) -> Iterable[dict]:
-    """Rows of a prepared split read with pyarrow in one process (no Ray), shard by shard."""
-    for file in sorted(Path(path).glob("*.parquet")):
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=256):
-            yield from _table_rows(pa.Table.from_batches([batch]))
+    """Rows of a prepared split (a local path or a URI) read with pyarrow in one process (no Ray),
+    shard by shard."""
+    for file in shard_files(path):
+        fs, inner = storage.filesystem(file)
+        with fs.open_input_file(inner) as stream:
+            for batch in pq.ParquetFile(stream).iter_batches(batch_size=256):
+                yield from _table_rows(pa.Table.from_batches([batch]))

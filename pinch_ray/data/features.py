@@ -8,11 +8,12 @@ list<int32> (character ids), ``text`` str (normalised transcript).
 
 from __future__ import annotations
 
+import json
 import os
+import posixpath
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +24,9 @@ from pinch_ray import storage
 from pinch_ray.config import DataConfig
 from pinch_ray.data.librispeech import decode_audio, resampler
 
-FORMAT_VERSION = 1  # bump when the shard contents change for the same settings
+FORMAT_VERSION = 2  # bump when the shard contents change for the same settings (2: utterances shuffled across shards)
+REPORT_FILE = "prepare_report.json"  # in a prepared split's directory: counts, skips and the shard files
+COMPLETE_MARKER = "_COMPLETE"  # written last: the directory is complete
 SKIP_KINDS = ("unreadable_audio", "missing_audio", "missing_transcript", "empty_audio",
               "out_of_vocabulary", "too_short", "too_long")
 CONVERSION_KINDS = ("converted_channels", "resampled")  # counted, the utterance is kept
@@ -174,24 +177,23 @@ def _shard_table(kept: dict[str, list]) -> pa.Table:
 def write_shard(records: Sequence[dict], path: str | os.PathLike, vocab: Mapping[str, int],
                 settings: PrepareSettings, rows_per_group: int) -> dict:
     """Featurize ``records`` (see :func:`featurize_records`) ``rows_per_group`` at a time and
-    write the kept rows to the parquet file ``path`` (SHARD_SCHEMA, one row group per
-    featurized group, so at most one group of features is in memory). The file is written under
-    a temporary name and renamed: it exists only complete, and none is written when nothing is kept.
+    write the kept rows to the parquet file ``path`` (a local path or a URI; SHARD_SCHEMA, one row
+    group per featurized group, so at most one group of features is in memory). The file appears
+    only complete (:func:`pinch_ray.storage.atomic_output`), and none is written when nothing is kept.
 
     Returns {"file": file name or None, "kept", "num_samples", "skipped": [{id, path, kind,
     reason}], "conversions": {kind: count}}.
     """
-    path = Path(path)
     summary = {"file": None, "kept": 0, "num_samples": 0, "skipped": [], "conversions": Counter()}
     writer = None
-    with storage.atomic_path(path) as tmp_path:  # no file when nothing is kept
+    with storage.atomic_output(path) as (fs, target):  # no file when nothing is kept
         try:
             for start in range(0, len(records), rows_per_group):
                 table, skipped, conversions = featurize_records(records[start:start + rows_per_group], vocab, settings)
                 summary["skipped"] += skipped
                 summary["conversions"].update(conversions)
                 if table.num_rows:
-                    writer = writer or pq.ParquetWriter(tmp_path, SHARD_SCHEMA, **PARQUET_WRITE_OPTIONS)
+                    writer = writer or pq.ParquetWriter(target, SHARD_SCHEMA, filesystem=fs, **PARQUET_WRITE_OPTIONS)
                     writer.write_table(table)
                     summary["kept"] += table.num_rows
                     summary["num_samples"] += int(pc.sum(table["num_samples"]).as_py())
@@ -199,6 +201,15 @@ def write_shard(records: Sequence[dict], path: str | os.PathLike, vocab: Mapping
             if writer is not None:
                 writer.close()
     if writer is not None:
-        summary["file"] = path.name
+        summary["file"] = posixpath.basename(os.fspath(path).split("?")[0])
     summary["conversions"] = dict(summary["conversions"])
     return summary
+
+
+def shard_files(directory: str | os.PathLike) -> list[str]:
+    """The parquet shards of a prepared split's directory (a local path or a URI), as its
+    :data:`REPORT_FILE` lists them: files an unfinished attempt may have left beside them are not
+    part of the split."""
+    directory = os.fspath(directory)
+    report = json.loads(storage.read_text(storage.join(directory, REPORT_FILE)))
+    return [storage.join(directory, name) for name in report["files"]]

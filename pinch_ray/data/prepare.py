@@ -9,12 +9,18 @@ Prepare, per split::
 
 Shard rows: :data:`pinch_ray.data.features.SHARD_SCHEMA`.
 
-Output: ``<cache_dir>/<split>-<key>/`` with ``*.parquet``, ``prepare_report.json`` and the
-completion marker ``_COMPLETE`` (written last, then the directory is renamed into place); a shard
-file appears only complete (written under a temporary name, then renamed). The key
-hashes the corpus URI, the split, every listed file's size and mtime, the settings and the vocab,
-so a rerun with the same inputs reuses the shards. Bad input is skipped and counted by kind
-(:data:`SKIP_KINDS`), never fatal, unless no usable utterance is left.
+Output: ``<cache_dir>/<split>-<key>/`` (``cache_dir`` a directory or an object-store URI) with
+``*.parquet``, ``prepare_report.json`` (which lists the shard files) and the completion marker
+``_COMPLETE``, written last; a shard file appears only complete
+(:func:`pinch_ray.storage.atomic_output`), and what an unfinished attempt left is cleared before the
+next one writes. The key hashes the corpus URI, the split, every listed file's size and mtime, the
+settings and the vocab, so a rerun with the same inputs reuses the shards. Bad input is skipped and
+counted by kind (:data:`SKIP_KINDS`), never fatal, unless no usable utterance is left.
+
+Shards mix speakers: the utterances of a LibriSpeech-layout corpus are shuffled (a fixed seed,
+:data:`SHARD_ORDER_SEED`) before they are cut into shards, where the listing keeps each speaker's
+chapters together; and training reads the shards in an order of its own seed
+(:func:`read_shards`). (An HF-parquet corpus keeps its files' order within a shard.)
 
 Example (Ray already initialised by the caller)::
 
@@ -28,11 +34,11 @@ import hashlib
 import json
 import logging
 import os
+import random
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,14 +47,13 @@ import ray.data
 
 from pinch_ray import storage
 from pinch_ray.config import CorpusConfig, DataConfig, raise_if_problems
-from pinch_ray.data.features import (CONVERSION_KINDS, FORMAT_VERSION, SKIP_KINDS, WORD_DELIMITER, PrepareSettings,
-                                     write_shard)
+from pinch_ray.data.features import (COMPLETE_MARKER, CONVERSION_KINDS, FORMAT_VERSION, REPORT_FILE, SKIP_KINDS,
+                                     WORD_DELIMITER, PrepareSettings, write_shard)
 from pinch_ray.data.librispeech import HF_COLUMNS, SplitListing, hf_rows, list_split
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "prepare_report.json"
-COMPLETE_MARKER = "_COMPLETE"
+SHARD_ORDER_SEED = 0  # the utterance order prepare cuts into shards (part of the shard format)
 SHARDS_PER_TASK = 4  # LibriSpeech layout: most shards one prepare task writes, one after another
 TASKS_PER_CPU = 2  # LibriSpeech layout: fewest prepare tasks per cluster CPU
 # What a prepare task returns per written shard (the driver builds the report from these rows).
@@ -85,7 +90,7 @@ def prepare_shards(batch: pa.Table, *, out_dir: str, vocab: Mapping[str, int], s
     for start, end in zip(bounds, bounds[1:]):
         shard = records[start:end]
         name = hashlib.sha1("\n".join(r["id"] for r in shard).encode()).hexdigest()[:20]
-        summary = write_shard(shard, Path(out_dir, f"shard-{name}.parquet"), vocab, settings, rows_per_group)
+        summary = write_shard(shard, storage.join(out_dir, f"shard-{name}.parquet"), vocab, settings, rows_per_group)
         summaries.append({**summary, "skipped": json.dumps(summary["skipped"]),
                           "conversions": json.dumps(summary["conversions"])})
     return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
@@ -110,11 +115,29 @@ class PreparedSplit:
 
     @property
     def files(self) -> list[str]:
-        return sorted(str(p) for p in Path(self.path).glob("*.parquet"))
+        """The shard files (local paths or URIs, like ``path``), as the report lists them."""
+        return [storage.join(self.path, name) for name in self.report["files"]]
 
-    def dataset(self):
-        """The shards as a ``ray.data.Dataset`` (streamed, not loaded)."""
-        return ray.data.read_parquet(self.files)
+    def dataset(self, seed: int | None = None):
+        """The shards as a ``ray.data.Dataset`` (streamed, not loaded); see :func:`read_shards`."""
+        return read_shards(self.files, seed)
+
+
+def shard_order(files: Sequence[str], seed: int | None) -> list[str]:
+    """``files`` in the order ``seed`` draws (as given for None)."""
+    files = list(files)
+    if seed is not None:
+        random.Random(seed).shuffle(files)
+    return files
+
+
+def read_shards(files: Sequence[str], seed: int | None = None):
+    """A ``ray.data.Dataset`` of parquet shards (local paths or URIs of one filesystem), read in the
+    order given, or with ``seed`` in an order drawn from it: the same for the same seed, every epoch
+    and every resume (Ray Data's own file shuffle reseeds per execution, which restarts on resume)."""
+    files = shard_order(files, seed)
+    filesystem, _ = storage.filesystem(files[0])
+    return ray.data.read_parquet([storage.filesystem(file)[1] for file in files], filesystem=filesystem)
 
 
 def cache_key(listing: SplitListing, settings: PrepareSettings, vocab: Mapping[str, int]) -> str:
@@ -135,8 +158,8 @@ def prepare_split(corpus: CorpusConfig | str | os.PathLike, split: str, vocab: M
     ``corpus``: a CorpusConfig, or the corpus root (local path or s3:// / gs:// / file:// URI;
     layout detected). ``vocab``: character -> id (HF ``Wav2Vec2CTCTokenizer.get_vocab()``;
     ``|`` is the word delimiter). ``cache_dir`` defaults to ``data_cfg.cache_dir``; on a cluster of
-    several nodes it must be a directory every node shares (NFS): the workers write the shards
-    and their skip lists there. Ray must already be initialised by the caller.
+    several nodes, a directory every node shares (NFS) or an object-store URI: the workers write
+    the shards there. Ray must already be initialised by the caller.
 
     Raises FileNotFoundError (corpus or split missing), ConfigError (invalid settings),
     PrepareError (no usable utterance; the message lists the skips by kind).
@@ -151,44 +174,46 @@ def prepare_split(corpus: CorpusConfig | str | os.PathLike, split: str, vocab: M
 
     listing = list_split(corpus_cfg.root, split, corpus_cfg.layout)
     key = cache_key(listing, settings, vocab)
-    cache_root = Path(cache_dir or data_cfg.cache_dir)
-    final_dir = cache_root / f"{split.replace('/', '_')}-{key[:16]}"
-    if (final_dir / COMPLETE_MARKER).exists():
-        report = json.loads((final_dir / REPORT_FILE).read_text())
+    final_dir = storage.join(cache_dir or data_cfg.cache_dir, f"{split.replace('/', '_')}-{key[:16]}")
+    if storage.is_file(storage.join(final_dir, COMPLETE_MARKER)):
+        report = json.loads(storage.read_text(storage.join(final_dir, REPORT_FILE)))
         logger.info("prepare %s/%s: cache hit %s (%d utterances)", corpus_cfg.root, split, final_dir, report["kept"])
-        return PreparedSplit(str(final_dir), report, from_cache=True)
+        return PreparedSplit(final_dir, report, from_cache=True)
 
-    storage.remove_stale_tmp(final_dir)
-    # an earlier, unfinished attempt (no marker) at final_dir is replaced
-    with storage.atomic_dir(final_dir) as tmp_dir:
-        summaries = _featurize_to_parquet(listing, tmp_dir, vocab, settings, data_cfg)
-        report = _build_report(listing, summaries, tmp_dir, key, settings, data_cfg, time.perf_counter() - started)
+    storage.remove_tree(final_dir)  # what an earlier, unfinished attempt (no marker) left
+    try:
+        summaries = _featurize_to_parquet(listing, final_dir, vocab, settings, data_cfg)
+        report = _build_report(listing, summaries, final_dir, key, settings, data_cfg, time.perf_counter() - started)
         if report["kept"] == 0:
             counts = ", ".join(f"{k}={v}" for k, v in report["skipped_by_kind"].items() if v) or "no utterances listed"
             examples = "; ".join(f"{item['id']}: {item['reason']}" for item in report["skipped"][:3])
             raise PrepareError(f"no usable utterance in {corpus_cfg.root}/{split} ({counts}); e.g. {examples}. "
                                "Check the corpus files and data.min_duration_s / max_duration_s")
-        (tmp_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        (tmp_dir / COMPLETE_MARKER).write_text(json.dumps({"key": key}) + "\n")
+    except Exception:
+        storage.remove_tree(final_dir)  # nothing half-written is left (a hard kill's leftovers: cleared above)
+        raise
+    storage.write_text(storage.join(final_dir, REPORT_FILE), json.dumps(report, indent=2) + "\n")
+    storage.write_text(storage.join(final_dir, COMPLETE_MARKER), json.dumps({"key": key}) + "\n")  # last
     if report["skipped"]:
         logger.warning("prepare %s/%s skipped %d utterances: %s (listed in %s)", corpus_cfg.root, split,
                        len(report["skipped"]), {k: v for k, v in report["skipped_by_kind"].items() if v},
-                       final_dir / REPORT_FILE)
+                       storage.join(final_dir, REPORT_FILE))
     logger.info("prepare %s/%s: %d kept, %d skipped, %.2f h -> %s (%.1f s)", corpus_cfg.root, split,
                 report["kept"], len(report["skipped"]), report["hours"], final_dir, report["seconds"])
     return PreparedSplit(str(final_dir), report, from_cache=False)
 
 
-def _featurize_to_parquet(listing: SplitListing, out_dir: Path, vocab: Mapping[str, int],
+def _featurize_to_parquet(listing: SplitListing, out_dir: str, vocab: Mapping[str, int],
                           settings: PrepareSettings, data_cfg: DataConfig) -> list[dict]:
     """The Ray Data job: listing rows (or HF shards) -> prepare_shards tasks, which featurize and
     write the parquet shards into out_dir -> their summaries (small rows, streamed to the driver)."""
-    fn_kwargs = {"out_dir": str(out_dir), "vocab": dict(vocab), "settings": settings, "split": listing.split,
+    fn_kwargs = {"out_dir": out_dir, "vocab": dict(vocab), "settings": settings, "split": listing.split,
                  "rows_per_shard": data_cfg.rows_per_shard, "rows_per_group": data_cfg.prepare_batch_size}
     if listing.layout == "librispeech":
         if not listing.utterances:
             return []
         items = [u.as_row() for u in listing.utterances]
+        random.Random(SHARD_ORDER_SEED).shuffle(items)  # shards mix speakers (the listing groups them)
         # One task per block; a task writes up to SHARDS_PER_TASK shards (fewer tasks: less
         # scheduling work on the driver), and every CPU gets TASKS_PER_CPU tasks (balance).
         num_blocks = max(TASKS_PER_CPU * _num_cpus(), -(-len(items) // (SHARDS_PER_TASK * data_cfg.rows_per_shard)))
@@ -216,7 +241,7 @@ def _num_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _build_report(listing: SplitListing, summaries: list[dict], out_dir: Path, key: str,
+def _build_report(listing: SplitListing, summaries: list[dict], out_dir: str, key: str,
                   settings: PrepareSettings, data_cfg: DataConfig, seconds: float) -> dict:
     skipped = list(listing.problems)
     conversions: Counter = Counter()
@@ -226,7 +251,10 @@ def _build_report(listing: SplitListing, summaries: list[dict], out_dir: Path, k
         num_samples += summary["num_samples"]
         skipped += json.loads(summary["skipped"])
         conversions.update(json.loads(summary["conversions"]))
-    written = sum(pq.ParquetFile(p).metadata.num_rows for p in out_dir.glob("*.parquet"))
+    files = sorted(summary["file"] for summary in summaries if summary["file"])
+    filesystem, _ = storage.filesystem(out_dir)
+    written = sum(pq.read_metadata(storage.filesystem(storage.join(out_dir, name))[1], filesystem=filesystem).num_rows
+                  for name in files)
     if written != kept:
         raise RuntimeError(f"prepare wrote {written} rows but its report counts {kept}; rerun the stage")
     by_kind = Counter(item["kind"] for item in skipped)
@@ -239,6 +267,7 @@ def _build_report(listing: SplitListing, summaries: list[dict], out_dir: Path, k
         "skipped_by_kind": {kind: by_kind.get(kind, 0) for kind in SKIP_KINDS},
         "converted_by_kind": {kind: conversions.get(kind, 0) for kind in CONVERSION_KINDS},
         "skipped": sorted(skipped, key=lambda item: (item["kind"], item["id"])),
+        "files": files,
         "seconds": round(seconds, 2),
     }
 

@@ -486,8 +486,8 @@ def write_summary(output_dir: str | os.PathLike, plot_split: str | None = None) 
     text = f"# pinch_ray summary\n\n{summary_table(trials)}"
     if groups:
         text += f"\n## Over seeds\n\n{over_seeds_table(groups)}"
-    storage.atomic_write_text(output_dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
-    storage.atomic_write_text(output_dir / SUMMARY_MD, text)
+    storage.write_text(output_dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
+    storage.write_text(output_dir / SUMMARY_MD, text)
     with storage.atomic_path(output_dir / SUMMARY_PNG, keep_suffix=True) as tmp_png:  # matplotlib reads the suffix
         plot_wer_vs_params(tmp_png, trials, split)
     return summary

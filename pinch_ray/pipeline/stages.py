@@ -9,6 +9,12 @@ stage, finished work is reused too: prepared shards (:mod:`pinch_ray.data.prepar
 finished training runs (:mod:`pinch_ray.pipeline.runs`) and complete trial directories
 (``report.finalize_trial``), so an interrupted run picks up where it stopped. The resolved config
 is saved as ``<output_dir>/pipeline.yaml``.
+
+An ``output_dir`` in an object store (``s3://...``, ``file://...``) is written through a local
+staging copy (:class:`pinch_ray.storage.RemoteOutput`): pulled at the start (so a rerun on another
+machine finds what finished), uploaded after each stage and each finalized trial, markers last; the
+runs and checkpoints then go to ``<output_dir>/runs`` in the store unless ``storage_path`` says
+otherwise.
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ def _read_marker(cfg: PipelineConfig, stage: str) -> dict | None:
 def _write_marker(cfg: PipelineConfig, stage: str, outputs: dict) -> None:
     path = marker_path(cfg.output_dir, stage)
     marker = {"fingerprint": fingerprint(cfg, stage), "outputs": outputs}
-    storage.atomic_write_text(path, json.dumps(marker, indent=2) + "\n")
+    storage.write_text(path, json.dumps(marker, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,8 +145,9 @@ def stage_prepare(cfg: PipelineConfig, outputs: dict) -> dict:
 
 def _prepared(outputs: dict) -> dict:
     """``{split: PreparedSplit}`` from the prepare stage's outputs."""
-    return {split: PreparedSplit(entry["path"], json.loads((Path(entry["path"]) / REPORT_FILE).read_text()),
-                                 from_cache=True)
+    reports = {split: storage.read_text(storage.join(entry["path"], REPORT_FILE))
+               for split, entry in outputs["prepare"].items()}
+    return {split: PreparedSplit(entry["path"], json.loads(reports[split]), from_cache=True)
             for split, entry in outputs["prepare"].items()}
 
 
@@ -168,7 +175,9 @@ def stage_compress(cfg: PipelineConfig, outputs: dict) -> dict:
     return {name: str(path) for name, path in result_dirs.items()}
 
 
-def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False) -> dict:
+def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False, publish=lambda: 0) -> dict:
+    """Export, store, evaluate and report every trial, then the summary; ``publish`` is called after
+    each trial (an output directory in an object store uploads it)."""
     prepared = _prepared(outputs)
     # evaluation.num_actors > 0: a Ray Data actor pool over these datasets (reusable for every
     # trial); 0: this process reads the shards itself (a fresh reader per trial)
@@ -199,6 +208,7 @@ def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False) 
                        gate_patterns=cfg.gates.all_patterns(), data_cfg=cfg.data, overwrite=overwrite)
         if name in references.values():
             dense_hypotheses[name] = read_trial_hypotheses(trial_dir(cfg.output_dir, name))
+        publish()
         log.info("finalize: trial %d/%d, %s done (%s)", number, len(order), name,
                  time_left(time.perf_counter() - started, number, len(order)))
     write_summary(cfg.output_dir)
@@ -242,31 +252,47 @@ def run(cfg: PipelineConfig, *, from_stage: str | None = None, only: str | None 
         RuntimeError / ray.train.TrainingFailedError: a stage failed; finished work is kept.
     """
     forced = stages_to_run(from_stage, only)
+    remote = storage.RemoteOutput(cfg.output_dir) if storage.is_uri(cfg.output_dir) else None
+    settings = dump_pipeline(cfg)
+    if remote is not None:  # the stages write a local copy; the runs go to the store
+        cfg = dataclasses.replace(cfg, output_dir=str(remote.pull()), storage_path=cfg.run_storage())
+    publish = remote.publish if remote is not None else (lambda: 0)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    storage.atomic_write_text(output_dir / CONFIG_FILE, dump_pipeline(cfg))
+    storage.write_text(output_dir / CONFIG_FILE, settings)
     for stage in forced:
         marker_path(output_dir, stage).unlink(missing_ok=True)
     functions = {"prepare": stage_prepare, "baseline": stage_baseline, "compress": stage_compress,
                  "finalize": stage_finalize}
     outputs: dict[str, Any] = {}
     started_all = time.perf_counter()
-    for number, stage in enumerate(STAGES, start=1):
-        label = f"[stage {number}/{len(STAGES)}] {stage}"
-        recorded = _read_marker(cfg, stage)
-        if recorded is not None:
-            outputs[stage] = recorded
-            log.info("%s ... already done (%s); skipped", label, marker_path(output_dir, stage))
-            continue
-        if only and stage != only:
-            raise ValueError(f"--only {only}: stage {stage} has not finished; run the pipeline without --only first")
-        log.info("%s ...", label)
-        started = time.perf_counter()
-        kwargs = {"overwrite": stage in forced} if stage == "finalize" else {}
-        outputs[stage] = functions[stage](cfg, outputs, **kwargs)
-        _write_marker(cfg, stage, outputs[stage])
-        log.info("%s ... done in %.1f s", label, time.perf_counter() - started)
-        if stage == only:
-            break
-    log.info("pipeline %s finished in %.1f s; outputs in %s", cfg.name, time.perf_counter() - started_all, output_dir)
+    try:
+        publish()
+        for number, stage in enumerate(STAGES, start=1):
+            label = f"[stage {number}/{len(STAGES)}] {stage}"
+            recorded = _read_marker(cfg, stage)
+            if recorded is not None:
+                outputs[stage] = recorded
+                log.info("%s ... already done (%s); skipped", label, marker_path(output_dir, stage))
+                continue
+            if only and stage != only:
+                raise ValueError(f"--only {only}: stage {stage} has not finished; run the pipeline without --only first")
+            log.info("%s ...", label)
+            started = time.perf_counter()
+            kwargs = {"overwrite": stage in forced, "publish": publish} if stage == "finalize" else {}
+            outputs[stage] = functions[stage](cfg, outputs, **kwargs)
+            _write_marker(cfg, stage, outputs[stage])
+            publish()
+            log.info("%s ... done in %.1f s", label, time.perf_counter() - started)
+            if stage == only:
+                break
+    except BaseException:
+        if remote is not None:  # what finished before the failure (trials, logs) reaches the store
+            try:
+                publish()
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                log.exception("output %s: could not upload what finished", remote.uri)
+        raise
+    log.info("pipeline %s finished in %.1f s; outputs in %s", cfg.name, time.perf_counter() - started_all,
+             remote.uri if remote is not None else output_dir)
     return outputs

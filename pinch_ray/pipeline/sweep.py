@@ -210,7 +210,7 @@ def train_trial(job: TrialJob, method: str, target_sparsity: float, *, seed: int
         ray.train.TrainingFailedError: the run failed more than ``resources.max_failures`` times.
         RuntimeError: the run ended without a final checkpoint.
     """
-    import ray.data
+    from pinch_ray.data.prepare import read_shards
 
     cfg, name = job.cfg, name or trial_name(method, target_sparsity, seed)
     training = seeded(training or cfg.training, seed)
@@ -225,7 +225,7 @@ def train_trial(job: TrialJob, method: str, target_sparsity: float, *, seed: int
     log.info("trial %s: training %d steps from %s", name, training.max_steps, init_from)
     callbacks = [MetricsLog(logs / f"{name}.jsonl", name, training.max_steps, tensorboard_dir=logs / name),
                  tune_report_callback()]
-    result = run_training(config, ray.data.read_parquet(job.train_files), cfg.resources, name=name,
+    result = run_training(config, read_shards(job.train_files, training.seed), cfg.resources, name=name,
                           storage_path=job.storage_path, callbacks=[c for c in callbacks if c is not None])
     if result.error is not None:
         raise result.error
