@@ -190,6 +190,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def upload(local: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Copy the local file ``local`` to ``path`` (a local path or a URI), streamed, whole or not at all."""
+    with atomic_output(path) as (fs, target), fs.open_output_stream(target) as stream, open(local, "rb") as source:
+        shutil.copyfileobj(source, stream, 8 * 1024 * 1024)
+
+
 @contextlib.contextmanager
 def local_dir(path: str | os.PathLike) -> Iterator[Path]:
     """A local directory with the contents of ``path``: ``path`` itself when it is local, else a
@@ -349,7 +355,8 @@ class RemoteOutput:
         number of files uploaded or deleted."""
         fs, base = filesystem(self.uri)
         now = self._local_files()
-        changed = sorted((rel for rel, stamp in now.items() if self._known.get(rel) != stamp), key=lambda r: (is_marker(r), r))
+        changed = sorted((rel for rel, stamp in now.items() if self._known.get(rel) != stamp),
+                         key=lambda rel: (is_marker(rel), rel))
         gone = sorted(rel for rel in self._known if rel not in now)
 
         def delete(relative: str) -> None:
@@ -361,7 +368,7 @@ class RemoteOutput:
             if is_marker(relative):
                 delete(relative)  # the store stops claiming "finished" before anything under it changes
         for relative in changed:
-            write_bytes(join(self.uri, relative), (self.local / relative).read_bytes())
+            upload(self.local / relative, join(self.uri, relative))
             self._known[relative] = now[relative]
         for relative in gone:
             delete(relative)

@@ -51,6 +51,28 @@ def test_one_threshold_per_layer_and_unit_kind_and_gradients_reach_them(arch):
                    for m in gate.sources)
 
 
+def test_unit_thresholds_start_under_the_lowest_unit_so_a_trained_model_can_move_them():
+    """On a trained model every unit scores far above the weights' initial threshold (t^2 = 0.01):
+    their soft masks saturate at 1 and the threshold gets no gradient. Unit gates start just under
+    their layer's lowest unit instead."""
+    model, _ = load_model("synth-tiny", **NO_RANDOMNESS)
+    found = gates.attach_gates(model, GateConfig(granularity="neuron", tau_start=0.01))  # the demo's tau
+    assert {gate.kind for gate in found.values()} == {"ffn", "heads", "conv"}
+    for gate in found.values():
+        scores = gate.relative_scores().detach()
+        assert float(scores.min()) > 0.15  # the weights' start, 0.1^2, is far below every unit
+        assert float(gate.threshold) ** 2 == pytest.approx(neurons.UNIT_THRESHOLD_START * float(scores.min()), rel=1e-5)
+    model.train()
+    gates.soft_sparsity(model).backward()
+    assert all(gate.threshold.grad.abs() > 0 for gate in found.values())
+    with torch.no_grad():  # where the weights' threshold starts, nothing would move
+        for gate in found.values():
+            gate.threshold.grad = None
+            gate.threshold.fill_(GateConfig().threshold_init)
+    gates.soft_sparsity(model).backward()
+    assert all(gate.threshold.grad == 0 for gate in found.values() if gate.kind in ("ffn", "heads"))
+
+
 def test_soft_sparsity_counts_the_parameters_each_unit_carries():
     model, _ = load_model("tiny", **NO_RANDOMNESS)
     found = gates.attach_gates(model, GateConfig(granularity="neuron", neuron_units=["ffn", "heads"],
@@ -148,6 +170,9 @@ def test_calibration_closes_the_gap_a_whole_head_leaves():
 def test_a_layer_keeps_at_least_one_unit():
     model, _, found = neuron_model(threshold=50.0)  # every score is far under the threshold
     assert all(int(g.unit_hard_mask().sum()) == 1 for g in found.values())
+    for gate in found.values():  # the soft mask keeps that unit whole too: the sparsity term counts what goes
+        soft, hard = gate.unit_soft_mask().detach(), gate.unit_hard_mask()
+        assert soft[hard].tolist() == [1.0] and float(soft[~hard].max()) < 1e-3
     plain = export.pruned_copy(model)
     assert pruned_modeling.layer_shapes(plain) == {"intermediate_size": [1, 1, 1], "num_attention_heads": [1, 1, 1]}
     with torch.no_grad():

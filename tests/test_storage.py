@@ -94,8 +94,8 @@ def test_remote_output_uploads_markers_last_and_never_claims_a_changing_trial_fi
     assert output.publish() == 0  # nothing changed
 
     events = []
-    write = storage.write_bytes
-    monkeypatch.setattr(storage, "write_bytes", lambda path, data: (events.append(("put", path)), write(path, data)))
+    upload = storage.upload
+    monkeypatch.setattr(storage, "upload", lambda local, path: (events.append(("put", path)), upload(local, path)))
     (local / ".stages").mkdir()
     (local / ".stages" / "finalize.done").write_text("{}")
     (local / "sspg" / "model").mkdir(parents=True)
@@ -117,8 +117,8 @@ def test_remote_output_uploads_markers_last_and_never_claims_a_changing_trial_fi
     (local / "dense" / "metrics.json").write_text('{"wer": 0.2}')
     (local / "dense" / "hypotheses.txt").write_text("new")
     seen = []
-    monkeypatch.setattr(storage, "write_bytes", lambda path, data: (
-        seen.append((path.rsplit("/", 1)[-1], (remote_dir / "dense" / "metrics.json").exists())), write(path, data)))
+    monkeypatch.setattr(storage, "upload", lambda local, path: (
+        seen.append((path.rsplit("/", 1)[-1], (remote_dir / "dense" / "metrics.json").exists())), upload(local, path)))
     assert output.publish() == 2
     assert seen == [("hypotheses.txt", False), ("metrics.json", False)]
     assert (remote_dir / "dense" / "metrics.json").read_text() == '{"wer": 0.2}'
