@@ -24,10 +24,12 @@ inside the sigmoid; and the soft mask keeps a layer's best-scoring unit whole, a
 does. The same run then trained to the target by itself and ended at 7.8% (README, "Smaller and
 faster"; dense 3.6%).
 
-The mask multiplies the unit's output, i.e. the matching input columns of the next layer (``output_dense`` for a neuron, the head's ``head_dim`` columns of
-``out_proj``): it is a parametrization of that weight, so the train/eval (soft/hard) behaviour,
-:func:`pinch_ray.core.gates.gate_mode`, DDP and checkpoints work exactly as for weight gates. Gradients reach the
-threshold and, through the score, the unit's rows: a unit under the threshold pinches itself off.
+The mask multiplies the unit's output, i.e. the matching input columns of the next layer
+(``output_dense`` for a neuron, the head's ``head_dim`` columns of ``out_proj``): it is a
+parametrization of that weight, so the train/eval (soft/hard) behaviour,
+:func:`pinch_ray.core.gates.gate_mode`, DDP and checkpoints work exactly as for weight gates.
+Gradients reach the threshold and, through the score, the unit's rows: a unit under the threshold
+pinches itself off.
 
 The sparsity-aware objective is unchanged (:func:`pinch_ray.core.gates.soft_sparsity`), with each unit counted by
 the parameters it carries: a neuron its ``intermediate_dense`` row and bias and its ``output_dense``
