@@ -206,10 +206,14 @@ def write_shard(records: Sequence[dict], path: str | os.PathLike, vocab: Mapping
     return summary
 
 
-def shard_files(directory: str | os.PathLike) -> list[str]:
-    """The parquet shards of a prepared split's directory (a local path or a URI), as its
-    :data:`REPORT_FILE` lists them: files an unfinished attempt may have left beside them are not
-    part of the split."""
-    directory = os.fspath(directory)
-    report = json.loads(storage.read_text(storage.join(directory, REPORT_FILE)))
+def read_report(directory: str | os.PathLike) -> dict:
+    """The :data:`REPORT_FILE` of a prepared split's directory (a local path or a URI)."""
+    return json.loads(storage.read_text(storage.join(directory, REPORT_FILE)))
+
+
+def shard_files(directory: str | os.PathLike, report: dict | None = None) -> list[str]:
+    """The parquet shards of a prepared split's directory (a local path or a URI), as its report
+    (read here unless given) lists them: files an unfinished attempt may have left beside them are
+    not part of the split."""
+    report = read_report(directory) if report is None else report
     return [storage.join(directory, name) for name in report["files"]]

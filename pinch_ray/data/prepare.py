@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import random
 import time
 from collections import Counter
@@ -48,7 +49,7 @@ import ray.data
 from pinch_ray import storage
 from pinch_ray.config import CorpusConfig, DataConfig, raise_if_problems
 from pinch_ray.data.features import (COMPLETE_MARKER, CONVERSION_KINDS, FORMAT_VERSION, REPORT_FILE, SKIP_KINDS,
-                                     WORD_DELIMITER, PrepareSettings, write_shard)
+                                     WORD_DELIMITER, PrepareSettings, read_report, shard_files, write_shard)
 from pinch_ray.data.librispeech import HF_COLUMNS, SplitListing, hf_rows, list_split
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class PreparedSplit:
     @property
     def files(self) -> list[str]:
         """The shard files (local paths or URIs, like ``path``), as the report lists them."""
-        return [storage.join(self.path, name) for name in self.report["files"]]
+        return shard_files(self.path, self.report)
 
     def dataset(self, seed: int | None = None):
         """The shards as a ``ray.data.Dataset`` (streamed, not loaded); see :func:`read_shards`."""
@@ -176,7 +177,7 @@ def prepare_split(corpus: CorpusConfig | str | os.PathLike, split: str, vocab: M
     key = cache_key(listing, settings, vocab)
     final_dir = storage.join(cache_dir or data_cfg.cache_dir, f"{split.replace('/', '_')}-{key[:16]}")
     if storage.is_file(storage.join(final_dir, COMPLETE_MARKER)):
-        report = json.loads(storage.read_text(storage.join(final_dir, REPORT_FILE)))
+        report = read_report(final_dir)
         logger.info("prepare %s/%s: cache hit %s (%d utterances)", corpus_cfg.root, split, final_dir, report["kept"])
         return PreparedSplit(final_dir, report, from_cache=True)
 
@@ -252,9 +253,8 @@ def _build_report(listing: SplitListing, summaries: list[dict], out_dir: str, ke
         skipped += json.loads(summary["skipped"])
         conversions.update(json.loads(summary["conversions"]))
     files = sorted(summary["file"] for summary in summaries if summary["file"])
-    filesystem, _ = storage.filesystem(out_dir)
-    written = sum(pq.read_metadata(storage.filesystem(storage.join(out_dir, name))[1], filesystem=filesystem).num_rows
-                  for name in files)
+    filesystem, base = storage.filesystem(out_dir)
+    written = sum(pq.read_metadata(posixpath.join(base, name), filesystem=filesystem).num_rows for name in files)
     if written != kept:
         raise RuntimeError(f"prepare wrote {written} rows but its report counts {kept}; rerun the stage")
     by_kind = Counter(item["kind"] for item in skipped)

@@ -35,7 +35,8 @@ from pinch_ray.core import distill, models
 from pinch_ray.core.compressor import prepare_method
 from pinch_ray.core.export import trial_dir
 from pinch_ray.data.batches import read_prepared_rows
-from pinch_ray.data.prepare import REPORT_FILE, PreparedSplit, prepare_split
+from pinch_ray.data.features import read_report
+from pinch_ray.data.prepare import PreparedSplit, prepare_split
 from pinch_ray.data.synth import generate_corpus
 from pinch_ray.pipeline import STAGES, runs
 from pinch_ray.pipeline.report import TrialInfo, finalize_trial, read_trial_hypotheses, write_summary
@@ -145,9 +146,7 @@ def stage_prepare(cfg: PipelineConfig, outputs: dict) -> dict:
 
 def _prepared(outputs: dict) -> dict:
     """``{split: PreparedSplit}`` from the prepare stage's outputs."""
-    reports = {split: storage.read_text(storage.join(entry["path"], REPORT_FILE))
-               for split, entry in outputs["prepare"].items()}
-    return {split: PreparedSplit(entry["path"], json.loads(reports[split]), from_cache=True)
+    return {split: PreparedSplit(entry["path"], read_report(entry["path"]), from_cache=True)
             for split, entry in outputs["prepare"].items()}
 
 
