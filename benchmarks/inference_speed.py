@@ -17,6 +17,14 @@ model's mix differs, its speed per parameter removed much less so.
     python benchmarks/inference_speed.py                          # ffn + heads + conv, -60%
     python benchmarks/inference_speed.py --units ffn heads        # transformer only
     python benchmarks/inference_speed.py --device cuda            # bf16 on a GPU (gpu_check.sh)
+
+``--trained OUTPUT_DIR`` adds, under ``"trained"``, the same timing for the models a pipeline run
+exported (e.g. ``runs/synthetic-benchmark``): its dense reference against each of its
+``sspg-neuron`` trials, loaded from their ``model/`` directories as a user loads them, with each
+trial's WER per split and parameter reduction from its ``metrics.json`` (accuracy beside speed).
+``--trained-only`` skips the base-size model.
+
+    python benchmarks/inference_speed.py --trained runs/synthetic-benchmark
 """
 
 from __future__ import annotations
@@ -25,13 +33,14 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCTC, Wav2Vec2Config
 
 from pinch_ray.core import export, gates, pruned_modeling
 from pinch_ray.config import GateConfig
-from pinch_ray.core.models import CHAR_VOCAB, count_parameters
+from pinch_ray.core.models import CHAR_VOCAB, count_parameters, load_model
 
 
 def build_pruned(reduction: float, units: list[str]) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
@@ -41,7 +50,10 @@ def build_pruned(reduction: float, units: list[str]) -> tuple[torch.nn.Module, t
     dense = AutoModelForCTC.from_config(config).eval()
     gated = AutoModelForCTC.from_config(config).eval()
     gated.load_state_dict(dense.state_dict())
-    gates.attach_gates(gated, GateConfig(granularity="neuron", neuron_units=units, threshold_init=0.5))
+    found = gates.attach_gates(gated, GateConfig(granularity="neuron", neuron_units=units))
+    with torch.no_grad():  # one common threshold for all (training starts each under its layer's lowest unit)
+        for gate in found.values():
+            gate.threshold.fill_(0.5)
     counts = count_parameters(gated)
     target = reduction * counts.total / counts.gated  # whole-model reduction -> fraction of the gated units
     if target > 0.99:
@@ -74,6 +86,48 @@ def interleaved(models: dict[str, torch.nn.Module], audio: torch.Tensor, repeats
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def timed_pair(dense: torch.nn.Module, pruned: torch.nn.Module, seconds: float, repeats: int,
+               batch8_repeats: int, device: str, extra_batch: int = 0) -> dict:
+    """Seconds per forward pass of both models at batch 1 and 8 (and ``extra_batch``), interleaved."""
+    generator = torch.Generator().manual_seed(0)
+    samples = int(seconds * 16_000)
+    with torch.inference_mode():  # same output shape: the pruned model is a drop-in replacement
+        probe = torch.randn(1, samples, generator=generator)
+        assert dense(probe).logits.shape == pruned(probe).logits.shape
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    models = {"dense": dense.to(device, dtype), "pruned": pruned.to(device, dtype)}
+    out = {}
+    for batch, count in [(1, repeats), (8, batch8_repeats)] + [(extra_batch, batch8_repeats)] * bool(extra_batch):
+        times = interleaved(models, torch.randn(batch, samples, generator=generator).to(device, dtype), count)
+        out[f"batch_{batch}"] = {"dense_s": round(times["dense"], 4), "neuron_pruned_s": round(times["pruned"], 4),
+                                 "speedup": round(times["dense"] / times["pruned"], 3)}
+    return out
+
+
+def trained_pairs(output_dir: str, seconds: float, repeats: int, batch8_repeats: int, device: str) -> dict:
+    """The exported dense reference of a pipeline run against each of its sspg-neuron trials."""
+    root = Path(output_dir)
+    trials = sorted(p.parent for p in root.glob("*/metrics.json")
+                    if json.loads(p.read_text()).get("method") == "sspg-neuron")
+    if not (root / "dense" / "model").is_dir() or not trials:
+        raise SystemExit(f"--trained {output_dir}: needs a finished pipeline run with a dense reference "
+                         "(dense/model) and at least one sspg-neuron trial; run e.g. pinch-ray run "
+                         "pipelines/synthetic_benchmark.yaml first")
+    dense_metrics = json.loads((root / "dense" / "metrics.json").read_text())
+    out = {"output_dir": str(root), "dense": {"params": dense_metrics["params_total"], "wer": dense_metrics["wer"]}}
+    for trial in trials:
+        metrics = json.loads((trial / "metrics.json").read_text())
+        dense = load_model(str(root / "dense" / "model"))[0].eval()
+        pruned = load_model(str(trial / "model"))[0].eval()
+        out[trial.name] = {
+            "params": sum(p.numel() for p in pruned.parameters()),
+            "param_reduction": round(metrics["param_reduction"], 4),
+            "wer": metrics["wer"],
+            "layer_shapes": pruned_modeling.layer_shapes(pruned), "conv_dim": list(pruned.config.conv_dim),
+            **timed_pair(dense, pruned, seconds, repeats, batch8_repeats, device)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reduction", type=float, default=0.60, help="whole-model parameter reduction")
@@ -84,35 +138,26 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (the issue's figure), or cuda (bf16 weights)")
     parser.add_argument("--extra-batch", type=int, default=0,
                         help="also time this batch size (reported as batch_N; e.g. 64 on a GPU)")
+    parser.add_argument("--trained", metavar="OUTPUT_DIR",
+                        help="also time a pipeline run's exported dense and sspg-neuron models")
+    parser.add_argument("--trained-only", action="store_true", help="only --trained (no base-size model)")
     args = parser.parse_args()
+    if args.trained_only and not args.trained:
+        parser.error("--trained-only needs --trained OUTPUT_DIR")
 
-    dense, pruned, facts = build_pruned(args.reduction, args.units)
-    generator = torch.Generator().manual_seed(0)
-    samples = int(args.seconds * 16_000)
-    with torch.inference_mode():  # same output shape: the pruned model is a drop-in replacement
-        probe = torch.randn(1, samples, generator=generator)
-        assert dense(probe).logits.shape == pruned(probe).logits.shape
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    models = {"dense": dense.to(args.device, dtype), "pruned": pruned.to(args.device, dtype)}
-    one = interleaved(models, torch.randn(1, samples, generator=generator).to(args.device, dtype), args.repeats)
-    eight = interleaved(models, torch.randn(8, samples, generator=generator).to(args.device, dtype),
-                        args.batch8_repeats)
-    extra = {}
-    if args.extra_batch:
-        times = interleaved(models, torch.randn(args.extra_batch, samples, generator=generator).to(args.device, dtype),
-                            args.batch8_repeats)
-        extra[f"batch_{args.extra_batch}"] = {"dense_s": round(times["dense"], 4),
-                                              "neuron_pruned_s": round(times["pruned"], 4),
-                                              "speedup": round(times["dense"] / times["pruned"], 3)}
+    result = {}
+    if not args.trained_only:
+        dense, pruned, facts = build_pruned(args.reduction, args.units)
+        pair = timed_pair(dense, pruned, args.seconds, args.repeats, args.batch8_repeats, args.device,
+                          args.extra_batch)
+        one = pair.pop("batch_1")
+        result = {**one, "param_reduction": round(facts["param_reduction"], 4), **pair,
+                  **{k: v for k, v in facts.items() if k != "param_reduction"}}
+    if args.trained:
+        result["trained"] = trained_pairs(args.trained, args.seconds, args.repeats, args.batch8_repeats, args.device)
     print(json.dumps({
-        "dense_s": round(one["dense"], 4), "neuron_pruned_s": round(one["pruned"], 4),
-        "speedup": round(one["dense"] / one["pruned"], 3), "param_reduction": round(facts["param_reduction"], 4),
-        "batch_8": {"dense_s": round(eight["dense"], 4), "neuron_pruned_s": round(eight["pruned"], 4),
-                    "speedup": round(eight["dense"] / eight["pruned"], 3)}, **extra,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "audio_s": args.seconds, "threads": torch.get_num_threads(), "repeats": [args.repeats, args.batch8_repeats],
-        **{k: v for k, v in facts.items() if k != "param_reduction"},
-    }))
+        **result, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "audio_s": args.seconds, "threads": torch.get_num_threads(), "repeats": [args.repeats, args.batch8_repeats]}))
 
 
 if __name__ == "__main__":

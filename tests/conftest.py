@@ -1,9 +1,12 @@
 """Shared test fixtures: offline Hugging Face, one local Ray cluster per test session, fault
-injection into its workers; file modification times; a reader of TensorBoard event files."""
+injection into its workers; file modification times; a reader of TensorBoard event files; the
+benchmark scripts as modules."""
 
+import importlib.util
 import json
 import os
 import struct
+from pathlib import Path
 
 # Tests never touch the network and never attach to a cluster a developer has running.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -57,6 +60,15 @@ def ray_cluster(faults_file, trace_dir):
              log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module, so a test runs its functions in process."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def mtimes(directory) -> dict[str, int]:

@@ -24,7 +24,7 @@ from pinch_ray.pipeline.runs import (CHECKPOINT_SETTINGS, checkpoint_name, final
                                      save_checkpoint)
 from pinch_ray.pipeline.sweep import SettingsChangedError, max_concurrent_trials, reusable_result_dir
 
-from conftest import mtimes
+from conftest import benchmark, mtimes
 
 pytestmark = pytest.mark.slow
 
@@ -143,6 +143,14 @@ def test_every_artifact_is_written(finished):
     metrics = json.loads((neuron / METRICS_FILE).read_text())
     model, _ = load_model(str(neuron / "model"))
     assert sum(p.numel() for p in model.parameters()) == metrics["params_nonzero"] < metrics["params_total"]
+    # benchmarks/inference_speed.py --trained: the exported models timed side by side, with their WER
+    speed = benchmark("inference_speed").trained_pairs(str(out), seconds=0.25, repeats=1, batch8_repeats=1,
+                                                       device="cpu")
+    assert speed["dense"] == {"params": metrics["params_total"],
+                              "wer": json.loads((out / "dense" / METRICS_FILE).read_text())["wer"]}
+    timed = speed["sspg-neuron-0.5"]
+    assert timed["params"] == metrics["params_nonzero"] and timed["wer"] == metrics["wer"]
+    assert all(timed[f"batch_{n}"]["speedup"] > 0 for n in (1, 8))
 
 
 def test_every_run_logs_its_curves_for_tensorboard_and_tune(finished):
