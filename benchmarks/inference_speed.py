@@ -107,17 +107,16 @@ def timed_pair(dense: torch.nn.Module, pruned: torch.nn.Module, seconds: float, 
 def trained_pairs(output_dir: str, seconds: float, repeats: int, batch8_repeats: int, device: str) -> dict:
     """The exported dense reference of a pipeline run against each of its sspg-neuron trials."""
     root = Path(output_dir)
-    trials = sorted(p.parent for p in root.glob("*/metrics.json")
-                    if json.loads(p.read_text()).get("method") == "sspg-neuron")
-    if not (root / "dense" / "model").is_dir() or not trials:
+    finished = {path.parent: json.loads(path.read_text()) for path in sorted(root.glob("*/metrics.json"))}
+    trials = {trial: metrics for trial, metrics in finished.items() if metrics.get("method") == "sspg-neuron"}
+    if root / "dense" not in finished or not (root / "dense" / "model").is_dir() or not trials:
         raise SystemExit(f"--trained {output_dir}: needs a finished pipeline run with a dense reference "
                          "(dense/model) and at least one sspg-neuron trial; run e.g. pinch-ray run "
                          "pipelines/synthetic_benchmark.yaml first")
-    dense_metrics = json.loads((root / "dense" / "metrics.json").read_text())
+    dense_metrics = finished[root / "dense"]
     out = {"output_dir": str(root), "dense": {"params": dense_metrics["params_total"], "wer": dense_metrics["wer"]}}
-    for trial in trials:
-        metrics = json.loads((trial / "metrics.json").read_text())
-        dense = load_model(str(root / "dense" / "model"))[0].eval()
+    dense = load_model(str(root / "dense" / "model"))[0].eval()  # timed_pair moves it to the same device each time
+    for trial, metrics in trials.items():
         pruned = load_model(str(trial / "model"))[0].eval()
         out[trial.name] = {
             "params": sum(p.numel() for p in pruned.parameters()),
