@@ -248,10 +248,17 @@ def test_baseline_settings_and_the_fair_dense_reference():
     # repeated over seeds: one trial per seed, and a dense reference per seed
     cfg.sweep.seeds = [0, 1]
     assert cfg.compression_trials() == [("dense", 0.0, 0), ("dense", 0.0, 1), ("sspg", 0.5, 0), ("sspg", 0.5, 1)]
-    cfg.sweep.init_from_dense = False  # one pass from a pre-trained model: the baseline is the reference
-    assert cfg.baseline_trial() == "dense" and cfg.compression_trials() == [("sspg", 0.5, 0), ("sspg", 0.5, 1)]
-    cfg.sweep.seeds = []
+    assert cfg.runs_baseline()
+    # one pass from a pre-trained model: the sweep still trains a dense reference per seed, each
+    # seed compared with its own batch order, and the baseline stage trains nothing
+    cfg.sweep.init_from_dense = False
+    assert cfg.compression_trials() == [("dense", 0.0, 0), ("dense", 0.0, 1), ("sspg", 0.5, 0), ("sspg", 0.5, 1)]
+    assert not cfg.runs_baseline()
+    cfg.sweep.seeds = []  # no seeds: the baseline is the reference
+    assert cfg.baseline_trial() == "dense" and cfg.runs_baseline()
     assert cfg.compression_trials() == [("sspg", 0.5, None)]
+    cfg.dense_baseline = False
+    assert not cfg.runs_baseline() and cfg.compression_trials() == [("sspg", 0.5, None)]
     assert "sweep.seeds" in str(problems_of(None, ["sweep.seeds=[1, 1]"]))
     # a problem of training is reported once, under training
     error = problems_of(None, ["training.lr=-1", "baseline_training={max_steps: 10}"])

@@ -227,9 +227,10 @@ def test_sweep_concurrency_fits_the_cluster_and_queues_the_rest():
 
 
 def test_seeds_and_the_two_stage_baseline_from_a_pretrained_start(ray_cluster, tmp_path):
-    """One pass from a "pre-trained" model (init_from_dense: false, the paper pipelines' shape): the
-    baseline is the dense reference, every (method, target) runs once per seed, two-stage prunes the
-    finished dense run (second wave) and its time includes it; summary.md pools each group's seeds."""
+    """One pass from a "pre-trained" model (init_from_dense: false, the paper pipelines' shape) over
+    seeds: the sweep trains a dense reference per seed (the baseline stage none), every (method,
+    target) runs once per seed, two-stage prunes the finished dense run of its seed (second wave)
+    and its time includes it; summary.md pools each group's seeds against their own references."""
     spec = {**TINY, "output_dir": str(tmp_path / "out"), "data": {"cache_dir": str(tmp_path / "cache")},
             "corpus": {**TINY["corpus"], "root": str(tmp_path / "corpus")},
             "baseline_training": {"max_steps": 2}, "training": {**TINY["training"], "max_steps": 2},
@@ -239,22 +240,27 @@ def test_seeds_and_the_two_stage_baseline_from_a_pretrained_start(ray_cluster, t
     cfg = load_pipeline(tmp_path / "p.yaml")
     outputs = stages.run(cfg)
     out = Path(cfg.output_dir)
-    assert sorted(outputs["compress"]) == ["sspg-0.5-seed0", "sspg-0.5-seed1", "two-stage-0.5-seed0",
-                                           "two-stage-0.5-seed1"]
+    assert outputs["baseline"] == {}
+    assert sorted(outputs["compress"]) == ["dense-seed0", "dense-seed1", "sspg-0.5-seed0", "sspg-0.5-seed1",
+                                           "two-stage-0.5-seed0", "two-stage-0.5-seed1"]
     runs = {name: json.loads((Path(path) / "train_result.json").read_text())
             for name, path in {**outputs["baseline"], **outputs["compress"]}.items()}
     assert [runs[f"sspg-0.5-seed{k}"]["seed"] for k in (0, 1)] == [0, 1]
     assert runs["sspg-0.5-seed1"]["settings"]["training"]["seed"] == 1
-    for k in (0, 1):  # two-stage: the finished dense run, pruned by magnitude and fine-tuned
-        assert runs[f"two-stage-0.5-seed{k}"]["init_from"] == outputs["baseline"]["dense"] + "/model"
+    assert [runs[f"dense-seed{k}"]["settings"]["training"]["seed"] for k in (0, 1)] == [0, 1]
+    for k in (0, 1):  # two-stage: the finished dense run of its seed, pruned by magnitude and fine-tuned
+        assert runs[f"two-stage-0.5-seed{k}"]["init_from"] == outputs["compress"][f"dense-seed{k}"] + "/model"
         metrics = json.loads((out / f"two-stage-0.5-seed{k}" / METRICS_FILE).read_text())
+        assert metrics["dense_reference"] == f"dense-seed{k}"
         assert metrics["compression_seconds"] == pytest.approx(
-            runs["dense"]["compression_seconds"] + runs[f"two-stage-0.5-seed{k}"]["compression_seconds"])
+            runs[f"dense-seed{k}"]["compression_seconds"] + runs[f"two-stage-0.5-seed{k}"]["compression_seconds"])
         assert metrics["training_seconds"] == pytest.approx(runs[f"two-stage-0.5-seed{k}"]["compression_seconds"])
         assert abs(metrics["achieved_sparsity"] - 0.5) <= 0.01
     summary = json.loads((out / "summary.json").read_text())
     groups = {g["trial"]: g for g in summary["over_seeds"]}
-    assert set(groups) == {"sspg-0.5", "two-stage-0.5"}
+    assert set(groups) == {"dense", "sspg-0.5", "two-stage-0.5"}
+    assert groups.pop("dense")["p_value_pooled_vs_dense"] == {}  # the references themselves
+    assert json.loads((out / "sspg-0.5-seed1" / METRICS_FILE).read_text())["dense_reference"] == "dense-seed1"
     for group in groups.values():
         assert group["seeds"] == [0, 1] and set(group["p_value_pooled_vs_dense"]) == {"dev"}
         wers = [json.loads((out / f"{group['trial']}-seed{k}" / METRICS_FILE).read_text())["wer"]["dev"] for k in (0, 1)]

@@ -479,9 +479,10 @@ class SweepConfig:
     # at 0.65 only, while sspg runs every target_sparsities entry.
     method_targets: dict[str, list[float]] = field(default_factory=dict)
     # Repeated trials: one per seed and (method, target), named <trial>-seed<k> (training.seed = k:
-    # batch order, fresh heads), and per seed a dense reference when the trials start from the
-    # baseline; summary.md then gives mean +- std per (method, target) and a significance test pooled
-    # over the seeds. []: one trial each at training.seed, no seed in its name.
+    # batch order, fresh heads), and per seed a dense reference dense-seed<k> trained in the sweep
+    # (with init_from_dense: false it replaces the baseline's single "dense"); summary.md then gives
+    # mean +- std per (method, target) and a significance test pooled over the seeds, each seed
+    # against its own reference. []: one trial each at training.seed, no seed in its name.
     seeds: list[int] = field(default_factory=list)
     max_concurrent_trials: int = 0  # trials running at once; 0: as many as the cluster's resources allow
     # Compression trials start from the dense baseline's fine-tuned weights (needs dense_baseline)
@@ -557,7 +558,8 @@ class PipelineConfig:
     training: TrainConfig = field(default_factory=TrainConfig)
     gates: GateConfig = field(default_factory=GateConfig)
     # Also train the uncompressed model (stage "baseline"): trial "dense", the reference WER and size;
-    # with sweep.init_from_dense it is trial "foundation" and the sweep adds the "dense" reference.
+    # with sweep.init_from_dense it is trial "foundation" and the sweep adds the "dense" reference
+    # (with sweep.seeds, one per seed, the sweep's dense-seed<k>, whatever init_from_dense).
     dense_baseline: bool = True
     # Training settings of the dense baseline that differ from `training`, e.g. {max_steps: 1000,
     # torch_threads: 2}. With sweep.init_from_dense the baseline (trial "foundation") stands in for
@@ -586,14 +588,26 @@ class PipelineConfig:
     def compression_trials(self) -> list[tuple[str, float, int | None]]:
         """(method, target, seed) of every sweep trial: ``sweep.trials()`` once per ``sweep.seeds``
         entry (seed None: no seeds listed, ``training.seed``), preceded by ``(DENSE, 0.0, seed)``
-        per seed when the trials start from the baseline (``sweep.init_from_dense``). That reference
+        per seed when the sweep trains the dense references (:meth:`sweep_trains_dense`). That reference
         gets the same start and the same steps as every compressed model, so extra training never
         passes for "no loss"."""
         seeds = self.sweep.seeds or [None]
         trials = [(method, target, seed) for method, target in self.sweep.trials() for seed in seeds]
-        if trials and self.sweep.init_from_dense and self.dense_baseline:
+        if trials and self.sweep_trains_dense():
             trials = [(DENSE, 0.0, seed) for seed in seeds] + trials
         return trials
+
+    def sweep_trains_dense(self) -> bool:
+        """Whether the sweep trains the dense references (one per seed) beside the compression trials:
+        when those start from the baseline (``sweep.init_from_dense``: it is the foundation), and when
+        they start from ``model.init_from`` with ``sweep.seeds`` listed, so that every seed is compared
+        with a dense run of its own batch order (the baseline stage then trains nothing)."""
+        return bool(self.dense_baseline and self.sweep.methods and (self.sweep.init_from_dense or self.sweep.seeds))
+
+    def runs_baseline(self) -> bool:
+        """Whether the baseline stage trains a model: the foundation (``sweep.init_from_dense``), or
+        the dense reference ``dense`` unless the sweep trains one per seed."""
+        return self.dense_baseline and (self.sweep.init_from_dense or not self.sweep_trains_dense())
 
     def problems(self) -> list[str]:
         """Every problem of the settings themselves (paths on disk: :func:`check_paths`)."""

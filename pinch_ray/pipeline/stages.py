@@ -151,7 +151,7 @@ def _prepared(outputs: dict) -> dict:
 
 
 def stage_baseline(cfg: PipelineConfig, outputs: dict) -> dict:
-    if not cfg.dense_baseline:
+    if not cfg.runs_baseline():  # none asked for, or the sweep trains a dense reference per seed
         return {}
     name = cfg.baseline_trial()
     job = TrialJob.create(cfg, _prepared(outputs), cfg.model.init_from, cfg.output_dir)
@@ -167,8 +167,9 @@ def compression_init_from(cfg: PipelineConfig, outputs: dict) -> str:
 
 
 def stage_compress(cfg: PipelineConfig, outputs: dict) -> dict:
-    # the baseline is the dense reference when the trials do not start from it (two-stage prunes it)
-    dense = {} if cfg.sweep.init_from_dense or not cfg.dense_baseline else {None: outputs["baseline"][DENSE]}
+    # the baseline is the dense reference when the trials do not start from it and the sweep trains
+    # none per seed (two-stage prunes it)
+    dense = {None: outputs["baseline"][DENSE]} if DENSE in outputs["baseline"] else {}
     result_dirs = run_sweep(cfg, _prepared(outputs), compression_init_from(cfg, outputs), cfg.output_dir,
                             dense_results=dense)
     return {name: str(path) for name, path in result_dirs.items()}
