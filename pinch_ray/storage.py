@@ -24,6 +24,7 @@ store never shows work as finished before all of it is there.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -265,6 +266,33 @@ def atomic_path(final: str | os.PathLike, directory: bool = False, keep_suffix: 
 def atomic_dir(final: str | os.PathLike):
     """:func:`atomic_path` for a directory: build it under a temporary name, rename it into place."""
     return atomic_path(final, directory=True)
+
+
+LOCK_SUFFIX = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike, what: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a local path) across processes while the block runs, so two
+    runs that would build the same ``path`` take turns: the second waits (logged once), then finds
+    the first one's result. The lock is ``<path>.lock`` (``flock``: released by the OS when its holder
+    dies, so a killed run never leaves a lock behind; the small file stays). A URI gets no lock: an
+    object store has none to offer, so there one writer at a time is the caller's to arrange."""
+    if is_uri(path):
+        yield
+        return
+    lock = Path(path).with_name(Path(path).name + LOCK_SUFFIX)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another run that is building %s (%s holds its lock)", what or path, lock)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def remove_stale_tmp(final: str | os.PathLike) -> None:

@@ -167,7 +167,8 @@ def test_prepare_fails_clearly_without_usable_utterances(ray_cluster, corpus, tm
         flac.write_bytes(b"garbage")
     with pytest.raises(PrepareError, match="no usable utterance.*unreadable_audio=6"):
         prepare_split(tmp_path / "c", "test", VOCAB, DataConfig(), cache_dir=tmp_path / "cache")
-    assert not [p for p in (tmp_path / "cache").iterdir()]  # no half-written output left behind
+    # no half-written output left behind (a lock file is no output: see test_two_runs_preparing_...)
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix != ".lock"]
 
 
 def test_second_prepare_reuses_the_cache(prepared_train, corpus, cache_dir):
@@ -182,6 +183,29 @@ def test_second_prepare_reuses_the_cache(prepared_train, corpus, cache_dir):
     other = prepare_split(corpus, "train", VOCAB, DataConfig(max_duration_s=2.0), cache_dir=cache_dir)
     assert not other.from_cache and other.path != prepared_train.path
     assert other.report["skipped_by_kind"]["too_long"] == NUM_TRAIN - other.num_utterances > 0
+
+
+def test_two_runs_preparing_the_same_split_take_turns(ray_cluster, corpus, tmp_path):
+    """Two pipelines preparing one split into one local cache at once (two `pinch-ray run`s sharing
+    data.cache_dir): one builds it, the other waits and reuses it, and the shards are whole. Without
+    the lock the second cleared the first one's half-written shards as an unfinished attempt."""
+    results, errors = [None, None], []
+
+    def prepare(slot):
+        try:
+            results[slot] = prepare_split(corpus, "dev", VOCAB, DataConfig(), cache_dir=tmp_path / "cache")
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=prepare, args=(slot,)) for slot in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert sorted(r.from_cache for r in results) == [False, True] and results[0].path == results[1].path
+    rows = _rows_by_id(results[0].path)
+    assert len(rows) == results[0].num_utterances == len(list_split(corpus, "dev").utterances)
 
 
 def test_hf_parquet_layout_prepares_identical_features(prepared_train, corpus, tmp_path):

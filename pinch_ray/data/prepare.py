@@ -176,32 +176,38 @@ def prepare_split(corpus: CorpusConfig | str | os.PathLike, split: str, vocab: M
     listing = list_split(corpus_cfg.root, split, corpus_cfg.layout)
     key = cache_key(listing, settings, vocab)
     final_dir = storage.join(cache_dir or data_cfg.cache_dir, f"{split.replace('/', '_')}-{key[:16]}")
-    if storage.is_file(storage.join(final_dir, COMPLETE_MARKER)):
-        report = read_report(final_dir)
-        logger.info("prepare %s/%s: cache hit %s (%d utterances)", corpus_cfg.root, split, final_dir, report["kept"])
-        return PreparedSplit(final_dir, report, from_cache=True)
+    # Two runs preparing the same split into one local cache take turns: the second waits, then
+    # reuses the first one's shards (otherwise it would clear them as "unfinished" mid-write).
+    with storage.exclusive(final_dir, f"the prepared {split} split"):
+        if storage.is_file(storage.join(final_dir, COMPLETE_MARKER)):
+            report = read_report(final_dir)
+            logger.info("prepare %s/%s: cache hit %s (%d utterances)", corpus_cfg.root, split, final_dir,
+                        report["kept"])
+            return PreparedSplit(final_dir, report, from_cache=True)
 
-    storage.remove_tree(final_dir)  # what an earlier, unfinished attempt (no marker) left
-    try:
-        summaries = _featurize_to_parquet(listing, final_dir, vocab, settings, data_cfg)
-        report = _build_report(listing, summaries, final_dir, key, settings, data_cfg, time.perf_counter() - started)
-        if report["kept"] == 0:
-            counts = ", ".join(f"{k}={v}" for k, v in report["skipped_by_kind"].items() if v) or "no utterances listed"
-            examples = "; ".join(f"{item['id']}: {item['reason']}" for item in report["skipped"][:3])
-            raise PrepareError(f"no usable utterance in {corpus_cfg.root}/{split} ({counts}); e.g. {examples}. "
-                               "Check the corpus files and data.min_duration_s / max_duration_s")
-    except Exception:
-        storage.remove_tree(final_dir)  # nothing half-written is left (a hard kill's leftovers: cleared above)
-        raise
-    storage.write_text(storage.join(final_dir, REPORT_FILE), json.dumps(report, indent=2) + "\n")
-    storage.write_text(storage.join(final_dir, COMPLETE_MARKER), json.dumps({"key": key}) + "\n")  # last
-    if report["skipped"]:
-        logger.warning("prepare %s/%s skipped %d utterances: %s (listed in %s)", corpus_cfg.root, split,
-                       len(report["skipped"]), {k: v for k, v in report["skipped_by_kind"].items() if v},
-                       storage.join(final_dir, REPORT_FILE))
-    logger.info("prepare %s/%s: %d kept, %d skipped, %.2f h -> %s (%.1f s)", corpus_cfg.root, split,
-                report["kept"], len(report["skipped"]), report["hours"], final_dir, report["seconds"])
-    return PreparedSplit(str(final_dir), report, from_cache=False)
+        storage.remove_tree(final_dir)  # what an earlier, unfinished attempt (no marker) left
+        try:
+            summaries = _featurize_to_parquet(listing, final_dir, vocab, settings, data_cfg)
+            report = _build_report(listing, summaries, final_dir, key, settings, data_cfg,
+                                   time.perf_counter() - started)
+            if report["kept"] == 0:
+                counts = (", ".join(f"{k}={v}" for k, v in report["skipped_by_kind"].items() if v)
+                          or "no utterances listed")
+                examples = "; ".join(f"{item['id']}: {item['reason']}" for item in report["skipped"][:3])
+                raise PrepareError(f"no usable utterance in {corpus_cfg.root}/{split} ({counts}); e.g. {examples}. "
+                                   "Check the corpus files and data.min_duration_s / max_duration_s")
+        except Exception:
+            storage.remove_tree(final_dir)  # nothing half-written is left (a hard kill's leftovers: cleared above)
+            raise
+        storage.write_text(storage.join(final_dir, REPORT_FILE), json.dumps(report, indent=2) + "\n")
+        storage.write_text(storage.join(final_dir, COMPLETE_MARKER), json.dumps({"key": key}) + "\n")  # last
+        if report["skipped"]:
+            logger.warning("prepare %s/%s skipped %d utterances: %s (listed in %s)", corpus_cfg.root, split,
+                           len(report["skipped"]), {k: v for k, v in report["skipped_by_kind"].items() if v},
+                           storage.join(final_dir, REPORT_FILE))
+        logger.info("prepare %s/%s: %d kept, %d skipped, %.2f h -> %s (%.1f s)", corpus_cfg.root, split,
+                    report["kept"], len(report["skipped"]), report["hours"], final_dir, report["seconds"])
+        return PreparedSplit(str(final_dir), report, from_cache=False)
 
 
 def _featurize_to_parquet(listing: SplitListing, out_dir: str, vocab: Mapping[str, int],
