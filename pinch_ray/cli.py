@@ -254,7 +254,8 @@ def _add_foundation_commands(subparsers) -> None:
                     "model.init_from: <name> loads it.",
         epilog="example:\n  pinch-ray run pipelines/foundation.yaml && pinch-ray foundation ship runs/foundation",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ship.add_argument("output_dir", help="output_dir of the finished foundation run")
+    ship.add_argument("output_dir", help="output_dir of the finished foundation run: a directory or an object-store "
+                      "URI (s3://..., file:///...)")
     ship.add_argument("--name", default=None, help="foundation name (default: synth-tiny)")
     ship.add_argument("--dest", default=None, help="directory to put <name>/ in (default: the package's foundations/)")
     ship.set_defaults(handler=_foundation_ship)

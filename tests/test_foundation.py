@@ -3,6 +3,7 @@ reads it (and says how to rebuild it when it does not), the demo never evaluates
 trained on, and ``pinch-ray foundation ship`` writes one that loads."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,11 @@ def test_ship_writes_a_foundation_that_loads_by_name_and_a_failed_ship_keeps_the
     loaded, _ = models.load_model("mine")
     shipped, _ = models.load_model(str(out / FOUNDATION_TRIAL / "model"))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), shipped.state_dict().values()))
+
+    # a run whose output_dir was an object store: ship reads it at its URI
+    assert main(["foundation", "ship", f"file://{out}", "--name", "from-uri", "--dest", str(dest)]) == 0
+    assert json.loads((dest / "from-uri" / models.FOUNDATION_FILE).read_text())["fingerprint"] == record["fingerprint"]
+    shutil.rmtree(dest / "from-uri")
 
     before = sorted(p.name for p in (dest / "mine").iterdir())
     (out / FOUNDATION_TRIAL / METRICS_FILE).unlink()  # an unfinished run: refused, the old one kept

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from pinch_ray import __version__, storage
@@ -46,21 +47,25 @@ def ship(output_dir: str | Path, name: str | None = None, dest_root: str | Path 
         FileNotFoundError: ``output_dir`` has no finished foundation trial (finalize not done).
         ValueError: the run is no foundation run (a preset from random weights on the synthetic corpus).
     """
-    output_dir = Path(output_dir)
-    if not (output_dir / CONFIG_FILE).is_file():
+    output_dir = str(output_dir)  # a directory, or the object-store URI the run wrote to
+    config_path, trial = storage.join(output_dir, CONFIG_FILE), storage.join(output_dir, FOUNDATION_TRIAL)
+    if not storage.is_file(config_path):
         raise FileNotFoundError(f"{output_dir}: no {CONFIG_FILE}; give the output_dir of a finished "
                                 "'pinch-ray run pipelines/foundation.yaml'")
-    cfg = load_pipeline(output_dir / CONFIG_FILE, check_paths=False)
-    trial = output_dir / FOUNDATION_TRIAL
-    if not (trial / METRICS_FILE).is_file():
+    with tempfile.TemporaryDirectory(prefix="pinch-ray-") as scratch:  # load_pipeline reads a local file
+        local_config = Path(scratch) / CONFIG_FILE
+        local_config.write_text(storage.read_text(config_path))
+        cfg = load_pipeline(local_config, check_paths=False)
+    metrics_path = storage.join(trial, METRICS_FILE)
+    if not storage.is_file(metrics_path):
         raise FileNotFoundError(f"{trial}: no finished trial {FOUNDATION_TRIAL!r} ({METRICS_FILE} missing); "
-                                f"finish the run first: pinch-ray run {output_dir / CONFIG_FILE}")
+                                f"finish the run first: pinch-ray run {config_path}")
     if cfg.model.init_from not in models.TINY_PRESETS or not cfg.corpus.synth_utterances:
-        raise ValueError(f"{output_dir / CONFIG_FILE}: a foundation starts from a tiny preset on the synthetic corpus "
+        raise ValueError(f"{config_path}: a foundation starts from a tiny preset on the synthetic corpus "
                          f"(model.init_from: tiny, corpus.synth_utterances > 0); this run has "
                          f"model.init_from={cfg.model.init_from!r}, corpus.synth_utterances={cfg.corpus.synth_utterances}")
     name = name or DEFAULT_NAME
-    metrics = json.loads((trial / METRICS_FILE).read_text())
+    metrics = json.loads(storage.read_text(metrics_path))
     corpus = {"synth_utterances": cfg.corpus.synth_utterances, "synth_seed": cfg.corpus.synth_seed}
     record = {
         "name": name,
@@ -74,8 +79,8 @@ def ship(output_dir: str | Path, name: str | None = None, dest_root: str | Path 
         "fingerprint": models.foundation_fingerprint(cfg.model.init_from, dict(cfg.model.overrides), corpus),
     }
     final = Path(dest_root or models.FOUNDATIONS_DIR) / name
-    with storage.atomic_dir(final) as tmp:
-        shutil.copytree(trial / "model", tmp, dirs_exist_ok=True)
+    with storage.local_dir(storage.join(trial, "model")) as model_dir, storage.atomic_dir(final) as tmp:
+        shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
         (tmp / models.FOUNDATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(record))  # replaces the trial's card
     return final
