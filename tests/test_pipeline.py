@@ -226,6 +226,19 @@ def test_sweep_concurrency_fits_the_cluster_and_queues_the_rest():
     assert max_concurrent_trials(gpu, 8, {"CPU": 16, "GPU": 1}) == 4  # four small trials share one GPU
 
 
+def test_evaluation_asks_for_gpus_the_cluster_has_or_can_grow_to():
+    def gpus(cluster, *overrides):
+        cfg = load_pipeline(None, list(overrides))
+        return stages.evaluation_settings(cfg, cluster).gpus_per_actor
+
+    assert gpus({"CPU": 8}) == 0.0
+    assert gpus({"CPU": 8, "GPU": 2}) == 1.0
+    # an autoscaling cluster whose GPU nodes are not up yet when finalize starts
+    assert gpus({"CPU": 8}, "resources.cluster_max={GPU: 16}") == 1.0
+    assert gpus({"CPU": 8, "GPU": 2}, "evaluation.gpus_per_actor=0") == 0.0  # set: kept as it is
+    assert gpus({"CPU": 8}, "evaluation.gpus_per_actor=0.5") == 0.5
+
+
 def test_seeds_and_the_two_stage_baseline_from_a_pretrained_start(ray_cluster, tmp_path):
     """One pass from a "pre-trained" model (init_from_dense: false, the paper pipelines' shape) over
     seeds: the sweep trains a dense reference per seed (the baseline stage none), every (method,

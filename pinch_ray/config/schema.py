@@ -410,7 +410,8 @@ class EvalConfig:
     # Ray Data actors transcribing in parallel, each holding one model copy; 0: in the driver process
     # (no actor startup, ~10 s per split saved: best for small evaluation sets on one machine).
     num_actors: int = 1
-    # GPUs per actor; None: 1 when the Ray cluster has GPUs, else 0 (CPU inference).
+    # GPUs per actor; None: 1 when the Ray cluster has GPUs or can grow to them
+    # (resources.cluster_max.GPU), else 0 (CPU inference).
     gpus_per_actor: float | None = None
 
     def problems(self, prefix: str = "eval") -> list[str]:

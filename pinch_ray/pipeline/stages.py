@@ -29,8 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from pinch_ray import storage
-from pinch_ray.config import DENSE, FOUNDATION_TRIAL, ConfigError, PipelineConfig, dump_pipeline
+from pinch_ray.config import DENSE, FOUNDATION_TRIAL, ConfigError, EvalConfig, PipelineConfig, dump_pipeline
 from pinch_ray.core import distill, models
 from pinch_ray.core.compressor import prepare_method
 from pinch_ray.core.export import trial_dir
@@ -175,6 +177,18 @@ def stage_compress(cfg: PipelineConfig, outputs: dict) -> dict:
     return {name: str(path) for name, path in result_dirs.items()}
 
 
+def evaluation_settings(cfg: PipelineConfig, cluster: dict[str, float]) -> EvalConfig:
+    """``cfg.evaluation`` with ``gpus_per_actor`` decided where it is unset: one GPU per actor when
+    the cluster has GPUs up (``cluster``: Ray's ``cluster_resources()``) or can grow to them
+    (``resources.cluster_max.GPU``), else 0. An autoscaling GPU cluster whose GPU nodes are not up
+    yet when finalize starts then asks for GPU actors (the autoscaler adds the nodes) instead of
+    transcribing every trial on CPU."""
+    if cfg.evaluation.gpus_per_actor is not None:
+        return cfg.evaluation
+    gpus = 1.0 if cfg.resources.capacity(cluster)["GPU"] > 0 else 0.0
+    return dataclasses.replace(cfg.evaluation, gpus_per_actor=gpus)
+
+
 def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False, publish=lambda: 0) -> dict:
     """Export, store, evaluate and report every trial, then the summary; ``publish`` is called after
     each trial (an output directory in an object store uploads it)."""
@@ -183,6 +197,7 @@ def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False, 
     # trial); 0: this process reads the shards itself (a fresh reader per trial)
     datasets = ({split: prepared[split].dataset() for split in cfg.corpus.eval_splits}
                 if cfg.evaluation.num_actors else None)
+    evaluation = evaluation_settings(cfg, ray.cluster_resources() if datasets else {})
     trials = {**outputs["baseline"], **outputs["compress"]}
     results = {name: runs.read_train_result(result_dir) for name, result_dir in trials.items()}
     # The dense references ("dense", or "dense-seed<k>" with sweep.seeds) go first: every other trial
@@ -204,7 +219,7 @@ def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False, 
             model, processor = models.load_model(str(model_dir))
         eval_data = datasets or {split: read_prepared_rows(prepared[split].path) for split in cfg.corpus.eval_splits}
         finalize_trial(model, processor, info, cfg.output_dir, eval_data,
-                       dense_hypotheses=dense_hypotheses.get(reference), eval_cfg=cfg.evaluation,
+                       dense_hypotheses=dense_hypotheses.get(reference), eval_cfg=evaluation,
                        gate_patterns=cfg.gates.all_patterns(), data_cfg=cfg.data, overwrite=overwrite)
         if name in references.values():
             dense_hypotheses[name] = read_trial_hypotheses(trial_dir(cfg.output_dir, name))
