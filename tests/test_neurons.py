@@ -12,8 +12,7 @@ from torch import nn
 from transformers import AutoModelForCTC
 
 from pinch_ray.core import compact_format, export, gates, neurons, pruned_modeling
-from pinch_ray.config import ConfigError, GateConfig, TrainConfig
-from pinch_ray.core.compressor import build_optimizers
+from pinch_ray.config import ConfigError, GateConfig
 from pinch_ray.core.models import count_parameters, load_model
 
 from test_train import compressor, random_batches
@@ -166,45 +165,6 @@ def test_calibration_closes_the_gap_a_whole_head_leaves():
     for target in (0.3, 0.45, 0.6):
         _, after = gates.calibrate_thresholds(model, target)
         assert abs(after - target) <= 0.002, (target, after)
-
-
-def test_unit_offsets_let_the_loss_keep_a_unit_its_weights_would_lose(tmp_path):
-    """gates.unit_offsets: a learnable offset per unit on its score, trained with the thresholds;
-    hard mask, soft mask, calibration and export all judge a unit by score + offset."""
-    model, _, found = neuron_model(threshold=0.9)
-    plain_masks = {name: g.unit_hard_mask().clone() for name, g in found.items()}
-    model, _ = load_model("tiny", **NO_RANDOMNESS)
-    found = gates.attach_gates(model, GateConfig(granularity="neuron", neuron_units=UNITS["tiny"],
-                                                 threshold_init=0.9, unit_offsets=True))
-    for name, gate in found.items():  # zero at the start: the same units as without offsets
-        assert gate.offsets.shape == (gate.num_units,) and not gate.offsets.any()
-        assert torch.equal(gate.unit_hard_mask(), plain_masks[name])
-    weights, thresholds = build_optimizers(model, TrainConfig(), GateConfig())
-    in_gate_group = {id(p) for group in thresholds.param_groups for p in group["params"]}
-    assert all(id(g.offsets) in in_gate_group and id(g.threshold) in in_gate_group for g in found.values())
-    assert not in_gate_group & {id(p) for group in weights.param_groups for p in group["params"]}
-
-    model.train()
-    labels = torch.randint(5, 32, (2, 8), generator=torch.Generator().manual_seed(1))
-    (model(audio(), labels=labels).loss + gates.soft_sparsity(model)).backward()
-    assert all(g.offsets.grad is not None and g.offsets.grad.abs().sum() > 0 for g in found.values())
-
-    ffn = next(g for g in found.values() if g.kind == "ffn")
-    scores = ffn.relative_scores().detach()
-    ffn.threshold.data.fill_(float(scores.median()) ** 0.5)  # about half the neurons go
-    weakest, strongest = int(scores.argmin()), int(scores.argsort()[-2])  # (the best one is always kept)
-    assert not ffn.unit_hard_mask()[weakest] and ffn.unit_hard_mask()[strongest]
-    with torch.no_grad():
-        ffn.offsets[weakest], ffn.offsets[strongest] = 10.0, -10.0
-    assert ffn.unit_hard_mask()[weakest] and not ffn.unit_hard_mask()[strongest]
-    assert float(ffn.unit_soft_mask().detach()[weakest]) > 0.99
-    _, after = gates.calibrate_thresholds(model, 0.4)  # calibration ranks by score + offset too
-    assert abs(after - 0.4) <= 0.005 and ffn.unit_hard_mask()[weakest] and not ffn.unit_hard_mask()[strongest]
-    plain = export.pruned_copy(model)  # the exported model keeps the weakest-scoring neuron's row
-    layer = int(next(name for name, g in found.items() if g is ffn).split("layers.")[1].split(".")[0])
-    row = neurons.raw_weight(ffn.sources[0])[weakest].detach()
-    exported = plain.wav2vec2.encoder.layers[layer].feed_forward.intermediate_dense.weight
-    assert (exported == row).all(dim=1).any()
 
 
 def test_a_layer_keeps_at_least_one_unit():

@@ -104,11 +104,6 @@ class GateConfig:
     # shows what the learned per-layer allocation is worth (every layer then prunes at the same
     # fraction of its own RMS weight; their sparsities differ only by their weight distributions).
     shared_threshold: bool = False
-    # Neuron granularity only: each unit also gets a learnable offset on its relative score
-    # (score_u / s_l + offset_u), trained with the thresholds (threshold_update, threshold lr), so
-    # units are told apart by what the loss says each is worth (the gradient of its mask), not only
-    # by the size of their weights. false: units differ by their weights alone (the paper's gates).
-    unit_offsets: bool = False
     # Sparsity objective: lambda_1 (s - s*) + penalty (s - s*)^2 over the gated soft sparsity s,
     # lambda_1 a Lagrange multiplier trained by plain gradient ascent once the target ramp is over
     # (while the target moves, integrating the lag would wind up and overshoot), penalty fixed.

@@ -162,14 +162,13 @@ class SharedScaleAdam(torch.optim.Optimizer):
 def build_optimizers(model: nn.Module, cfg: TrainConfig,
                      gate_cfg: GateConfig) -> tuple[torch.optim.AdamW, torch.optim.Optimizer | None]:
     """The model weights' AdamW (groups ``weights`` and ``no_decay``: vectors and norms undecayed)
-    and the gates' optimizer (None without gates; thresholds, and unit offsets with
-    ``gates.unit_offsets``): AdamW, or :class:`SharedScaleAdam` with
+    and the thresholds' optimizer (None without gates): AdamW, or :class:`SharedScaleAdam` with
     ``gate_cfg.threshold_update: shared``, at ``effective_threshold_lr``, no decay.
 
     The weights' AdamW is the fused implementation where torch has one for every parameter's device
     (CPU and CUDA): one kernel over all tensors instead of a Python loop over each.
     """
-    threshold_ids = {id(p) for g in gates_lib.gates_of(model) for p in g.parameters()}  # + unit offsets
+    threshold_ids = {id(g.threshold) for g in gates_lib.gates_of(model)}
     groups = {"weights": [], "no_decay": [], "thresholds": []}
     for name, param in model.named_parameters():
         if not param.requires_grad:

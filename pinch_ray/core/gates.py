@@ -106,8 +106,7 @@ def attach_gates(model: nn.Module, cfg: GateConfig) -> dict[str, ThresholdGate]:
         raise ConfigError(problems, source="gate settings")
     _check_not_gated(model)
     if cfg.granularity == "neuron":
-        gates = attach_neuron_gates(model, list(cfg.neuron_units), cfg.threshold_init, cfg.tau_start,
-                                    offsets=cfg.unit_offsets)
+        gates = attach_neuron_gates(model, list(cfg.neuron_units), cfg.threshold_init, cfg.tau_start)
     else:
         gates = {}
         for name, module in select_modules(model, cfg.all_patterns()).items():

@@ -31,13 +31,6 @@ parametrization of that weight, so the train/eval (soft/hard) behaviour,
 Gradients reach the threshold and, through the score, the unit's rows: a unit under the threshold
 pinches itself off.
 
-With ``gates.unit_offsets`` each unit's score also carries a learnable offset, ``score_u / s_l +
-offset_u`` (zero at the start), trained with the thresholds. The score alone tells units apart only
-by the size of their weights, which moves at the weights' learning rate; the offset takes the
-gradient of the unit's mask directly, so a unit the loss needs rises above the threshold and one it
-does not sinks under it (as learned scores in movement pruning, or DPHuBERT's per-unit gates),
-while the sparsity objective prices each unit by the parameters it carries.
-
 The sparsity-aware objective is unchanged (:func:`pinch_ray.core.gates.soft_sparsity`), with each unit counted by
 the parameters it carries: a neuron its ``intermediate_dense`` row and bias and its ``output_dense``
 column; a head its q/k/v rows and biases and its ``out_proj`` columns. Hard mask: the units with
@@ -84,12 +77,9 @@ class UnitGate(ThresholdGate):
 
     counts_by_score = False  # unit sizes differ (heads beside neurons) or depend on other gates (conv)
 
-    def __init__(self, kind: str, num_units: int, width: int, numel: int, threshold_init: float, tau: float,
-                 offsets: bool = False):
+    def __init__(self, kind: str, num_units: int, width: int, numel: int, threshold_init: float, tau: float):
         super().__init__(threshold_init, tau, numel)
         self.kind, self.num_units, self.width = kind, num_units, width
-        # gates.unit_offsets: a learnable offset per unit on its relative score (None: scores alone)
-        self.offsets = nn.Parameter(torch.zeros(num_units)) if offsets else None
 
     def refer(self, **modules) -> None:
         """Keep plain references to model modules: not submodules, so not in ``state_dict``."""
@@ -121,23 +111,17 @@ class UnitGate(ThresholdGate):
         scores = rows.float().pow(2).mean(dim=1)
         return scores / scores.detach().mean().clamp_min(1e-30)
 
-    def unit_values(self) -> torch.Tensor:
-        """What a unit is judged by against ``threshold^2``: its relative score, plus its learned
-        offset with ``gates.unit_offsets``."""
-        scores = self.relative_scores()
-        return scores if self.offsets is None else scores + self.offsets.float()
-
     def unit_soft_mask(self) -> torch.Tensor:
         """The soft mask of every unit; the best-scoring one is kept whole, as the hard mask keeps it
         (else the sparsity term would count a last head as prunable that no hard mask removes)."""
-        scores = self.unit_values()
+        scores = self.relative_scores()
         mask = torch.sigmoid((scores - self.threshold.float().pow(2)) / (2 * self.tau))
         return mask.index_fill(0, scores.detach().argmax().view(1), 1.0)
 
     @torch.no_grad()
     def unit_hard_mask(self) -> torch.Tensor:
         """bool [num_units]: the units kept (at least one)."""
-        scores = self.unit_values()
+        scores = self.relative_scores()
         keep = scores > self.threshold.float().pow(2)
         if not keep.any():
             keep[scores.argmax()] = True
@@ -172,8 +156,8 @@ class UnitGate(ThresholdGate):
 
     @torch.no_grad()
     def calibration_values(self, module: nn.Module | None = None) -> tuple[torch.Tensor, int, int]:
-        """Sorted unit values (:meth:`unit_values`), parameters per unit, most units that may be pruned."""
-        return self.unit_values().detach().sort().values, self.unit_params, self.num_units - 1
+        """Sorted relative scores, parameters per unit, most units that may be pruned."""
+        return self.relative_scores().detach().sort().values, self.unit_params, self.num_units - 1
 
     def fold_plan(self, module: nn.Module) -> torch.Tensor:
         return self.unit_hard_mask()
@@ -190,11 +174,11 @@ class NeuronGate(UnitGate):
     ``numel``: parameters the units carry, all together.
     """
 
-    def __init__(self, kind: str, owner: nn.Module, threshold_init: float, tau: float, offsets: bool = False):
+    def __init__(self, kind: str, owner: nn.Module, threshold_init: float, tau: float):
         sources, target, width = _unit_layout(kind, owner)
         num_units = sources[0].out_features // width
         unit_params = unit_parameters(sources, target, width)
-        super().__init__(kind, num_units, width, num_units * unit_params, threshold_init, tau, offsets)
+        super().__init__(kind, num_units, width, num_units * unit_params, threshold_init, tau)
         self.unit_params = unit_params
         self.refer(_owner=owner)
 
@@ -236,15 +220,14 @@ class ConvChannelGate(UnitGate):
     that the next gate keeps — a product of two masks, still differentiable.
     """
 
-    def __init__(self, conv_layers: nn.ModuleList, index: int, threshold_init: float, tau: float,
-                 offsets: bool = False):
+    def __init__(self, conv_layers: nn.ModuleList, index: int, threshold_init: float, tau: float):
         conv, following = conv_layers[index].conv, conv_layers[index + 1].conv
         norm = getattr(conv_layers[index], "layer_norm", None)
         self_params = ((conv.bias is not None) + 2 * (norm is not None)
                        + (raw_weight(conv)[0].numel() if index == 0 else 0))
         next_units, next_width = following.out_channels, following.kernel_size[0]
         super().__init__("conv", conv.out_channels, 1, conv.out_channels * (self_params + next_units * next_width),
-                         threshold_init, tau, offsets)
+                         threshold_init, tau)
         self.index, self.self_params, self.next_units, self.next_width = index, self_params, next_units, next_width
         self.refer(_owner=conv_layers, _next=None)  # _next: the gate of layer index + 1 (attach_neuron_gates)
 
@@ -403,25 +386,23 @@ def _conv_owner(model: nn.Module) -> tuple[tuple[str, str, nn.Module] | None, st
     return (f"{name}.conv_layers", "conv", encoder.conv_layers), ""
 
 
-def attach_neuron_gates(model: nn.Module, units: list[str], threshold_init: float, tau: float,
-                        offsets: bool = False) -> dict[str, NeuronGate]:
+def attach_neuron_gates(model: nn.Module, units: list[str], threshold_init: float, tau: float) -> dict[str, NeuronGate]:
     """Give every feed-forward / attention module of the encoder a :class:`NeuronGate`; returns
-    the gates by the name of the module whose weight they parametrize. ``offsets``: each unit
-    also gets a learnable offset on its score (``gates.unit_offsets``)."""
+    the gates by the name of the module whose weight they parametrize."""
     gates = {}
     for name, kind, owner in neuron_owners(model, units):
         if kind == "conv":  # every layer but the last: its channels feed the feature projection's norm
             chain = []
             for index in range(len(owner) - 1):
                 target = owner[index + 1].conv
-                chain.append(ConvChannelGate(owner, index, threshold_init, tau, offsets).to(raw_weight(target).device))
+                chain.append(ConvChannelGate(owner, index, threshold_init, tau).to(raw_weight(target).device))
                 parametrize.register_parametrization(target, "weight", chain[-1], unsafe=True)
                 gates[f"{name}.{index + 1}.conv"] = chain[-1]
             for gate, following in zip(chain, chain[1:]):
                 gate.chain(following)
             continue
         target = getattr(owner, _target_name(kind))
-        gate = NeuronGate(kind, owner, threshold_init, tau, offsets).to(target.weight.device)
+        gate = NeuronGate(kind, owner, threshold_init, tau).to(target.weight.device)
         parametrize.register_parametrization(target, "weight", gate, unsafe=True)
         gates[f"{name}.{_target_name(kind)}"] = gate
     with torch.no_grad():  # each threshold starts just under its layer's lowest unit score
