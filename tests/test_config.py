@@ -254,10 +254,14 @@ def test_baseline_settings_and_the_fair_dense_reference():
     cfg.sweep.init_from_dense = False
     assert cfg.compression_trials() == [("dense", 0.0, 0), ("dense", 0.0, 1), ("sspg", 0.5, 0), ("sspg", 0.5, 1)]
     assert not cfg.runs_baseline()
-    cfg.sweep.seeds = []  # no seeds: the baseline is the reference
-    assert cfg.baseline_trial() == "dense" and cfg.runs_baseline()
-    assert cfg.compression_trials() == [("sspg", 0.5, None)]
-    cfg.dense_baseline = False
+    cfg.sweep.seeds = []  # no seeds: still trained beside the trials, one wave for all (not alone first)
+    assert not cfg.runs_baseline() and cfg.compression_trials() == [("dense", 0.0, None), ("sspg", 0.5, None)]
+    # ... so baseline settings have nothing to apply to: refused, not silently ignored
+    assert "baseline_training: set, but no run here trains with it" in str(problems_of(
+        None, ["baseline_training={torch_threads: 2}", "sweep.init_from_dense=false"]))
+    cfg.sweep.methods = []  # no compression trials: the baseline stage trains the dense model alone
+    assert cfg.baseline_trial() == "dense" and cfg.runs_baseline() and cfg.compression_trials() == []
+    cfg.sweep.methods, cfg.dense_baseline = ["sspg"], False
     assert not cfg.runs_baseline() and cfg.compression_trials() == [("sspg", 0.5, None)]
     assert "sweep.seeds" in str(problems_of(None, ["sweep.seeds=[1, 1]"]))
     # a problem of training is reported once, under training

@@ -91,7 +91,7 @@ def demo_job(ray_head, tmp_path_factory):
     root = tmp_path_factory.mktemp("job")
     overrides = [
         f"output_dir={root / 'out'}", f"data.cache_dir={root / 'cache'}", f"corpus.root={root / 'corpus'}",
-        "corpus.synth_utterances=80", "baseline_training.torch_threads=1", "training.max_steps=3", "training.batch_size=4", "training.warmup_steps=1",
+        "corpus.synth_utterances=80", "training.max_steps=3", "training.batch_size=4", "training.warmup_steps=1",
         "training.report_every=1", "training.checkpoint_every=2",
     ]
     client = JobSubmissionClient(ray_head)

@@ -153,7 +153,9 @@ def _prepared(outputs: dict) -> dict:
 
 
 def stage_baseline(cfg: PipelineConfig, outputs: dict) -> dict:
-    if not cfg.runs_baseline():  # none asked for, or the sweep trains a dense reference per seed
+    if not cfg.runs_baseline():
+        log.info("baseline: nothing to train here (%s)", "the compress stage trains the dense reference beside "
+                 "the compression trials" if cfg.sweep_trains_dense() else "dense_baseline: false")
         return {}
     name = cfg.baseline_trial()
     job = TrialJob.create(cfg, _prepared(outputs), cfg.model.init_from, cfg.output_dir)
