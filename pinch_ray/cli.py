@@ -256,7 +256,8 @@ def _add_foundation_commands(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ship.add_argument("output_dir", help="output_dir of the finished foundation run: a directory or an object-store "
                       "URI (s3://..., file:///...)")
-    ship.add_argument("--name", default=None, help="foundation name (default: synth-tiny)")
+    ship.add_argument("--name", default=None, help="foundation name (default: synth-tiny, for a run of "
+                      "pipelines/foundation.yaml; another foundation pipeline's run needs one)")
     ship.add_argument("--dest", default=None, help="directory to put <name>/ in (default: the package's foundations/)")
     ship.set_defaults(handler=_foundation_ship)
 

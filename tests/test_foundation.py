@@ -36,6 +36,23 @@ def test_the_shipped_foundation_loads_with_its_trained_head_and_its_record():
     assert [p.shape for p in skeleton.parameters()] == [p.shape for p in model.parameters()]
 
 
+@pytest.mark.parametrize("name", models.foundation_names())
+def test_every_shipped_foundation_names_the_pipeline_that_rebuilds_it(name):
+    """The rebuild command in foundation.json (what a drift error prints) runs a pipeline in this
+    repository that builds the same thing: its preset, overrides and corpus give the recorded
+    fingerprint, and its training settings are the recorded ones."""
+    record = models.foundation_record(name)
+    pipeline, ship_command = record["rebuild"].split(" && ")
+    assert pipeline.startswith("pinch-ray run pipelines/") and ship_command.startswith("pinch-ray foundation ship ")
+    cfg = load_pipeline(REPO / pipeline.removeprefix("pinch-ray run "), check_paths=False)
+    assert record["rebuild"] == models.rebuild_command(cfg.name, name)
+    corpus = {"synth_utterances": cfg.corpus.synth_utterances, "synth_seed": cfg.corpus.synth_seed}
+    assert models.foundation_fingerprint(cfg.model.init_from, dict(cfg.model.overrides), corpus) == record["fingerprint"]
+    built = cfg.baseline_train_config()
+    assert {key: getattr(built, key) for key in ("max_steps", "lr", "batch_size", "seed")} == {
+        key: record["training"][key] for key in ("max_steps", "lr", "batch_size", "seed")}
+
+
 @pytest.mark.parametrize("change", ["preset", "vocabulary", "corpus"])
 def test_a_foundation_that_drifted_from_the_code_is_refused_with_the_command_that_rebuilds_it(
         change, monkeypatch, tmp_path):
@@ -113,6 +130,15 @@ def test_ship_writes_a_foundation_that_loads_by_name_and_a_failed_ship_keeps_the
     assert sorted(p.name for p in (dest / "mine").iterdir()) == before
     assert sorted(p.name for p in dest.iterdir()) == ["mine"]  # no temporary left behind
     assert main(["foundation", "ship", str(tmp_path / "nothing"), "--dest", str(dest)]) == EXIT_BAD_INPUT
+    # another foundation pipeline's run must be named: it would otherwise replace synth-tiny
+    cfg = load_pipeline(out / stages.CONFIG_FILE, ["name=foundation-small"], check_paths=False)
+    (out / stages.CONFIG_FILE).write_text(dump_pipeline(cfg))
+    (out / FOUNDATION_TRIAL / METRICS_FILE).write_text(json.dumps({"wer": {"test": 0.5}}))
+    with pytest.raises(ValueError, match="--name"):
+        ship(out, None, dest)
+    record = json.loads((ship(out, "synth-small", dest) / models.FOUNDATION_FILE).read_text())
+    assert record["rebuild"] == ("pinch-ray run pipelines/foundation_small.yaml && "
+                                 "pinch-ray foundation ship runs/foundation-small --name synth-small")
 
 
 def test_ship_refuses_a_run_that_did_not_start_from_a_preset(tmp_path):

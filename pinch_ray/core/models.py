@@ -82,7 +82,19 @@ TINY_CONFIG = dict(
 # FOUNDATION_FILE), named by model.init_from like a hub id.
 FOUNDATIONS_DIR = Path(__file__).resolve().parents[1] / "foundations"
 FOUNDATION_FILE = "foundation.json"
-REBUILD_FOUNDATION = "pinch-ray run pipelines/foundation.yaml && pinch-ray foundation ship runs/foundation"
+DEFAULT_FOUNDATION = "synth-tiny"  # what pipelines/foundation.yaml builds; other foundations are named by --name
+FOUNDATION_PIPELINE = "foundation"  # the run name (and pipelines/<name>.yaml) that builds DEFAULT_FOUNDATION
+
+
+def rebuild_command(run_name: str, foundation: str) -> str:
+    """The command that rebuilds the foundation ``foundation`` from the pipeline whose run name is
+    ``run_name`` (``pipelines/<run_name, - as _>.yaml``, output in ``runs/<run_name>``)."""
+    name_flag = "" if foundation == DEFAULT_FOUNDATION else f" --name {foundation}"
+    return (f"pinch-ray run pipelines/{run_name.replace('-', '_')}.yaml && "
+            f"pinch-ray foundation ship runs/{run_name}{name_flag}")
+
+
+REBUILD_FOUNDATION = rebuild_command(FOUNDATION_PIPELINE, DEFAULT_FOUNDATION)
 
 
 class FoundationDrift(ValueError):
@@ -112,6 +124,11 @@ def foundation_fingerprint(preset: str, overrides: dict, corpus: dict) -> dict[s
             "corpus": _digest([synth.SAMPLE_RATE, [vars(s) for s in synth.SPEAKERS], [vars(u) for u in plan]])}
 
 
+def _training_minutes(record: dict) -> str:
+    seconds = record.get("results", {}).get("training_seconds")
+    return f"about {seconds / 60:.0f} minutes on 2 cores when it was built" if seconds else "see foundation.json"
+
+
 def foundation_record(init_from: str) -> dict | None:
     """The ``foundation.json`` of the shipped foundation ``init_from`` names, or None."""
     if "/" in init_from or init_from not in foundation_names():
@@ -136,7 +153,8 @@ def checkpoint_path(init_from: str) -> str:
         raise FoundationDrift(
             f"model.init_from={init_from!r}: the shipped foundation was built with a different "
             f"{' and '.join(changed)} than this code has ({directory / FOUNDATION_FILE}); rebuild it with "
-            f"'{REBUILD_FOUNDATION}' (about 25 minutes on 2 cores), or name another model")
+            f"'{record.get('rebuild', REBUILD_FOUNDATION)}' (its training: {_training_minutes(record)}), "
+            "or name another model")
     return str(directory)
 
 

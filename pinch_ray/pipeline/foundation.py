@@ -25,7 +25,7 @@ from pinch_ray.core import models
 from pinch_ray.pipeline.report import METRICS_FILE
 from pinch_ray.pipeline.stages import CONFIG_FILE
 
-DEFAULT_NAME = "synth-tiny"
+DEFAULT_NAME = models.DEFAULT_FOUNDATION
 
 
 def _code_version() -> str:
@@ -64,12 +64,16 @@ def ship(output_dir: str | Path, name: str | None = None, dest_root: str | Path 
         raise ValueError(f"{config_path}: a foundation starts from a tiny preset on the synthetic corpus "
                          f"(model.init_from: tiny, corpus.synth_utterances > 0); this run has "
                          f"model.init_from={cfg.model.init_from!r}, corpus.synth_utterances={cfg.corpus.synth_utterances}")
-    name = name or DEFAULT_NAME
+    if name is None:
+        if cfg.name != models.FOUNDATION_PIPELINE:
+            raise ValueError(f"{config_path}: run {cfg.name!r} is not pipelines/{models.FOUNDATION_PIPELINE}.yaml, "
+                             f"which builds {DEFAULT_NAME}; name this foundation: --name <name>")
+        name = DEFAULT_NAME
     metrics = json.loads(storage.read_text(metrics_path))
     corpus = {"synth_utterances": cfg.corpus.synth_utterances, "synth_seed": cfg.corpus.synth_seed}
     record = {
         "name": name,
-        "rebuild": models.REBUILD_FOUNDATION,
+        "rebuild": models.rebuild_command(cfg.name, name),
         "model": {"preset": cfg.model.init_from, "overrides": dict(cfg.model.overrides)},
         "corpus": {**corpus, "train_split": cfg.corpus.train_split, "eval_splits": list(cfg.corpus.eval_splits)},
         "training": dataclasses.asdict(cfg.baseline_train_config()),
@@ -105,7 +109,7 @@ The `{record["model"]["preset"]}` wav2vec2 preset ({record["results"].get("param
 overrides {record["model"]["overrides"]}) trained from random weights with CTC on the synthetic
 espeak-ng corpus ({corpus["synth_utterances"]:,} utterances, seed {corpus["synth_seed"]}, split
 `{corpus["train_split"]}`): {training["max_steps"]:,} steps of {training["batch_size"]} utterances, peak
-learning rate {training["lr"]}. pinch_ray's demo and synthetic benchmark compress it
+learning rate {training["lr"]}. pinch_ray's synthetic pipelines compress it
 (`model.init_from: {record["name"]}`), as the paper pipelines compress a pre-trained checkpoint.
 Code version {record["code_version"]}; everything else in `{models.FOUNDATION_FILE}`.
 
