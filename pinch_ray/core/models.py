@@ -126,7 +126,7 @@ def foundation_fingerprint(preset: str, overrides: dict, corpus: dict) -> dict[s
 
 def _training_minutes(record: dict) -> str:
     seconds = record.get("results", {}).get("training_seconds")
-    return f"about {seconds / 60:.0f} minutes on 2 cores when it was built" if seconds else "see foundation.json"
+    return f"about {seconds / 60:.0f} minutes where it was built" if seconds else "see foundation.json"
 
 
 def foundation_record(init_from: str) -> dict | None:

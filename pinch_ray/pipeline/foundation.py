@@ -25,8 +25,6 @@ from pinch_ray.core import models
 from pinch_ray.pipeline.report import METRICS_FILE
 from pinch_ray.pipeline.stages import CONFIG_FILE
 
-DEFAULT_NAME = models.DEFAULT_FOUNDATION
-
 
 def _code_version() -> str:
     """``git describe`` of the checkout this package runs from (``-dirty``: uncommitted changes),
@@ -41,11 +39,13 @@ def _code_version() -> str:
 
 def ship(output_dir: str | Path, name: str | None = None, dest_root: str | Path | None = None) -> Path:
     """Copy the foundation trial of the finished run at ``output_dir`` to ``<dest_root>/<name>``
-    (default: :data:`DEFAULT_NAME` in the package's ``foundations/``); returns that directory.
+    (default: :data:`pinch_ray.core.models.DEFAULT_FOUNDATION` in the package's ``foundations/``);
+    returns that directory.
 
     Raises:
         FileNotFoundError: ``output_dir`` has no finished foundation trial (finalize not done).
-        ValueError: the run is no foundation run (a preset from random weights on the synthetic corpus).
+        ValueError: the run is no foundation run (a preset from random weights on the synthetic corpus),
+            or ``name`` is None for a run of another pipeline than ``pipelines/foundation.yaml``.
     """
     output_dir = str(output_dir)  # a directory, or the object-store URI the run wrote to
     config_path, trial = storage.join(output_dir, CONFIG_FILE), storage.join(output_dir, FOUNDATION_TRIAL)
@@ -67,8 +67,8 @@ def ship(output_dir: str | Path, name: str | None = None, dest_root: str | Path 
     if name is None:
         if cfg.name != models.FOUNDATION_PIPELINE:
             raise ValueError(f"{config_path}: run {cfg.name!r} is not pipelines/{models.FOUNDATION_PIPELINE}.yaml, "
-                             f"which builds {DEFAULT_NAME}; name this foundation: --name <name>")
-        name = DEFAULT_NAME
+                             f"which builds {models.DEFAULT_FOUNDATION}; name this foundation: --name <name>")
+        name = models.DEFAULT_FOUNDATION
     metrics = json.loads(storage.read_text(metrics_path))
     corpus = {"synth_utterances": cfg.corpus.synth_utterances, "synth_seed": cfg.corpus.synth_seed}
     record = {
