@@ -271,13 +271,18 @@ def atomic_dir(final: str | os.PathLike):
 LOCK_SUFFIX = ".lock"
 
 
+class Busy(RuntimeError):
+    """Another process holds the lock :func:`exclusive` was told not to wait for."""
+
+
 @contextlib.contextmanager
-def exclusive(path: str | os.PathLike, what: str = "") -> Iterator[None]:
+def exclusive(path: str | os.PathLike, what: str = "", wait: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (a local path) across processes while the block runs, so two
     runs that would build the same ``path`` take turns: the second waits (logged once), then finds
-    the first one's result. The lock is ``<path>.lock`` (``flock``: released by the OS when its holder
-    dies, so a killed run never leaves a lock behind; the small file stays). A URI gets no lock: an
-    object store has none to offer, so there one writer at a time is the caller's to arrange."""
+    the first one's result; with ``wait=False`` it raises :class:`Busy` instead. The lock is
+    ``<path>.lock`` (``flock``: released by the OS when its holder dies, so a killed run never leaves
+    a lock behind; the small file stays). A URI gets no lock: an object store has none to offer, so
+    there one writer at a time is the caller's to arrange."""
     if is_uri(path):
         yield
         return
@@ -287,6 +292,8 @@ def exclusive(path: str | os.PathLike, what: str = "") -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                raise Busy(f"another process is writing {what or path} (it holds {lock})") from None
             log.info("waiting for another run that is building %s (%s holds its lock)", what or path, lock)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:

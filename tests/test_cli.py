@@ -73,6 +73,39 @@ def test_bad_yaml_exits_2_naming_the_problem_and_writes_nothing(case, tmp_path, 
     _assert_nothing_written(tmp_path, before)
 
 
+def test_the_python_api_refuses_what_only_the_model_shows_before_writing(tmp_path, monkeypatch):
+    # stages.run checks the model itself: a script that skips the CLI gets the same refusal
+    from pinch_ray.config import ConfigError, load_pipeline
+    from pinch_ray.pipeline import stages
+
+    monkeypatch.chdir(tmp_path)
+    text, expected = BAD_YAMLS["unreachable target"]
+    cfg = load_pipeline(_write(tmp_path, text), check_paths=False)
+    before = {p.name for p in tmp_path.iterdir()}
+    with pytest.raises(ConfigError) as error:
+        stages.run(cfg)
+    for fragment in expected:
+        assert fragment in str(error.value)
+    _assert_nothing_written(tmp_path, before)
+
+
+@pytest.mark.parametrize("where", ["local", "uri"])
+def test_a_second_run_into_one_output_dir_is_refused_while_the_first_writes(where, tmp_path, monkeypatch):
+    from pinch_ray import storage
+    from pinch_ray.config import ConfigError, load_pipeline
+    from pinch_ray.pipeline import stages
+
+    monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "staging"))
+    output_dir = str(tmp_path / "out") if where == "local" else f"file://{tmp_path / 'out'}"
+    cfg = load_pipeline(_write(tmp_path, f"output_dir: {output_dir}\n"), check_paths=False)
+    # the first run holds the lock on what it writes: the output directory, or its staging copy
+    held = output_dir if where == "local" else storage.RemoteOutput(output_dir).local
+    with storage.exclusive(held, wait=False):
+        with pytest.raises(ConfigError, match=f"output_dir: another process is writing {output_dir}"):
+            stages.run(cfg)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "staging" / Path(held).name).exists()
+
+
 def test_every_problem_of_a_yaml_is_listed_at_once(tmp_path, caplog, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("not a directory\n")

@@ -27,8 +27,8 @@ from pinch_ray.data.batches import (
     read_prepared_rows,
 )
 from pinch_ray.data.features import SKIP_KINDS, PrepareSettings, tokenize, write_shard
-from pinch_ray.data.prepare import (COMPLETE_MARKER, REPORT_FILE, PrepareError, prepare_shards, prepare_split, read_shards,
-                                    shard_order)
+from pinch_ray.data.prepare import (COMPLETE_MARKER, REPORT_FILE, PrepareError, PreparedSplit, num_blocks,
+                                    prepare_shards, prepare_split, read_shards, shard_order)
 
 VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "'": 5,
          **{chr(ord("A") + i): 6 + i for i in range(26)}}
@@ -260,6 +260,34 @@ def test_prepare_bounds_shards_and_row_groups_and_leaves_the_data_context_alone(
     assert sorted(p.name for p in Path(prepared.path).iterdir()) == sorted(
         [COMPLETE_MARKER, REPORT_FILE, *(Path(f).name for f in prepared.files)])
     assert ray.data.DataContext.get_current().op_resource_reservation_enabled  # set per job only
+
+
+def test_prepare_spreads_its_tasks_over_the_cpus_the_cluster_can_grow_to(tmp_path, monkeypatch):
+    import ray
+
+    from pinch_ray.config import load_pipeline
+    from pinch_ray.pipeline import stages
+
+    assert num_blocks(100, 2, rows_per_shard=64) == 4  # two tasks per CPU
+    assert num_blocks(100, 16, rows_per_shard=64) == 32
+    assert num_blocks(10, 16, rows_per_shard=64) == 10  # never more blocks than rows
+    assert num_blocks(100_000, 2, rows_per_shard=64) == 391  # at most 4 shards a task
+    # the pipeline sizes the job by what an autoscaling cluster can grow to, not by what is up
+    (tmp_path / "corpus").mkdir()
+    asked = []
+
+    def fake_prepare(corpus, split, vocab, data_cfg, num_cpus=None):
+        asked.append(num_cpus)
+        return PreparedSplit(str(tmp_path / split), {"kept": 1}, from_cache=True)
+
+    monkeypatch.setattr(stages, "prepare_split", fake_prepare)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    for cluster_max, expected in (("{}", 2.0), ("{CPU: 64}", 64.0)):
+        asked.clear()
+        overrides = [f"corpus.root={tmp_path / 'corpus'}", f"resources.cluster_max={cluster_max}"]
+        cfg = load_pipeline(Path(__file__).parent.parent / "pipelines" / "demo.yaml", overrides, check_paths=False)
+        stages.stage_prepare(cfg, {})
+        assert asked == [expected] * len(cfg.corpus.splits())
 
 
 def test_two_ranks_get_equal_batch_counts_with_correct_padding(prepared_train):

@@ -152,7 +152,7 @@ def cache_key(listing: SplitListing, settings: PrepareSettings, vocab: Mapping[s
 
 def prepare_split(corpus: CorpusConfig | str | os.PathLike, split: str, vocab: Mapping[str, int],
                   data_cfg: DataConfig | None = None, cache_dir: str | os.PathLike | None = None,
-                  ) -> PreparedSplit:
+                  num_cpus: float | None = None) -> PreparedSplit:
     """Featurize one split of a corpus into parquet shards with Ray Data (streaming), or reuse
     the cached shards of an identical earlier run.
 
@@ -160,7 +160,9 @@ def prepare_split(corpus: CorpusConfig | str | os.PathLike, split: str, vocab: M
     layout detected). ``vocab``: character -> id (HF ``Wav2Vec2CTCTokenizer.get_vocab()``;
     ``|`` is the word delimiter). ``cache_dir`` defaults to ``data_cfg.cache_dir``; on a cluster of
     several nodes, a directory every node shares (NFS) or an object-store URI: the workers write
-    the shards there. Ray must already be initialised by the caller.
+    the shards there. ``num_cpus``: the CPUs the job spreads its tasks over (default: what Ray has
+    up; on an autoscaling cluster the pipeline passes what it can grow to, so the job has tasks
+    left for the nodes that join while it runs). Ray must already be initialised by the caller.
 
     Raises FileNotFoundError (corpus or split missing), ConfigError (invalid settings),
     PrepareError (no usable utterance; the message lists the skips by kind).
@@ -187,7 +189,8 @@ def prepare_split(corpus: CorpusConfig | str | os.PathLike, split: str, vocab: M
 
         storage.remove_tree(final_dir)  # what an earlier, unfinished attempt (no marker) left
         try:
-            summaries = _featurize_to_parquet(listing, final_dir, vocab, settings, data_cfg)
+            cpus = num_cpus if num_cpus is not None else ray.cluster_resources().get("CPU", 1)
+            summaries = _featurize_to_parquet(listing, final_dir, vocab, settings, data_cfg, cpus)
             report = _build_report(listing, summaries, final_dir, key, settings, data_cfg,
                                    time.perf_counter() - started)
             if report["kept"] == 0:
@@ -211,7 +214,7 @@ def prepare_split(corpus: CorpusConfig | str | os.PathLike, split: str, vocab: M
 
 
 def _featurize_to_parquet(listing: SplitListing, out_dir: str, vocab: Mapping[str, int],
-                          settings: PrepareSettings, data_cfg: DataConfig) -> list[dict]:
+                          settings: PrepareSettings, data_cfg: DataConfig, num_cpus: float) -> list[dict]:
     """The Ray Data job: listing rows (or HF shards) -> prepare_shards tasks, which featurize and
     write the parquet shards into out_dir -> their summaries (small rows, streamed to the driver)."""
     fn_kwargs = {"out_dir": out_dir, "vocab": dict(vocab), "settings": settings, "split": listing.split,
@@ -221,10 +224,8 @@ def _featurize_to_parquet(listing: SplitListing, out_dir: str, vocab: Mapping[st
             return []
         items = [u.as_row() for u in listing.utterances]
         random.Random(SHARD_ORDER_SEED).shuffle(items)  # shards mix speakers (the listing groups them)
-        # One task per block; a task writes up to SHARDS_PER_TASK shards (fewer tasks: less
-        # scheduling work on the driver), and every CPU gets TASKS_PER_CPU tasks (balance).
-        num_blocks = max(TASKS_PER_CPU * _num_cpus(), -(-len(items) // (SHARDS_PER_TASK * data_cfg.rows_per_shard)))
-        dataset = ray.data.from_items(items, override_num_blocks=min(num_blocks, len(items)))
+        dataset = ray.data.from_items(items, override_num_blocks=num_blocks(len(items), num_cpus,
+                                                                           data_cfg.rows_per_shard))
         dataset = dataset.map_batches(prepare_shards, batch_format="pyarrow", batch_size=None, fn_kwargs=fn_kwargs)
         # The job is one fused operator whose inputs (listing rows) and outputs (summaries) are
         # tiny, so Ray Data's per-operator resource reservation has nothing to protect; it only
@@ -244,8 +245,12 @@ def _featurize_to_parquet(listing: SplitListing, out_dir: str, vocab: Mapping[st
             for row in batch.to_pylist()]
 
 
-def _num_cpus() -> int:
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+def num_blocks(num_items: int, num_cpus: float, rows_per_shard: int) -> int:
+    """Blocks (one prepare task each) for ``num_items`` listing rows: a task writes up to
+    SHARDS_PER_TASK shards (fewer tasks: less scheduling work on the driver), and every CPU gets
+    TASKS_PER_CPU tasks (balance); never more blocks than rows."""
+    wanted = max(TASKS_PER_CPU * max(1, int(num_cpus)), -(-num_items // (SHARDS_PER_TASK * rows_per_shard)))
+    return max(1, min(wanted, num_items))
 
 
 def _build_report(listing: SplitListing, summaries: list[dict], out_dir: str, key: str,

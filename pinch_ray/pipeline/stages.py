@@ -19,6 +19,7 @@ otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -32,7 +33,8 @@ from typing import Any
 import ray
 
 from pinch_ray import storage
-from pinch_ray.config import DENSE, FOUNDATION_TRIAL, ConfigError, EvalConfig, PipelineConfig, dump_pipeline
+from pinch_ray.config import (DENSE, FOUNDATION_TRIAL, ConfigError, EvalConfig, PipelineConfig, dump_pipeline,
+                              raise_if_problems)
 from pinch_ray.core import distill, models
 from pinch_ray.core.compressor import prepare_method
 from pinch_ray.core.export import trial_dir
@@ -136,9 +138,10 @@ def stage_prepare(cfg: PipelineConfig, outputs: dict) -> dict:
     ensure_corpus(cfg)
     vocab = _model_vocab(cfg)
     splits, names, started = {}, cfg.corpus.splits(), time.perf_counter()
+    cpus = cfg.resources.capacity(ray.cluster_resources())["CPU"]  # what is up, or what it can grow to
     for number, split in enumerate(names, start=1):
         log.info("prepare: split %d/%d, %s ...", number, len(names), split)
-        prepared = prepare_split(cfg.corpus, split, vocab, cfg.data)
+        prepared = prepare_split(cfg.corpus, split, vocab, cfg.data, num_cpus=cpus)
         splits[split] = {"path": prepared.path, "num_utterances": prepared.num_utterances}
         log.info("prepare: split %d/%d, %s: %d utterances%s (%s)", number, len(names), split,
                  prepared.num_utterances, " (cached)" if prepared.from_cache else "",
@@ -266,10 +269,28 @@ def run(cfg: PipelineConfig, *, from_stage: str | None = None, only: str | None 
 
     Raises:
         ValueError: bad ``from_stage`` / ``only``, or ``only`` before its earlier stages finished.
+        ConfigError: what :func:`model_problems` finds (checked here too, so the Python API refuses
+            an unreachable target before anything is written, as the CLI does before Ray starts), or
+            another run is writing ``output_dir`` (``<output_dir>.lock``, held while a run lasts).
         RuntimeError / ray.train.TrainingFailedError: a stage failed; finished work is kept.
     """
     forced = stages_to_run(from_stage, only)
+    raise_if_problems(model_problems(cfg))
     remote = storage.RemoteOutput(cfg.output_dir) if storage.is_uri(cfg.output_dir) else None
+    # One run at a time writes an output directory (a second would clear or overwrite the first
+    # one's files mid-run; for a URI, its staging copy on this machine): the second is refused.
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(storage.exclusive(remote.local if remote is not None else cfg.output_dir,
+                                                 cfg.output_dir, wait=False))
+        except storage.Busy as busy:
+            raise ConfigError([f"output_dir: {busy}; wait for that run to finish, or give this one another "
+                               "output_dir"]) from None
+        return _run_stages(cfg, remote, forced, only)
+
+
+def _run_stages(cfg: PipelineConfig, remote: storage.RemoteOutput | None, forced: set[str],
+                only: str | None) -> dict[str, Any]:
     settings = dump_pipeline(cfg)
     if remote is not None:  # the stages write a local copy; the runs go to the store
         cfg = dataclasses.replace(cfg, output_dir=str(remote.pull()), storage_path=cfg.run_storage())
