@@ -204,6 +204,14 @@ def test_object_store_outputs_are_accepted_and_the_runs_go_under_them():
     assert load_pipeline(None, ["output_dir=s3://b/out", "storage_path=gs://c/runs"], check_paths=False).run_storage() == "gs://c/runs"
 
 
+def test_local_paths_are_made_absolute_for_workers_elsewhere(in_tmp_dir):
+    cfg = load_pipeline(None, ["output_dir=out", "storage_path=shared/runs", "corpus.root=corpus",
+                               "data.cache_dir=cache"], check_paths=False)
+    assert (cfg.output_dir, cfg.storage_path, cfg.corpus.root, cfg.data.cache_dir) == tuple(
+        str(in_tmp_dir / p) for p in ("out", "shared/runs", "corpus", "cache"))
+    assert cfg.run_storage() == str(in_tmp_dir / "shared/runs")
+
+
 def test_check_paths_without_creating_anything(in_tmp_dir):
     (in_tmp_dir / "file").write_text("x")
     cfg = load_pipeline(None, check_paths=False)

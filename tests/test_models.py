@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCTC, Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining
 
-from pinch_ray.core import gates
+from pinch_ray.core import gates, models
 from pinch_ray.config import GateConfig
 from pinch_ray.core.models import CHAR_VOCAB, count_parameters, load_model, make_processor, tiny_config
 
@@ -86,3 +86,13 @@ def test_saved_folded_model_loads_with_stock_auto_class(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCTC.from_pretrained(tmp_path)
     assert count_parameters(reloaded).nonzero == count_parameters(model).nonzero
+
+
+def test_a_local_checkpoint_is_passed_to_the_workers_as_an_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "model").mkdir(parents=True)
+    assert models.portable_init_from("runs/model") == str(tmp_path / "runs" / "model")
+    assert models.portable_init_from(str(tmp_path / "runs" / "model")) == str(tmp_path / "runs" / "model")
+    (tmp_path / "tiny").mkdir()  # a preset or a shipped foundation is a name, whatever lies here
+    for name in ("tiny", models.DEFAULT_FOUNDATION, "facebook/wav2vec2-base", "runs/missing"):
+        assert models.portable_init_from(name) == name

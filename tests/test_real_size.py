@@ -31,12 +31,16 @@ def hub_stand_in(directory: Path) -> Path:
     return directory
 
 
-def test_wav2vec2_base_pipeline_runs_end_to_end_at_full_size(ray_cluster, tmp_path):
+def test_wav2vec2_base_pipeline_runs_end_to_end_at_full_size(ray_cluster, tmp_path, monkeypatch):
     started = time.perf_counter()
-    overrides = [f"model.init_from={hub_stand_in(tmp_path / 'wav2vec2-base')}",
-                 f"corpus.root={tmp_path / 'corpus'}", "corpus.synth_utterances=40", "corpus.layout=auto",
+    # every path relative, as a user types them: the checkpoint's even looks like a hub id, and the
+    # Ray workers that load it do not run in this working directory
+    monkeypatch.chdir(tmp_path)
+    hub_stand_in(tmp_path / "checkpoints" / "wav2vec2-base")
+    overrides = ["model.init_from=checkpoints/wav2vec2-base",
+                 "corpus.root=corpus", "corpus.synth_utterances=40", "corpus.layout=auto",
                  "corpus.train_split=train", "corpus.eval_splits=[test]",
-                 f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}",
+                 "data.cache_dir=cache", "output_dir=out",
                  "training.max_steps=3", "training.batch_size=2", "training.warmup_steps=1",
                  "training.report_every=1", "training.checkpoint_every=3", "training.eval_every=0",
                  "training.torch_threads=1", "resources.num_workers=1", "resources.use_gpu=false",

@@ -95,6 +95,7 @@ def load_pipeline(path: str | os.PathLike | None, overrides: Sequence[str] = (),
     cfg.output_dir = absolute(cfg.output_dir or os.path.join("runs", cfg.name))
     cfg.corpus.root = absolute(cfg.corpus.root)
     cfg.data.cache_dir = absolute(cfg.data.cache_dir)
+    cfg.storage_path = absolute(cfg.storage_path)  # Ray's workers do not share this working directory
     problems += override_problems + cfg.problems()
     if check_paths:
         problems += paths.check_paths(cfg)

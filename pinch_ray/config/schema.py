@@ -447,8 +447,8 @@ class ModelConfig:
 
     # A tiny preset (tiny, tiny-hubert, tiny-wavlm: random weights, for tests), a shipped foundation
     # (synth-tiny: the demo's; pinch-ray foundation list), a checkpoint directory or a hub id such as
-    # facebook/wav2vec2-base. Used as written: it is not resolved against the working directory
-    # (from_pretrained looks for a local directory first).
+    # facebook/wav2vec2-base. A name that is a local directory (from_pretrained looks there first)
+    # is read from this working directory: the run hands Ray's workers its absolute path.
     init_from: str = "tiny"
     trust_remote_code: bool = False  # let transformers run code shipped with the checkpoint
     # Hugging Face config overrides, e.g. {layerdrop: 0.0, mask_time_prob: 0.05}.
@@ -549,7 +549,7 @@ class PipelineConfig:
     output_dir: str = ""
     # Where Ray Train/Tune keep runs and checkpoints: a local or shared directory, or an object
     # store URI (s3://bucket/runs, gs://..., file:///...; pyarrow filesystems) that workers on
-    # every node reach. "": <output_dir>/runs.
+    # every node reach; a relative path is made absolute here. "": <output_dir>/runs.
     storage_path: str = ""
     # The default pipeline generates the synthetic corpus (CorpusConfig alone never does: a real
     # corpus path that is missing must stay an error, so YAMLs for real corpora set synth_utterances: 0).

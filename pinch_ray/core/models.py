@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,17 @@ def checkpoint_path(init_from: str) -> str:
             f"'{record.get('rebuild', REBUILD_FOUNDATION)}' (its training: {_training_minutes(record)}), "
             "or name another model")
     return str(directory)
+
+
+def portable_init_from(init_from: str) -> str:
+    """``init_from`` as every process of a run must read it: a local checkpoint directory made
+    absolute (Ray's workers do not run in the driver's working directory, so a relative path such as
+    ``runs/foundation/foundation/model`` would be looked up elsewhere, or on the hub); presets,
+    shipped foundations and anything that is not a local directory (hub ids) unchanged."""
+    if init_from in TINY_PRESETS or foundation_record(init_from) is not None:
+        return init_from
+    path = os.path.expanduser(init_from)
+    return os.path.abspath(path) if os.path.isdir(path) else init_from
 
 
 def make_processor(vocab: dict[str, int] | None = None,
