@@ -36,6 +36,7 @@ from transformers import (
     WavLMConfig,
 )
 
+from pinch_ray import storage
 from pinch_ray.core import gates as gates_lib
 from pinch_ray.core import pruned_modeling
 
@@ -166,8 +167,7 @@ def portable_init_from(init_from: str) -> str:
     shipped foundations and anything that is not a local directory (hub ids) unchanged."""
     if init_from in TINY_PRESETS or foundation_record(init_from) is not None:
         return init_from
-    path = os.path.expanduser(init_from)
-    return os.path.abspath(path) if os.path.isdir(path) else init_from
+    return storage.absolute(init_from) if os.path.isdir(os.path.expanduser(init_from)) else init_from
 
 
 def make_processor(vocab: dict[str, int] | None = None,

@@ -173,8 +173,8 @@ class TrialJob:
         """``prepared``: ``{split: PreparedSplit}``; the first eval split is evaluated during training."""
         train = prepared[cfg.corpus.train_split]
         dev = prepared[cfg.corpus.eval_splits[0]] if cfg.corpus.eval_splits else None
-        return cls(cfg=cfg, init_from=models.portable_init_from(str(init_from)), train_path=train.path, train_files=train.files,
-                   train_rows=train.num_utterances, dev_path=dev.path if dev else None,
+        return cls(cfg=cfg, init_from=models.portable_init_from(str(init_from)), train_path=train.path,
+                   train_files=train.files, train_rows=train.num_utterances, dev_path=dev.path if dev else None,
                    output_dir=os.fspath(output_dir), storage_path=cfg.run_storage())
 
 
