@@ -63,6 +63,17 @@ def test_load_rejects_a_non_ctc_checkpoint(tmp_path):
         load_model(str(tmp_path))
 
 
+def test_a_checkpoint_that_is_not_there_fails_first_with_its_own_error(tmp_path, monkeypatch, caplog):
+    # it used to log "has no tokenizer: using the 32-character vocabulary" and then fail on the hub's
+    # repo-id syntax, which sent users looking at their vocabulary
+    monkeypatch.chdir(tmp_path)
+    for build in (load_model, models.model_skeleton):
+        with caplog.at_level("INFO", logger="pinch_ray.core.models"), \
+                pytest.raises(OSError, match=r"'runs/missing/model' is no directory under .* and no model on the"):
+            build("runs/missing/model")
+        assert "tokenizer" not in caplog.text
+
+
 def test_parameter_counts_measure_hard_masks():
     model, _ = load_model("tiny")
     dense = count_parameters(model)

@@ -215,9 +215,9 @@ def load_model(init_from: str, seed: int = 0, trust_remote_code: bool = False,
         return model, processor
 
     init_from = checkpoint_path(init_from)
+    config = _read_config(init_from, trust_remote_code)  # first: see _read_config
     processor = load_processor(init_from, trust_remote_code)
     vocab = processor.tokenizer.get_vocab()
-    config = AutoConfig.from_pretrained(init_from, trust_remote_code=trust_remote_code)
     settings = {"vocab_size": len(vocab), "pad_token_id": processor.tokenizer.pad_token_id,
                 "ctc_loss_reduction": "mean", "ctc_zero_infinity": True, **config_overrides}
     if getattr(config, "vocab_size", None) == len(vocab):
@@ -237,6 +237,24 @@ def load_model(init_from: str, seed: int = 0, trust_remote_code: bool = False,
     return model, processor
 
 
+def _read_config(init_from: str, trust_remote_code: bool):
+    """The checkpoint's model config, read before anything else of it, so that a checkpoint that is
+    not there fails with its own error (not after the processor has logged that it found no
+    tokenizer).
+
+    Raises:
+        OSError: no such local directory and no model id this machine can reach (naming both).
+    """
+    try:
+        return AutoConfig.from_pretrained(init_from, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        if os.path.exists(os.path.expanduser(init_from)):
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(f"{init_from!r} is no directory under {os.getcwd()} and no model on the Hugging Face Hub "
+                      f"that this machine can reach ({reason})") from err
+
+
 def model_skeleton(init_from: str, trust_remote_code: bool = False, **config_overrides) -> PreTrainedModel:
     """The CTC model :func:`load_model` builds from ``init_from``, on the ``meta`` device: shapes,
     no weights (reads only the config and processor files), to count parameters before a run.
@@ -249,8 +267,8 @@ def model_skeleton(init_from: str, trust_remote_code: bool = False, **config_ove
         loader = AutoModelForCTC
     else:
         init_from = checkpoint_path(init_from)
+        config = _read_config(init_from, trust_remote_code)
         tokenizer = load_processor(init_from, trust_remote_code).tokenizer
-        config = AutoConfig.from_pretrained(init_from, trust_remote_code=trust_remote_code)
         for key, value in {"vocab_size": len(tokenizer.get_vocab()), **config_overrides}.items():
             setattr(config, key, value)
         loader = (pruned_modeling.loader_class(config.model_type) if getattr(config, pruned_modeling.PRUNED_KEY, None)
