@@ -73,6 +73,44 @@ def test_unit_thresholds_start_under_the_lowest_unit_so_a_trained_model_can_move
     assert all(gate.threshold.grad == 0 for gate in found.values() if gate.kind in ("ffn", "heads"))
 
 
+def test_unit_noise_draws_masks_that_reach_units_away_from_the_threshold():
+    """gates.unit_noise: with a cold mask only the units inside the sigmoid's narrow band learn what
+    they cost; logistic noise on the scores of the training forward moves that band from draw to
+    draw, so many more units get a gradient; evaluation (the hard mask) has no noise."""
+    model, _ = load_model("synth-tiny", **NO_RANDOMNESS)
+    found = gates.attach_gates(model, GateConfig(granularity="neuron", neuron_units=["ffn"], tau_start=0.01,
+                                                 unit_noise=0.1))
+    gate = next(iter(found.values()))  # its threshold where training starts: under the lowest unit
+    quiet = gate.unit_soft_mask().detach()  # no draw (what noise 0 gives)
+    gate.noise = 0.0
+    torch.testing.assert_close(gate.unit_soft_mask(sample=True).detach(), quiet)
+    gate.noise = 0.1
+
+    def banded(mask, low=0.01):
+        return (mask > low) & (mask < 1 - low)
+
+    torch.manual_seed(0)
+    reached = torch.zeros(gate.num_units, dtype=torch.bool)
+    rows = neurons.raw_weight(gate.sources[0])
+    for _ in range(20):
+        rows.grad = None
+        mask = gate.unit_soft_mask(sample=True)
+        mask.sum().backward()
+        per_unit = rows.grad.abs().sum(dim=1)
+        inner, outer = banded(mask.detach(), 0.1), ~banded(mask.detach(), 0.001)
+        assert per_unit[inner].min() > 10 * per_unit[outer].max()  # the band is where the gradient is
+        reached |= banded(mask.detach())
+    assert int(reached.sum()) > 20 * max(int(banded(quiet).sum()), 1)  # measured: 314 units of 576 against 3
+    model.train()
+    model(audio())
+    gate.last_mask_sum = None
+    model.eval()  # the hard mask, the same at every call
+    torch.testing.assert_close(gate(torch.ones(3, gate.num_units)), gate(torch.ones(3, gate.num_units)))
+    assert torch.equal(gate(torch.ones(3, gate.num_units))[0].bool(), gate.unit_hard_mask())
+    assert GateConfig(unit_noise=-0.1).problems() == ["gates.unit_noise: must be >= 0 (got -0.1); 0 turns the "
+                                                      "noise off"]
+
+
 def test_soft_sparsity_counts_the_parameters_each_unit_carries():
     model, _ = load_model("tiny", **NO_RANDOMNESS)
     found = gates.attach_gates(model, GateConfig(granularity="neuron", neuron_units=["ffn", "heads"],

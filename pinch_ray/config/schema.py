@@ -88,6 +88,13 @@ class GateConfig:
     # [auto]: every kind the model supports (the others are logged). The conv encoder is about a
     # third of base-size CPU inference time, so conv is what makes a pruned model much faster.
     neuron_units: list[str] = field(default_factory=lambda: ["auto"])
+    # Neuron granularity: scale of the logistic noise added to every unit's relative score in the
+    # soft mask while training (0: none). Each step then samples near-binary unit masks around the
+    # threshold (a unit within a few times this distance of it is sometimes dropped), so the loss
+    # tells whether the model needs a unit before the threshold reaches it, as DPHuBERT's
+    # hard-concrete gates do; without noise only the units inside the cold mask's narrow sigmoid
+    # band get a gradient. Relative scores of a trained layer's units spread over ~0.5-1.6.
+    unit_noise: float = 0.0
     # Temperature of the soft mask, relative to the layer's mean squared weight (unitless):
     # tau_l = tau * mean(W_l^2). Annealed geometrically from tau_start to tau_end over training.
     tau_start: float = 0.05
@@ -153,6 +160,8 @@ class GateConfig:
             out.append(f"{prefix}.threshold_update: {self.threshold_update!r}; use {' or '.join(THRESHOLD_UPDATES)}")
         if self.granularity not in GRANULARITIES:
             out.append(f"{prefix}.granularity: {self.granularity!r}; use {' or '.join(GRANULARITIES)}")
+        if not self.unit_noise >= 0:
+            out.append(f"{prefix}.unit_noise: must be >= 0 (got {self.unit_noise}); 0 turns the noise off")
         bad_units = [unit for unit in self.neuron_units if unit not in NEURON_UNITS]
         if (self.neuron_units != ["auto"] and (bad_units or not self.neuron_units
                                                or len(set(self.neuron_units)) != len(self.neuron_units))):

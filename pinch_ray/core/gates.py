@@ -106,7 +106,8 @@ def attach_gates(model: nn.Module, cfg: GateConfig) -> dict[str, ThresholdGate]:
         raise ConfigError(problems, source="gate settings")
     _check_not_gated(model)
     if cfg.granularity == "neuron":
-        gates = attach_neuron_gates(model, list(cfg.neuron_units), cfg.threshold_init, cfg.tau_start)
+        gates = attach_neuron_gates(model, list(cfg.neuron_units), cfg.threshold_init, cfg.tau_start,
+                                    noise=cfg.unit_noise)
     else:
         gates = {}
         for name, module in select_modules(model, cfg.all_patterns()).items():

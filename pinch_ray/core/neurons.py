@@ -24,6 +24,14 @@ inside the sigmoid; and the soft mask keeps a layer's best-scoring unit whole, a
 does. The same run then trained to the target by itself and ended at 7.8% (README, "Smaller and
 faster"; dense 3.6%).
 
+With a cold mask the sigmoid's band is narrow: at the starting threshold 3 of synth-tiny's 576
+first-layer neurons are inside it, so the loss says nothing about the others until the threshold
+reaches them. ``gates.unit_noise`` adds logistic noise to every score in the training forward (a
+fresh draw per step, none in evaluation): near-binary unit masks are sampled around the threshold,
+so units near it are dropped now and then and their rows learn what dropping them costs (314 of
+the 576 reached in 20 draws at noise 0.1) -- what DPHuBERT's hard-concrete gates get from their
+noise, here with the self-pinching score and the single threshold kept.
+
 The mask multiplies the unit's output, i.e. the matching input columns of the next layer
 (``output_dense`` for a neuron, the head's ``head_dim`` columns of ``out_proj``): it is a
 parametrization of that weight, so the train/eval (soft/hard) behaviour,
@@ -80,6 +88,7 @@ class UnitGate(ThresholdGate):
     def __init__(self, kind: str, num_units: int, width: int, numel: int, threshold_init: float, tau: float):
         super().__init__(threshold_init, tau, numel)
         self.kind, self.num_units, self.width = kind, num_units, width
+        self.noise = 0.0  # gates.unit_noise: logistic noise on the scores of the training forward
 
     def refer(self, **modules) -> None:
         """Keep plain references to model modules: not submodules, so not in ``state_dict``."""
@@ -111,11 +120,19 @@ class UnitGate(ThresholdGate):
         scores = rows.float().pow(2).mean(dim=1)
         return scores / scores.detach().mean().clamp_min(1e-30)
 
-    def unit_soft_mask(self) -> torch.Tensor:
+    def unit_soft_mask(self, sample: bool = False) -> torch.Tensor:
         """The soft mask of every unit; the best-scoring one is kept whole, as the hard mask keeps it
-        (else the sparsity term would count a last head as prunable that no hard mask removes)."""
+        (else the sparsity term would count a last head as prunable that no hard mask removes).
+
+        ``sample`` (the training forward, with ``gates.unit_noise`` > 0): each score gets its own
+        draw of logistic noise, ``noise * logit(u)``, ``u ~ U(0, 1)``, so units near the threshold
+        are dropped now and then and the loss says what each costs."""
         scores = self.relative_scores()
-        mask = torch.sigmoid((scores - self.threshold.float().pow(2)) / (2 * self.tau))
+        z = scores - self.threshold.float().pow(2)
+        if sample and self.noise > 0:
+            u = torch.rand_like(scores).clamp_(1e-6, 1 - 1e-6)
+            z = z + self.noise * (u.log() - torch.log1p(-u))
+        mask = torch.sigmoid(z / (2 * self.tau))
         return mask.index_fill(0, scores.detach().argmax().view(1), 1.0)
 
     @torch.no_grad()
@@ -129,7 +146,7 @@ class UnitGate(ThresholdGate):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.is_soft():
-            mask = self.unit_soft_mask()
+            mask = self.unit_soft_mask(sample=self.training)
             self.last_mask_sum = self.kept_params(mask)
         else:
             mask = self.unit_hard_mask()
@@ -386,9 +403,10 @@ def _conv_owner(model: nn.Module) -> tuple[tuple[str, str, nn.Module] | None, st
     return (f"{name}.conv_layers", "conv", encoder.conv_layers), ""
 
 
-def attach_neuron_gates(model: nn.Module, units: list[str], threshold_init: float, tau: float) -> dict[str, NeuronGate]:
+def attach_neuron_gates(model: nn.Module, units: list[str], threshold_init: float, tau: float,
+                        noise: float = 0.0) -> dict[str, NeuronGate]:
     """Give every feed-forward / attention module of the encoder a :class:`NeuronGate`; returns
-    the gates by the name of the module whose weight they parametrize."""
+    the gates by the name of the module whose weight they parametrize. ``noise``: ``gates.unit_noise``."""
     gates = {}
     for name, kind, owner in neuron_owners(model, units):
         if kind == "conv":  # every layer but the last: its channels feed the feature projection's norm
@@ -407,6 +425,7 @@ def attach_neuron_gates(model: nn.Module, units: list[str], threshold_init: floa
         gates[f"{name}.{_target_name(kind)}"] = gate
     with torch.no_grad():  # each threshold starts just under its layer's lowest unit score
         for gate in gates.values():
+            gate.noise = float(noise)
             scores = gate.relative_scores()
             if not scores.is_meta:  # (a model built on the meta device has no scores to start from)
                 gate.threshold.fill_(max(threshold_init, (UNIT_THRESHOLD_START * float(scores.min())) ** 0.5))
