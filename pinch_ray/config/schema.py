@@ -94,6 +94,8 @@ class GateConfig:
     # tells whether the model needs a unit before the threshold reaches it, as DPHuBERT's
     # hard-concrete gates do; without noise only the units inside the cold mask's narrow sigmoid
     # band get a gradient. Relative scores of a trained layer's units spread over ~0.5-1.6.
+    # Measured at 0.1 on the synthetic benchmark (one seed): 0.8-1.3 points of dev WER worse than none
+    # (README, "Smaller and faster").
     unit_noise: float = 0.0
     # Temperature of the soft mask, relative to the layer's mean squared weight (unitless):
     # tau_l = tau * mean(W_l^2). Annealed geometrically from tau_start to tau_end over training.
