@@ -101,12 +101,13 @@ def test_unit_noise_draws_masks_that_reach_units_away_from_the_threshold():
         assert per_unit[inner].min() > 10 * per_unit[outer].max()  # the band is where the gradient is
         reached |= banded(mask.detach())
     assert int(reached.sum()) > 20 * max(int(banded(quiet).sum()), 1)  # measured: 314 units of 576 against 3
-    model.train()
-    model(audio())
+    ones = torch.ones(3, gate.num_units)
+    model.train()  # a fresh draw at every training forward
+    assert not torch.equal(gate(ones), gate(ones))
     gate.last_mask_sum = None
     model.eval()  # the hard mask, the same at every call
-    torch.testing.assert_close(gate(torch.ones(3, gate.num_units)), gate(torch.ones(3, gate.num_units)))
-    assert torch.equal(gate(torch.ones(3, gate.num_units))[0].bool(), gate.unit_hard_mask())
+    torch.testing.assert_close(gate(ones), gate(ones))
+    assert torch.equal(gate(ones)[0].bool(), gate.unit_hard_mask())
     assert GateConfig(unit_noise=-0.1).problems() == ["gates.unit_noise: must be >= 0 (got -0.1); 0 turns the "
                                                       "noise off"]
 
