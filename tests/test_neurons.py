@@ -104,7 +104,6 @@ def test_unit_noise_draws_masks_that_reach_units_away_from_the_threshold():
     ones = torch.ones(3, gate.num_units)
     model.train()  # a fresh draw at every training forward
     assert not torch.equal(gate(ones), gate(ones))
-    gate.last_mask_sum = None
     model.eval()  # the hard mask, the same at every call
     torch.testing.assert_close(gate(ones), gate(ones))
     assert torch.equal(gate(ones)[0].bool(), gate.unit_hard_mask())

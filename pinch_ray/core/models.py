@@ -250,9 +250,14 @@ def _read_config(init_from: str, trust_remote_code: bool):
     except OSError as err:
         if os.path.exists(os.path.expanduser(init_from)):
             raise
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise OSError(f"{init_from!r} is no directory under {os.getcwd()} and no model on the Hugging Face Hub "
-                      f"that this machine can reach ({reason})") from err
+                      f"that this machine can reach ({load_error_reason(err)})") from err
+
+
+def load_error_reason(error: BaseException) -> str:
+    """The first line of a loading error's message (transformers' can run to many lines), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def model_skeleton(init_from: str, trust_remote_code: bool = False, **config_overrides) -> PreTrainedModel:

@@ -111,9 +111,9 @@ def model_problems(cfg: PipelineConfig) -> list[str]:
     try:
         skeleton = models.model_skeleton(cfg.model.init_from, cfg.model.trust_remote_code, **cfg.model.overrides)
     except (OSError, ValueError, KeyError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return [f"model.init_from: cannot load {cfg.model.init_from!r} ({reason}); name a preset (tiny, "
-                "tiny-hubert, tiny-wavlm), a checkpoint directory, or a hub id this machine can reach"]
+        return [f"model.init_from: cannot load {cfg.model.init_from!r} ({models.load_error_reason(error)}); "
+                "name a preset (tiny, tiny-hubert, tiny-wavlm), a checkpoint directory, or a hub id this machine "
+                "can reach"]
     problems = []
     if cfg.training.distill_hidden:
         problems += distill.layer_problems(skeleton.config.num_hidden_layers, cfg.training.distill_layers)
