@@ -51,7 +51,7 @@ def pruned_model(method, arch="tiny", target_sparsity=0.65, **gate_settings):
 
 
 @pytest.mark.parametrize("method, arch, gate_settings", [
-    ("sspg", "tiny", {"gate_pos_conv": True, "gate_feature_encoder": True}),  # weight-norm conv folded too
+    ("sspg", "tiny", {}),  # the conv layers gated too (the default): the weight-norm conv folded too
     ("ump", "tiny-hubert", {}),
 ])
 def test_stock_transformers_loads_the_export_with_hard_masked_logits(tmp_path, method, arch, gate_settings):

@@ -29,8 +29,11 @@ def test_one_threshold_per_gated_matrix_and_gradients_reach_all(arch):
     model, _ = load_model(arch, **NO_RANDOMNESS)
     plain_params = sum(p.numel() for p in model.parameters())
     found = gates.attach_gates(model, GateConfig(threshold_init=0.5))
-    # default: q/k/v/out + 2 feed-forward per layer (3 layers) + feature projection
-    assert len(found) == 3 * 6 + 1
+    # default: q/k/v/out + 2 feed-forward per layer (3 layers) + feature projection, and the conv
+    # layers: 4 of the feature encoder (the tiny preset) + the positional conv
+    assert len(found) == 3 * 6 + 1 + 4 + 1
+    assert len(gates.attach_gates(load_model(arch, **NO_RANDOMNESS)[0],
+                                  GateConfig(gate_feature_encoder=False, gate_pos_conv=False))) == 3 * 6 + 1
     assert sum(p.numel() for p in model.parameters()) == plain_params + len(found)
     assert all(g.threshold.numel() == 1 for g in found.values())
 
@@ -40,8 +43,9 @@ def test_one_threshold_per_gated_matrix_and_gradients_reach_all(arch):
     loss.backward()
     for name, (module, gate) in gates.gated_modules(model).items():
         assert gate.threshold.grad is not None and gate.threshold.grad != 0, name
-        weight = module.parametrizations.weight.original
-        assert weight.grad is not None and weight.grad.abs().sum() > 0, name
+        # original, or original0/1 under the positional conv's weight norm
+        originals = [p for n, p in module.parametrizations.weight.named_parameters() if n.startswith("original")]
+        assert originals and all(w.grad is not None and w.grad.abs().sum() > 0 for w in originals), name
 
 
 def test_fused_soft_mask_matches_autograd_reference():
@@ -110,11 +114,11 @@ def test_eval_mode_uses_hard_masks_and_train_mode_soft():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("extra", [{}, {"gate_pos_conv": True, "gate_feature_encoder": True}])
+@pytest.mark.parametrize("extra", [{}, {"gate_pos_conv": False, "gate_feature_encoder": False}])
 def test_fold_equals_hard_masked_model_and_reloads(arch, extra, tmp_path):
     model, found = gated_model(arch, threshold=0.9, **extra)
-    if extra:
-        assert any("pos_conv" in n for n in found) and any("conv_layers" in n for n in found)
+    convs = not extra  # gated by default
+    assert any("pos_conv" in n for n in found) == convs and any("conv_layers" in n for n in found) == convs
     model.eval()
     x = audio()
     with torch.no_grad():
@@ -153,7 +157,7 @@ def test_uniform_magnitude_pruning_prunes_exactly_the_target_in_every_matrix():
     weights = {n: m.weight.detach().clone() for n, m in gates.select_modules(model, GateConfig().patterns).items()}
     gates.attach_uniform_masks(model, GateConfig(), 0.65)
     layers = gates.layer_sparsity(model)
-    assert len(layers) == len(weights)
+    assert len(layers) == len(weights) == 19  # the patterns alone: no conv layer (GateConfig.for_method)
     for layer in layers:
         assert layer.pruned == round(0.65 * layer.numel), layer.name
         # the pruned entries are the smallest in magnitude
@@ -248,7 +252,7 @@ def test_a_shared_threshold_is_one_parameter_for_every_gated_matrix():
     run = Compressor.create(model, "sspg", 0.65, TrainConfig(max_steps=10, warmup_steps=1),
                             GateConfig(shared_threshold=True, threshold_init=0.8))
     thresholds = {id(gate.threshold) for gate in gates.gates_of(run.model)}
-    assert len(thresholds) == 1 and len(gates.gates_of(run.model)) == 19
+    assert len(thresholds) == 1 and len(gates.gates_of(run.model)) == 24
     (group,) = run.threshold_optimizer.param_groups
     assert len(group["params"]) == 1
     batch = {"input_values": torch.randn(2, 16_000), "labels": torch.randint(5, 32, (2, 8))}

@@ -70,8 +70,10 @@ def test_a_target_of_all_parameters_becomes_the_gated_fraction_that_removes_them
 
 
 def test_a_target_the_gated_layers_cannot_reach_is_refused_with_the_largest_that_they_can():
-    with pytest.raises(ConfigError, match=r"at most 0\.884 is reachable"):
-        compressor("sspg", 0.9, steps=5)  # the default gated layers hold 89.3% of the tiny model
+    with pytest.raises(ConfigError, match=r"at most 0\.977 is reachable"):
+        compressor("sspg", 0.98, steps=5)  # sspg's gates hold 98.7% of the tiny model
+    with pytest.raises(ConfigError, match=r"at most 0\.884 is reachable.*no conv layer"):
+        compressor("ump", 0.9, steps=5)  # ump's masks 89.3%: the patterns alone
     assert gated_target(0.5, "params", 1000, 800) == 0.625
     assert gated_target(0.5, "gated", 1000, 800) == 0.5
 
@@ -122,7 +124,7 @@ def test_optimizer_groups_and_lr_schedule():
     assert set(groups) == {"weights", "no_decay"}  # lambda_1 ascends on its own (see above)
     assert run.optimizer.defaults["fused"] is True  # one kernel, not a Python loop over the tensors
     (thresholds,) = run.threshold_optimizer.param_groups
-    assert isinstance(run.threshold_optimizer, torch.optim.AdamW) and len(thresholds["params"]) == 19
+    assert isinstance(run.threshold_optimizer, torch.optim.AdamW) and len(thresholds["params"]) == 24
     assert thresholds["lr"] == pytest.approx(4.0 / 100) and thresholds["weight_decay"] == 0
     assert all(p.dim() < 2 for p in groups["no_decay"]["params"])
 

@@ -64,9 +64,20 @@ def keep_freed_cpu_memory() -> bool:
     return ok
 
 
-def gated_target(target_sparsity: float, target_basis: str, params_total: int, params_gated: int) -> float:
+# How to put more of a model under a method's gates or masks (the message of an unreachable target).
+GATE_MORE = {
+    "sspg": "gate more layers (gates.patterns; gates.gate_feature_encoder and gate_pos_conv, if off)",
+    "sspg-neuron": "gate more kinds of units (gates.neuron_units)",
+    **{method: "give it more layers (gates.patterns: ump and two-stage prune those alone, no conv layer)"
+       for method in MAGNITUDE_METHODS},
+}
+
+
+def gated_target(target_sparsity: float, target_basis: str, params_total: int, params_gated: int,
+                 method: str = "sspg") -> float:
     """The fraction of the gated parameters to remove so that ``target_sparsity`` of ``target_basis``
     is removed: ``target x params_total / params_gated`` for ``params``, the target itself for ``gated``.
+    ``method``: the trial's, for the settings an unreachable target's message names.
 
     Raises:
         ConfigError: the gated share cannot reach the target (the largest reachable one is named).
@@ -78,8 +89,8 @@ def gated_target(target_sparsity: float, target_basis: str, params_total: int, p
         reachable = MAX_TARGET_SPARSITY * params_gated / params_total
         raise ConfigError([f"target_sparsity: {target_sparsity:g} of all {params_total:,} parameters cannot be "
                            f"removed: the gated layers hold {params_gated:,} ({params_gated / params_total:.1%}), "
-                           f"so at most {reachable:.3f} is reachable; lower the target, or gate more layers "
-                           "(gates.patterns, gates.gate_feature_encoder)"], source="method settings")
+                           f"so at most {reachable:.3f} is reachable; lower the target, or {GATE_MORE.get(method, GATE_MORE['sspg'])}"],
+                          source="method settings")
     return fraction
 
 
@@ -99,14 +110,15 @@ def prepare_method(model: nn.Module, method: str, target_sparsity: float, gate_c
     raise_if_problems(target_sparsity_problems(method, target_sparsity, target_basis=target_basis),
                       source="method settings")
     params_total = total_parameters(model)
+    gate_cfg = gate_cfg.for_method(method)
     if method in SSPG_METHODS:
-        attached = gates_lib.attach_gates(model, gate_cfg.for_method(method))
+        attached = gates_lib.attach_gates(model, gate_cfg)
         params_gated = sum(gate.numel for gate in attached.values())
     elif method in MAGNITUDE_METHODS:
         params_gated = sum(m.weight.numel() for m in gates_lib.select_modules(model, gate_cfg.all_patterns()).values())
     else:
         return 0.0, params_total, 0
-    target = gated_target(target_sparsity, target_basis, params_total, params_gated)
+    target = gated_target(target_sparsity, target_basis, params_total, params_gated, method)
     if method in MAGNITUDE_METHODS:
         gates_lib.attach_uniform_masks(model, gate_cfg, target)
     return target, params_total, params_gated

@@ -122,14 +122,15 @@ def attach_gates(model: nn.Module, cfg: GateConfig) -> dict[str, ThresholdGate]:
 
 
 def attach_uniform_masks(model: nn.Module, cfg: GateConfig, target_sparsity: float) -> dict[str, FixedMask]:
-    """The ``ump`` baseline: prune every selected matrix to the same fraction by ``|W|``.
+    """The ``ump`` baseline: prune every matrix ``cfg.patterns`` select (no conv layer: see
+    ``GateConfig.for_method``) to the same fraction by ``|W|``.
 
     Exactly ``round(target_sparsity * numel)`` weights (the smallest in magnitude) are masked in
     each matrix; the mask then stays fixed while the rest fine-tune.
     """
     _check_not_gated(model)
     masks = {}
-    for name, module in select_modules(model, cfg.all_patterns()).items():
+    for name, module in select_modules(model, cfg.for_method("ump").all_patterns()).items():
         weight = module.weight.detach()
         num_pruned = round(target_sparsity * weight.numel())
         mask = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
