@@ -497,7 +497,8 @@ class SweepConfig:
     target_sparsities: list[float] = field(default_factory=lambda: [0.5, 0.65, 0.75])
     # What the targets are fractions of: params (every parameter of the model, as the paper counts:
     # 0.65 = "65% fewer parameters", 1 - 1/4.26 = 0.765 = "4.26x") or gated (the entries of the
-    # gated matrices only). A params target the gated share cannot reach is refused before the run.
+    # method's gated matrices only; sspg's include the conv layers, ump's do not, so at gated one
+    # target is not one budget). A params target the gated share cannot reach is refused before the run.
     target_basis: str = "params"
     # Per-method target lists replacing target_sparsities for that method: {ump: [0.65]} runs ump
     # at 0.65 only, while sspg runs every target_sparsities entry.

@@ -89,8 +89,8 @@ def gated_target(target_sparsity: float, target_basis: str, params_total: int, p
         reachable = MAX_TARGET_SPARSITY * params_gated / params_total
         raise ConfigError([f"target_sparsity: {target_sparsity:g} of all {params_total:,} parameters cannot be "
                            f"removed: the gated layers hold {params_gated:,} ({params_gated / params_total:.1%}), "
-                           f"so at most {reachable:.3f} is reachable; lower the target, or {GATE_MORE.get(method, GATE_MORE['sspg'])}"],
-                          source="method settings")
+                           f"so at most {reachable:.3f} is reachable; lower the target, or "
+                           f"{GATE_MORE.get(method, GATE_MORE['sspg'])}"], source="method settings")
     return fraction
 
 

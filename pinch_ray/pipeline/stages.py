@@ -225,7 +225,8 @@ def stage_finalize(cfg: PipelineConfig, outputs: dict, overwrite: bool = False, 
         eval_data = datasets or {split: read_prepared_rows(prepared[split].path) for split in cfg.corpus.eval_splits}
         finalize_trial(model, processor, info, cfg.output_dir, eval_data,
                        dense_hypotheses=dense_hypotheses.get(reference), eval_cfg=evaluation,
-                       gate_patterns=cfg.gates.for_method(info.method).all_patterns(), data_cfg=cfg.data, overwrite=overwrite)
+                       gate_patterns=cfg.gates.for_method(info.method).all_patterns(), data_cfg=cfg.data,
+                       overwrite=overwrite)
         if name in references.values():
             dense_hypotheses[name] = read_trial_hypotheses(trial_dir(cfg.output_dir, name))
         publish()
