@@ -1,4 +1,7 @@
-"""One-pass compression on Ray Train: DDP workers, checkpoints, fault tolerance, resume (CPU)."""
+"""One-pass compression on Ray Train: DDP workers, checkpoints, fault tolerance (CPU).
+
+A failed run that is run again under its name resumes at its last checkpoint on exactly the batches
+it had not trained: test_killed_driver proves it through the pipeline, test_multinode after a lost node."""
 
 import json
 import time
@@ -6,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from ray.train import TrainingFailedError
 
 from pinch_ray.core import gates
 from pinch_ray.config import ConfigError, DataConfig, GateConfig, ResourcesConfig, TrainConfig
@@ -64,14 +66,24 @@ def gated_model_from_checkpoint(directory, method, target):
     return compressor
 
 
-def test_two_workers_train_sspg_in_sync_and_checkpoint_matches(prepared, tmp_path):
-    result = run(prepared, tmp_path, "ddp", workers=2, steps=16)
+def test_two_workers_train_sspg_in_sync_survive_a_crash_and_checkpoint_matches(prepared, tmp_path, inject_faults):
+    """Two DDP workers; rank 1 dies before step 7, Ray Train restarts the group from the step-4
+    checkpoint (max_failures=1), and the run ends as one that never failed would (one run covers
+    both: a Ray Train run costs ~30 s of startup on 2 cores)."""
+    marker = tmp_path / "crashed"
+    inject_faults({"trial": "ddp", "step": 7, "rank": 1, "action": "exit", "marker": str(marker)})
+    result = run(prepared, tmp_path, "ddp", workers=2, steps=16, max_failures=1)
+    assert marker.exists(), "the fault was not injected"
     assert result.error is None
     metrics = result.metrics
     assert metrics["step"] == 16 and metrics["threshold_rank_spread"] == 0.0
+    assert metrics["resumed_at"] == [4]  # the last checkpoint before step 7: nothing lost beyond it
     with result.checkpoint.as_directory() as directory:
         compressor = gated_model_from_checkpoint(directory, "sspg", 0.5)
         assert compressor.step_count == 16
+        # 16 optimizer steps in all: Adam's step counter equals the planned steps (none repeated)
+        adam_steps = {int(s["step"]) for s in load_checkpoint_state(directory)["compressor"]["optimizer"]["state"].values()}
+        assert adam_steps == {16}
         # the reported dev scores are those of the checkpointed model on the dev split
         with torch.no_grad():
             dev = score(transcribe_rows(compressor.model, make_processor(), read_prepared_rows(prepared["dev"].path)))
@@ -93,50 +105,10 @@ def test_two_workers_train_sspg_in_sync_and_checkpoint_matches(prepared, tmp_pat
         assert len(scalars[tag]) == 8, tag
     assert scalars["train/hard_sparsity"][16] == pytest.approx(metrics["hard_sparsity"], rel=1e-6)
     assert scalars["train/dev_wer"][16] == pytest.approx(metrics["dev_wer"], rel=1e-6)
-    logged = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in logged] == list(range(2, 17, 2))
-
-
-def test_worker_crash_resumes_from_last_checkpoint(prepared, tmp_path, inject_faults):
-    marker = tmp_path / "crashed"
-    inject_faults({"trial": "crash", "step": 7, "rank": 1, "action": "exit", "marker": str(marker)})
-    result = run(prepared, tmp_path, "crash", workers=2, steps=12, max_failures=1)
-    assert marker.exists(), "the fault was not injected"
-    assert result.error is None
-    assert result.metrics["step"] == 12
-    assert result.metrics["resumed_at"] == [4]  # last checkpoint before step 7: nothing lost beyond it
-    with result.checkpoint.as_directory() as directory:
-        state = load_checkpoint_state(directory)
-    assert state["compressor"]["step"] == 12
-    # 12 optimizer steps in all: Adam's step counter equals the planned steps (none repeated)
-    adam_steps = {int(s["step"]) for s in state["compressor"]["optimizer"]["state"].values()}
-    assert adam_steps == {12}
-
-
-def trace(trace_dir, trial: str, rank: int = 0) -> list[dict]:
-    return [json.loads(line) for line in (trace_dir / f"{trial}.rank{rank}.jsonl").read_text().splitlines()]
-
-
-def test_interrupted_run_continues_under_the_same_name(prepared, tmp_path, inject_faults, trace_dir):
-    marker = tmp_path / "interrupted"
-    inject_faults({"trial": "resume", "step": 10, "rank": 0, "action": "exit", "marker": str(marker)})
-    with pytest.raises(TrainingFailedError):
-        run(prepared, tmp_path, "resume", steps=12)
-    assert marker.exists()
-    result = run(prepared, tmp_path, "resume", steps=12)
-    assert result.error is None and result.metrics["step"] == 12
-    assert result.metrics["resumed_at"] == [8]
-    # the resumed run trains on the batches the interrupted one would have: step 9 again on the
-    # same utterances, and the epoch (12 batches of 4) on every train utterance once
-    records = trace(trace_dir, "resume")
-    pids = list(dict.fromkeys(record["pid"] for record in records))  # one worker process per run
-    assert len(pids) == 2
-    first, second = ({r["step"]: r for r in records if r["pid"] == pid} for pid in pids)
-    assert sorted(first) == list(range(1, 10)) and sorted(second) == [9, 10, 11, 12]
-    assert second[9]["ids"] == first[9]["ids"]
-    trained = [i for step in range(1, 13) for i in (first if step <= 8 else second)[step]["ids"]]
-    assert sorted(trained) == sorted(row["id"] for row in read_prepared_rows(prepared["train"].path))
-    assert {r["epoch"] for r in [*first.values(), *second.values()]} == {0}
+    # rank 0's reports in order: the first group's up to its checkpoint at 4 (its report at step 6 may
+    # or may not reach the driver before the crash does), then the restarted group's from step 6 on
+    logged = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[:-6] in ([2, 4], [2, 4, 6]) and logged[-6:] == list(range(6, 17, 2)), logged
 
 
 def test_resources_that_starve_the_data_stream_are_refused(prepared, tmp_path):
@@ -147,8 +119,9 @@ def test_resources_that_starve_the_data_stream_are_refused(prepared, tmp_path):
                      name="starved", storage_path=str(tmp_path))
 
 
-@pytest.mark.parametrize("method,target", [("dense", 0.0), ("ump", 0.5)])
-def test_dense_and_ump_run_through_the_same_worker(prepared, tmp_path, method, target):
+def test_ump_runs_through_the_same_worker(prepared, tmp_path):
+    """(dense runs through it in every pipeline test: test_pipeline, test_real_size, test_job_submit)"""
+    method, target = "ump", 0.5
     result = run(prepared, tmp_path, method, method=method, target=target, steps=6)
     assert result.error is None and result.metrics["step"] == 6
     assert result.metrics["hard_sparsity"] == pytest.approx(target, abs=1e-3)

@@ -3,8 +3,10 @@
 
 The stand-in is the real architecture at full size with random weights: ``Wav2Vec2ForPreTraining``
 with the default config (94.4M parameters once a CTC head is added), its feature extractor, no CTC
-head and no tokenizer, saved with ``save_pretrained``. Only the corpus, the step counts and the
-resources are overridden; every target is a fraction of all parameters, as the paper counts.
+head and no tokenizer, saved with ``save_pretrained``. Only the corpus, the step counts, the
+resources and the methods are overridden; every target is a fraction of all parameters, as the paper
+counts. The run trains sspg and the two-stage baseline (which needs the dense trial); ump, whose
+masks are two-stage's at a pre-trained start, is checked up to its unreachable-target message.
 """
 
 import json
@@ -44,7 +46,10 @@ def test_wav2vec2_base_pipeline_runs_end_to_end_at_full_size(ray_cluster, tmp_pa
                  "training.max_steps=3", "training.batch_size=2", "training.warmup_steps=1",
                  "training.report_every=1", "training.checkpoint_every=3", "training.eval_every=0",
                  "training.torch_threads=1", "resources.num_workers=1", "resources.use_gpu=false",
-                 "resources.cpus_per_worker=0.5", "sweep.target_sparsities=[0.65]", "evaluation.batch_size=4"]
+                 "resources.cpus_per_worker=0.5", "sweep.target_sparsities=[0.65]", "evaluation.batch_size=4",
+                 # six test utterances: transcribed in the driver, not on an actor each trial's 360 MB
+                 # model is shipped to through the object store
+                 "evaluation.num_actors=0"]
     cfg = load_pipeline(PIPELINE, overrides)
     assert stages.model_problems(cfg) == []
     # sspg gates the linear layers and the positional conv (the YAML leaves the frozen conv feature
@@ -58,10 +63,11 @@ def test_wav2vec2_base_pipeline_runs_end_to_end_at_full_size(ray_cluster, tmp_pa
           "target, or give it more layers (gates.patterns: ump and two-stage prune those alone, no conv layer)"
           for method in ("ump", "two-stage"))]
 
-    stages.run(cfg)
+    stages.run(load_pipeline(PIPELINE, [*overrides, "sweep.methods=[sspg,two-stage]",
+                                             "sweep.method_targets={two-stage: [0.65]}"]))
     out = Path(cfg.output_dir)
     summary = json.loads((out / "summary.json").read_text())
-    trials = ["dense", "sspg-0.65", "two-stage-0.65", "ump-0.65"]
+    trials = ["dense", "sspg-0.65", "two-stage-0.65"]
     assert sorted(t["trial"] for t in summary["trials"]) == trials
     for trial in trials:
         metrics = json.loads((out / trial / METRICS_FILE).read_text())
