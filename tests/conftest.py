@@ -15,7 +15,7 @@ os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # Ray Train's controller polls its workers every 2 s by default, so a run's end reaches the driver
 # up to seconds late; and each worker group starts a preemption-watcher actor (one more process) to
-# follow node drains, which a one-machine test cluster never has. A suite of ~40 short runs on 2
+# follow node drains, which a one-machine test cluster never has. A suite of ~25 short runs on 2
 # cores pays both per run; set before any Ray process starts, so every raylet and worker inherits them.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")

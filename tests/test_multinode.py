@@ -1,8 +1,8 @@
 """The pipeline on a multi-node Ray cluster (head + 2 worker nodes on this machine, see
 ``tests/multinode_run.py``): a trial's DDP workers on two nodes, and a node lost mid-trial, after
 which the trial goes on from its last checkpoint on what is left and ends with the right step count
-and every artifact. The prepared shards, the runs and the outputs go
-to ``file://`` URIs, standing in for an object store."""
+and every artifact. The prepared shards, the runs and the outputs go to ``file://`` URIs, standing
+in for an object store."""
 
 import json
 import subprocess

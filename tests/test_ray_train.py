@@ -69,7 +69,7 @@ def gated_model_from_checkpoint(directory, method, target):
 def test_two_workers_train_sspg_in_sync_survive_a_crash_and_checkpoint_matches(prepared, tmp_path, inject_faults):
     """Two DDP workers; rank 1 dies before step 7, Ray Train restarts the group from the step-4
     checkpoint (max_failures=1), and the run ends as one that never failed would (one run covers
-    both: a Ray Train run costs ~30 s of startup on 2 cores)."""
+    both: a Ray Train run costs ~20 s of start-up on 2 cores)."""
     marker = tmp_path / "crashed"
     inject_faults({"trial": "ddp", "step": 7, "rank": 1, "action": "exit", "marker": str(marker)})
     result = run(prepared, tmp_path, "ddp", workers=2, steps=16, max_failures=1)
