@@ -64,9 +64,10 @@ def test_wav2vec2_base_pipeline_runs_end_to_end_at_full_size(ray_cluster, tmp_pa
           "target, or give it more layers (gates.patterns: ump and two-stage prune those alone, no conv layer)"
           for method in ("ump", "two-stage"))]
 
-    stages.run(load_pipeline(PIPELINE, [*overrides, "sweep.methods=[sspg,two-stage]",
-                                             "sweep.method_targets={two-stage: [0.65]}"]))
-    out = Path(cfg.output_dir)
+    trained = load_pipeline(PIPELINE, [*overrides, "sweep.methods=[sspg,two-stage]",
+                                       "sweep.method_targets={two-stage: [0.65]}"])
+    stages.run(trained)
+    out = Path(trained.output_dir)
     summary = json.loads((out / "summary.json").read_text())
     trials = ["dense", "sspg-0.65", "two-stage-0.65"]
     assert sorted(t["trial"] for t in summary["trials"]) == trials
