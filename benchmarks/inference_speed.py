@@ -19,9 +19,10 @@ model's mix differs, its speed per parameter removed much less so.
     python benchmarks/inference_speed.py --device cuda            # bf16 on a GPU (gpu_check.sh)
 
 ``--trained OUTPUT_DIR`` adds, under ``"trained"``, the same timing for the models a pipeline run
-exported (e.g. ``runs/synthetic-benchmark``): its dense reference against each of its
-``sspg-neuron`` trials, loaded from their ``model/`` directories as a user loads them, with each
-trial's WER per split and parameter reduction from its ``metrics.json`` (accuracy beside speed).
+exported (e.g. ``runs/synthetic-benchmark``): each of its ``sspg-neuron`` trials against the dense
+reference it was scored against (with ``sweep.seeds``, the one of its seed), loaded from their
+``model/`` directories as a user loads them, with each trial's WER per split and parameter
+reduction from its ``metrics.json`` (accuracy beside speed).
 ``--trained-only`` skips the base-size model.
 
     python benchmarks/inference_speed.py --trained runs/synthetic-benchmark
@@ -105,20 +106,28 @@ def timed_pair(dense: torch.nn.Module, pruned: torch.nn.Module, seconds: float, 
 
 
 def trained_pairs(output_dir: str, seconds: float, repeats: int, batch8_repeats: int, device: str) -> dict:
-    """The exported dense reference of a pipeline run against each of its sspg-neuron trials."""
+    """Each sspg-neuron trial of a pipeline run against the dense reference finalize compared it
+    with (its ``metrics.json``'s ``dense_reference``: ``dense``, or ``dense-seed<k>`` with
+    ``sweep.seeds``), both exported models loaded as a user loads them."""
     root = Path(output_dir)
-    finished = {path.parent: json.loads(path.read_text()) for path in sorted(root.glob("*/metrics.json"))}
-    trials = {trial: metrics for trial, metrics in finished.items() if metrics.get("method") == "sspg-neuron"}
-    if root / "dense" not in finished or not (root / "dense" / "model").is_dir() or not trials:
-        raise SystemExit(f"--trained {output_dir}: needs a finished pipeline run with a dense reference "
-                         "(dense/model) and at least one sspg-neuron trial; run e.g. pinch-ray run "
-                         "pipelines/synthetic_benchmark.yaml first")
-    dense_metrics = finished[root / "dense"]
-    out = {"output_dir": str(root), "dense": {"params": dense_metrics["params_total"], "wer": dense_metrics["wer"]}}
-    dense = load_model(str(root / "dense" / "model"))[0].eval()  # timed_pair moves it to the same device each time
-    for trial, metrics in trials.items():
-        pruned = load_model(str(trial / "model"))[0].eval()
-        out[trial.name] = {
+    finished = {path.parent.name: json.loads(path.read_text()) for path in sorted(root.glob("*/metrics.json"))}
+    trials = {name: metrics for name, metrics in finished.items() if metrics.get("method") == "sspg-neuron"}
+    missing = sorted({metrics.get("dense_reference") or "dense" for metrics in trials.values()}
+                     - {name for name in finished if (root / name / "model").is_dir()})
+    if not trials or missing:
+        raise SystemExit(f"--trained {output_dir}: needs a finished pipeline run with at least one sspg-neuron "
+                         f"trial and the dense reference of each (missing: {', '.join(missing) or 'sspg-neuron'}); "
+                         "run e.g. pinch-ray run pipelines/synthetic_benchmark.yaml first")
+    out = {"output_dir": str(root), "references": {}}
+    for name, metrics in trials.items():
+        reference = metrics.get("dense_reference") or "dense"
+        if reference not in out["references"]:
+            out["references"][reference] = {"params": finished[reference]["params_total"],
+                                            "wer": finished[reference]["wer"]}
+        dense = load_model(str(root / reference / "model"))[0].eval()  # timed_pair moves it to the device
+        pruned = load_model(str(root / name / "model"))[0].eval()
+        out[name] = {
+            "dense_reference": reference,
             "params": sum(p.numel() for p in pruned.parameters()),
             "param_reduction": round(metrics["param_reduction"], 4),
             "wer": metrics["wer"],

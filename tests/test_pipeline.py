@@ -146,9 +146,10 @@ def test_every_artifact_is_written(finished):
     # benchmarks/inference_speed.py --trained: the exported models timed side by side, with their WER
     speed = benchmark("inference_speed").trained_pairs(str(out), seconds=0.25, repeats=1, batch8_repeats=1,
                                                        device="cpu")
-    assert speed["dense"] == {"params": metrics["params_total"],
-                              "wer": json.loads((out / "dense" / METRICS_FILE).read_text())["wer"]}
+    assert speed["references"] == {"dense": {"params": metrics["params_total"],
+                                             "wer": json.loads((out / "dense" / METRICS_FILE).read_text())["wer"]}}
     timed = speed["sspg-neuron-0.5"]
+    assert timed["dense_reference"] == metrics["dense_reference"] == "dense"
     assert timed["params"] == metrics["params_nonzero"] and timed["wer"] == metrics["wer"]
     assert all(timed[f"batch_{n}"]["speedup"] > 0 for n in (1, 8))
 
