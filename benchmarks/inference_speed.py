@@ -112,19 +112,21 @@ def trained_pairs(output_dir: str, seconds: float, repeats: int, batch8_repeats:
     root = Path(output_dir)
     finished = {path.parent.name: json.loads(path.read_text()) for path in sorted(root.glob("*/metrics.json"))}
     trials = {name: metrics for name, metrics in finished.items() if metrics.get("method") == "sspg-neuron"}
-    missing = sorted({metrics.get("dense_reference") or "dense" for metrics in trials.values()}
-                     - {name for name in finished if (root / name / "model").is_dir()})
+    reference_of = {name: metrics.get("dense_reference") or "dense" for name, metrics in trials.items()}
+    missing = sorted(set(reference_of.values()) - {name for name in finished if (root / name / "model").is_dir()})
     if not trials or missing:
         raise SystemExit(f"--trained {output_dir}: needs a finished pipeline run with at least one sspg-neuron "
                          f"trial and the dense reference of each (missing: {', '.join(missing) or 'sspg-neuron'}); "
                          "run e.g. pinch-ray run pipelines/synthetic_benchmark.yaml first")
     out = {"output_dir": str(root), "references": {}}
+    dense_models = {}  # each reference loaded once, however many trials it scored
     for name, metrics in trials.items():
-        reference = metrics.get("dense_reference") or "dense"
-        if reference not in out["references"]:
+        reference = reference_of[name]
+        if reference not in dense_models:
+            dense_models[reference] = load_model(str(root / reference / "model"))[0].eval()  # timed_pair moves it
             out["references"][reference] = {"params": finished[reference]["params_total"],
                                             "wer": finished[reference]["wer"]}
-        dense = load_model(str(root / reference / "model"))[0].eval()  # timed_pair moves it to the device
+        dense = dense_models[reference]
         pruned = load_model(str(root / name / "model"))[0].eval()
         out[name] = {
             "dense_reference": reference,
