@@ -69,6 +69,28 @@ def test_fused_soft_mask_matches_autograd_reference():
         torch.testing.assert_close(fused, ref)
 
 
+def test_regrow_passes_the_weight_gradient_straight_through_the_mask():
+    """gates.regrow: a pruned weight (mask ~0) receives the loss gradient unchanged, a kept one as
+    before, the threshold the same gradient either way; without it a pruned weight gets ~nothing."""
+    weight = torch.tensor([[0.01, -0.02, 1.5], [-1.4, 0.03, 1.2]], dtype=torch.float64)
+    upstream = torch.tensor([[0.5, -0.7, 0.2], [0.3, 0.9, -0.4]], dtype=torch.float64)
+    tau = torch.tensor(0.005, dtype=torch.float64)
+    grads = {}
+    for regrow in (False, True):
+        w = weight.clone().requires_grad_()
+        t = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+        masked, mask_sum = masks._SoftMaskedWeight.apply(w, t, tau, regrow)
+        ((masked * upstream).sum() + 0.3 * mask_sum).backward()
+        grads[regrow] = (w.grad, t.grad)
+    pruned = weight.abs() < 0.1
+    assert grads[False][0][pruned].abs().max() < 1e-6  # pinched off: no learning signal
+    torch.testing.assert_close(grads[True][0][pruned], upstream[pruned])  # straight through
+    torch.testing.assert_close(grads[True][0][~pruned], grads[False][0][~pruned])
+    torch.testing.assert_close(grads[True][1], grads[False][1])
+    _, found = gated_model(regrow=True)
+    assert all(g.regrow for g in found.values())
+
+
 def test_soft_mask_at_a_small_temperature_has_no_denormal_values():
     """Late in training most pruned weights sit far below their threshold; their mask values (and
     the products with them) must stay normal floats, which x86 computes ~100x faster, while the
@@ -238,9 +260,10 @@ def test_compiled_gate_kernels_equal_eager(device_type):
     for a, b in zip(eager_fwd, compiled_fwd):
         torch.testing.assert_close(a, b)
     inv_scale = eager_fwd[2]
-    for a, b in zip(masks._soft_mask_backward(grad_out, grad_sum, weight, threshold, inv_scale, tau),
-                    backward(grad_out, grad_sum, weight, threshold, inv_scale, tau)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for regrow in (False, True):  # gates.regrow: the other weight gradient
+        for a, b in zip(masks._soft_mask_backward(grad_out, grad_sum, weight, threshold, inv_scale, tau, regrow),
+                        backward(grad_out, grad_sum, weight, threshold, inv_scale, tau, regrow)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_a_shared_threshold_is_one_parameter_for_every_gated_matrix():

@@ -16,13 +16,13 @@ import yaml
 
 from pinch_ray.pipeline import stages
 from pinch_ray.core import pruned_modeling
-from pinch_ray.config import ResourcesConfig, load_pipeline
+from pinch_ray.config import GateConfig, ResourcesConfig, load_pipeline
 from pinch_ray.core.models import load_model
 from pinch_ray.pipeline.report import METRICS_FILE
 from pinch_ray.config import RUNS_DIR
 from pinch_ray.pipeline.runs import (CHECKPOINT_SETTINGS, checkpoint_name, final_result_dir, read_checkpoint_settings,
                                      save_checkpoint)
-from pinch_ray.pipeline.sweep import SettingsChangedError, max_concurrent_trials, reusable_result_dir
+from pinch_ray.pipeline.sweep import SETTINGS_ADDED, SettingsChangedError, max_concurrent_trials, reusable_result_dir
 
 from conftest import benchmark, mtimes
 
@@ -101,6 +101,21 @@ def test_an_unfinished_run_resumes_only_under_its_own_settings(tmp_path):
         reusable_result_dir(job, "ump-0.5", {"settings": {"training": {"lr": 0.002}}})
     (checkpoint / CHECKPOINT_SETTINGS).unlink()  # a checkpoint of an older pinch_ray: resumed as before
     assert reusable_result_dir(job, "ump-0.5", {"settings": {"training": {"lr": 0.002}}}) is None
+
+
+def test_a_setting_added_later_keeps_earlier_runs_at_its_older_value(tmp_path):
+    """Runs recorded before gates.regrow existed trained without regrowth: they resume (or are
+    reused) while it is off, and a run asking for it is told what changed."""
+    job = SimpleNamespace(storage_path=str(tmp_path))
+    checkpoint = tmp_path / "sspg-0.5" / checkpoint_name(2)
+    checkpoint.mkdir(parents=True)
+    save_checkpoint(checkpoint, {}, {"epoch": 0}, {"gates": {"tau_end": 0.005}})
+    assert "gates.regrow" in SETTINGS_ADDED and not GateConfig().regrow
+    assert reusable_result_dir(job, "sspg-0.5", {"settings": {"gates": {"tau_end": 0.005, "regrow": False}}}) is None
+    with pytest.raises(SettingsChangedError, match=r"gates\.regrow: False -> True"):
+        reusable_result_dir(job, "sspg-0.5", {"settings": {"gates": {"tau_end": 0.005, "regrow": True}}})
+    with pytest.raises(SettingsChangedError, match=r"gates\.tau_end: 0\.005 -> None"):  # others stay strict
+        reusable_result_dir(job, "sspg-0.5", {"settings": {"gates": {"regrow": False}}})
 
 
 def test_every_artifact_is_written(finished):

@@ -111,7 +111,8 @@ def attach_gates(model: nn.Module, cfg: GateConfig) -> dict[str, ThresholdGate]:
     else:
         gates = {}
         for name, module in select_modules(model, cfg.all_patterns()).items():
-            gate = ThresholdGate(cfg.threshold_init, cfg.tau_start, module.weight.numel()).to(module.weight.device)
+            gate = ThresholdGate(cfg.threshold_init, cfg.tau_start, module.weight.numel(),
+                                 regrow=cfg.regrow).to(module.weight.device)
             parametrize.register_parametrization(module, "weight", gate, unsafe=True)
             gates[name] = gate
     if cfg.shared_threshold:  # one Parameter object in every gate: one gradient, one optimizer entry

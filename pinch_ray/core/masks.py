@@ -56,16 +56,19 @@ def _soft_mask_forward(weight, threshold, tau):
     return weight * mask, mask.sum(), inv_scale
 
 
-def _soft_mask_backward(grad_out, grad_mask_sum, weight, threshold, inv_scale, tau):
+def _soft_mask_backward(grad_out, grad_mask_sum, weight, threshold, inv_scale, tau, regrow=False):
     """Gradients of ``(W * M, sum(M))`` w.r.t. ``W`` and ``threshold``.
 
     dz/dW = W / (tau s), dz/dthreshold = -threshold / tau, dM/dz = M (1 - M); upstream of z, per
-    element: ``grad_out * W`` (through W * M) + ``grad_mask_sum`` (through sum(M)).
+    element: ``grad_out * W`` (through W * M) + ``grad_mask_sum`` (through sum(M)). The weight's
+    own term is ``grad_out * M``; with ``regrow`` it is ``grad_out`` (straight through the mask), so
+    a pruned weight still receives the loss gradient and can grow back over the threshold.
     """
     mask = _mask_from_squares(weight * weight, threshold, tau, inv_scale)
+    direct = grad_out if regrow else grad_out * mask
     dz = (grad_out * weight).add_(grad_mask_sum).mul_(mask).mul_(1 - mask)
     grad_threshold = -(threshold / tau) * dz.sum()
-    grad_weight = dz.mul_(weight).mul_(inv_scale / tau).add_(grad_out * mask)
+    grad_weight = dz.mul_(weight).mul_(inv_scale / tau).add_(direct)
     return grad_weight, grad_threshold
 
 
@@ -114,13 +117,15 @@ class _SoftMaskedWeight(torch.autograd.Function):
 
     Hand-written backward so the step costs a few elementwise passes over ``W`` (autograd through
     the same expression stores several temporaries per layer) and keeps no tensor of its own for
-    backward. ``tau`` is a 0-dim tensor, so an annealed temperature never recompiles.
+    backward. ``tau`` is a 0-dim tensor, so an annealed temperature never recompiles; ``regrow``
+    (bool, :class:`ThresholdGate`) picks the weight gradient of :func:`_soft_mask_backward`.
     """
 
     @staticmethod
-    def forward(ctx, weight, threshold, tau):
+    def forward(ctx, weight, threshold, tau, regrow=False):
         masked, mask_sum, inv_scale = _run(_soft_mask_forward, weight, threshold, tau)
         ctx.save_for_backward(weight, threshold, inv_scale, tau)
+        ctx.regrow = bool(regrow)
         return masked, mask_sum
 
     @staticmethod
@@ -129,8 +134,8 @@ class _SoftMaskedWeight(torch.autograd.Function):
         if grad_mask_sum is None:
             grad_mask_sum = torch.zeros((), dtype=weight.dtype, device=weight.device)
         grad_weight, grad_threshold = _run(_soft_mask_backward, grad_out.contiguous(), grad_mask_sum, weight,
-                                           threshold, inv_scale, tau)
-        return grad_weight, grad_threshold, None
+                                           threshold, inv_scale, tau, ctx.regrow)
+        return grad_weight, grad_threshold, None, None
 
 
 def hard_mask(weight: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -219,13 +224,15 @@ class ThresholdGate(Gate):
 
     ``threshold`` is the only parameter (a scalar, in units of the layer's RMS weight). ``tau`` is
     the current relative temperature, set by the training loop through
-    :func:`pinch_ray.core.gates.set_tau`.
+    :func:`pinch_ray.core.gates.set_tau`. ``regrow``: the weights' own gradient passes the soft mask
+    straight through (``GateConfig.regrow``).
     """
 
-    def __init__(self, threshold_init: float, tau: float, numel: int):
+    def __init__(self, threshold_init: float, tau: float, numel: int, regrow: bool = False):
         super().__init__()
         self.threshold = nn.Parameter(torch.tensor(float(threshold_init)))
         self.numel = int(numel)  # parameters the gate decides on
+        self.regrow = bool(regrow)
         # current relative temperature; a tensor so compiled kernels take new values as data
         self.register_buffer("tau", torch.tensor(float(tau)), persistent=False)
         self.mode: str | None = None  # None: follow self.training; "soft" / "hard": forced
@@ -237,7 +244,7 @@ class ThresholdGate(Gate):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.is_soft():
             return weight * hard_mask(weight, self.threshold).to(weight.dtype)
-        masked, self.last_mask_sum = _SoftMaskedWeight.apply(weight, self.threshold, self.tau)
+        masked, self.last_mask_sum = _SoftMaskedWeight.apply(weight, self.threshold, self.tau, self.regrow)
         return masked
 
     def weight_hard_mask(self, weight: torch.Tensor) -> torch.Tensor:
@@ -246,7 +253,7 @@ class ThresholdGate(Gate):
     def fresh_mask_sum(self, module: nn.Module) -> torch.Tensor:
         """Kept parameters under the soft mask, computed on the spot (differentiable), for a gate
         the last forward did not use."""
-        return _SoftMaskedWeight.apply(unmasked_weight(module), self.threshold, self.tau)[1]
+        return _SoftMaskedWeight.apply(unmasked_weight(module), self.threshold, self.tau, self.regrow)[1]
 
     def soft_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """The soft mask itself (no gradient), for inspection and tests."""

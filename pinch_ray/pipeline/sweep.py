@@ -109,11 +109,22 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+# Settings added after runs were first recorded, each with the value that trains as the runs
+# recorded without it did: such a run is reused (or resumed) where the setting asks for that value.
+# A new setting of the gates or the training belongs here, or every earlier run stops the sweep.
+SETTINGS_ADDED = {"gates.regrow": False}
+_ABSENT = object()  # a key the recorded (or wanted) settings do not have
+
+
 def _changes(recorded: Any, wanted: Any, key: str = "") -> list[str]:
-    """``key: recorded -> wanted`` for every leaf where the two settings dicts differ."""
+    """``key: recorded -> wanted`` for every leaf where the two settings dicts differ (a setting of
+    :data:`SETTINGS_ADDED` the recorded run lacks counts as its older value)."""
     if isinstance(recorded, dict) and isinstance(wanted, dict):
         return [change for k in sorted(set(recorded) | set(wanted))
-                for change in _changes(recorded.get(k), wanted.get(k), f"{key}.{k}" if key else k)]
+                for change in _changes(recorded.get(k, _ABSENT), wanted.get(k, _ABSENT), f"{key}.{k}" if key else k)]
+    if recorded is _ABSENT and key in SETTINGS_ADDED:
+        recorded = SETTINGS_ADDED[key]
+    recorded, wanted = (None if value is _ABSENT else value for value in (recorded, wanted))
     return [] if recorded == wanted else [f"{key}: {_short(recorded)} -> {_short(wanted)}"]
 
 
