@@ -124,9 +124,9 @@ class GateConfig:
     # the soft mask straight through (dL/dW instead of dL/dW * M), so a pruned weight keeps receiving
     # the loss gradient and grows back over its threshold when the loss wants it (pruning with feedback,
     # Lin et al. 2020: "Dynamic Model Pruning with Feedback"); off, as in the paper, a weight pinched
-    # off gets no gradient and comes back only if its threshold or layer scale moves. The thresholds
-    # and the sparsity term see the same gradients either way. Over three seeds from synth-small: a tie with off at 0.65 and at 0.765 of all
-    # parameters (README).
+    # off gets no gradient and comes back only if its threshold or layer scale moves. The thresholds and
+    # the sparsity term see the same gradients either way. Over three seeds from synth-small: a tie with
+    # off at 0.65 and at 0.765 of all parameters (README).
     regrow: bool = False
     # Sparsity objective: lambda_1 (s - s*) + penalty (s - s*)^2 over the gated soft sparsity s,
     # lambda_1 a Lagrange multiplier trained by plain gradient ascent once the target ramp is over

@@ -113,18 +113,17 @@ def _short(value: Any, limit: int = 60) -> str:
 # recorded without it did: such a run is reused (or resumed) where the setting asks for that value.
 # A new setting of the gates or the training belongs here, or every earlier run stops the sweep.
 SETTINGS_ADDED = {"gates.regrow": False}
-_ABSENT = object()  # a key the recorded (or wanted) settings do not have
 
 
 def _changes(recorded: Any, wanted: Any, key: str = "") -> list[str]:
     """``key: recorded -> wanted`` for every leaf where the two settings dicts differ (a setting of
     :data:`SETTINGS_ADDED` the recorded run lacks counts as its older value)."""
     if isinstance(recorded, dict) and isinstance(wanted, dict):
-        return [change for k in sorted(set(recorded) | set(wanted))
-                for change in _changes(recorded.get(k, _ABSENT), wanted.get(k, _ABSENT), f"{key}.{k}" if key else k)]
-    if recorded is _ABSENT and key in SETTINGS_ADDED:
-        recorded = SETTINGS_ADDED[key]
-    recorded, wanted = (None if value is _ABSENT else value for value in (recorded, wanted))
+        changes = []
+        for k in sorted(set(recorded) | set(wanted)):
+            path = f"{key}.{k}" if key else k
+            changes += _changes(recorded.get(k, SETTINGS_ADDED.get(path)), wanted.get(k), path)
+        return changes
     return [] if recorded == wanted else [f"{key}: {_short(recorded)} -> {_short(wanted)}"]
 
 
