@@ -57,9 +57,35 @@ def test_load_pretrained_ssl_checkpoint_gets_char_vocab_and_fresh_head(tmp_path)
                                ssl.wav2vec2.encoder.layers[0].attention.q_proj.weight)
 
 
+def test_a_half_precision_checkpoint_loads_as_float32_master_weights(tmp_path):
+    """transformers keeps a checkpoint's own dtype ("auto"): an fp16 checkpoint would train in fp16
+    under AdamW with no loss scaling. autocast gives the bf16 compute; the weights stay float32."""
+    model, processor = load_model("tiny", mask_time_prob=0.0)
+    model.half().save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, _ = load_model(str(tmp_path))
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight.float())  # the values kept
+
+
+def test_the_seed_draws_the_fresh_ctc_head_of_a_checkpoint_without_one(tmp_path):
+    """training.seed is what sweep.seeds varies: on a pre-trained checkpoint it must reach the new
+    head, whatever the random state before loading."""
+    Wav2Vec2ForPreTraining(tiny_config("tiny", vocab_size=None)).save_pretrained(tmp_path)
+    heads = {}
+    for seed, noise in ((0, 1), (0, 2), (1, 1)):
+        torch.manual_seed(noise)  # what ran before the load must not matter
+        model, _ = load_model(str(tmp_path), seed=seed)
+        heads[seed, noise] = model.lm_head.weight.detach().clone()
+    torch.testing.assert_close(heads[0, 1], heads[0, 2])
+    assert not torch.equal(heads[0, 1], heads[1, 1])
+
+
 def test_load_rejects_a_non_ctc_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises((ValueError, OSError), match="init_from|bert|Unrecognized"):
+    with pytest.raises(ValueError, match=r"(?s)AutoModelForCTC cannot build a CTC model from this checkpoint "
+                                         r"\(Unrecognized configuration class .*BertConfig.*\); point init_from at a "
+                                         r"wav2vec2/HuBERT/WavLM checkpoint"):
         load_model(str(tmp_path))
 
 

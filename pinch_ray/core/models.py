@@ -200,8 +200,9 @@ def load_model(init_from: str, seed: int = 0, trust_remote_code: bool = False,
 
     ``init_from``: ``tiny`` / ``tiny-hubert`` / ``tiny-wavlm`` (random weights from ``seed``), a
     directory, or a hub id such as ``facebook/wav2vec2-base``. A checkpoint without a tokenizer
-    (a pre-trained SSL model) gets the character vocabulary :data:`CHAR_VOCAB` and a fresh CTC head;
-    one with a tokenizer keeps its vocabulary. ``config_overrides`` go to the model config
+    (a pre-trained SSL model) gets the character vocabulary :data:`CHAR_VOCAB` and a fresh CTC head
+    (random from ``seed``); one with a tokenizer keeps its vocabulary. Weights load in float32,
+    whatever dtype the checkpoint was saved in. ``config_overrides`` go to the model config
     (e.g. ``layerdrop=0.0``).
 
     Raises:
@@ -228,12 +229,16 @@ def load_model(init_from: str, seed: int = 0, trust_remote_code: bool = False,
         loader, loader_kwargs = pruned_modeling.loader_class(config.model_type), {}
     else:
         loader, loader_kwargs = AutoModelForCTC, {"trust_remote_code": trust_remote_code}
+    # The seed first: a checkpoint without a CTC head gets a fresh one, drawn from it here.
+    torch.manual_seed(seed)
     try:
-        model = loader.from_pretrained(init_from, **loader_kwargs, **settings)
+        # float32 master weights whatever the checkpoint's dtype (transformers would keep an fp16 or
+        # bf16 checkpoint in half precision: AdamW on half weights, no loss scaling); bf16 compute
+        # comes from autocast (TrainConfig.bf16_autocast)
+        model = loader.from_pretrained(init_from, **loader_kwargs, **settings, dtype=torch.float32)
     except ValueError as err:
         raise ValueError(f"init_from={init_from!r}: AutoModelForCTC cannot build a CTC model from this "
                          f"checkpoint ({err}); point init_from at a wav2vec2/HuBERT/WavLM checkpoint") from err
-    torch.manual_seed(seed)
     return model, processor
 
 
