@@ -2,7 +2,7 @@
 
     pinch-ray run pipelines/demo.yaml                         # every stage; reruns skip finished ones
     pinch-ray run pipelines/demo.yaml training.max_steps=100 --from-stage compress
-    pinch-ray evaluate runs/demo/sspg-0.65/model --corpus data/synth_corpus --split test
+    pinch-ray evaluate runs/demo/sspg-0.65/model --corpus .cache/synth/benchmark-7500 --split test
     pinch-ray export-2to4 runs/demo/sspg-0.5/model runs/demo/sspg-0.5/model-2to4
     pinch-ray corpus synth data/synth_corpus --utterances 6000 --seed 0
     pinch-ray corpus fetch /data/LibriSpeech                  # LibriSpeech from OpenSLR, checksummed, resumable
@@ -145,7 +145,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     problems = []
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         problems.append(f"MODEL_DIR: {args.model_dir} is not an exported model directory (no config.json); "
-                        "give a trial's model/ directory, e.g. runs/tiny-synth/sspg-0.65/model")
+                        "give a trial's model/ directory, e.g. runs/demo/sspg-0.65/model")
     if not storage.is_uri(args.corpus) and not os.path.isdir(os.path.join(args.corpus, args.split)):
         problems.append(f"--corpus/--split: {os.path.join(args.corpus, args.split)} is not a directory; "
                         "give a corpus root holding the split directory")
@@ -176,7 +176,8 @@ def _add_evaluate_commands(subparsers) -> None:
         description="Transcribe one split of a corpus (LibriSpeech layout or HF parquet) with an exported "
                     "model directory (a trial's model/, or any Hugging Face *ForCTC checkpoint with its "
                     "processor) and print WER and CER as one JSON line.",
-        epilog="example:\n  pinch-ray evaluate runs/tiny-synth/sspg-0.65/model --corpus data/synth_corpus --split test",
+        epilog="example (after pinch-ray run pipelines/demo.yaml):\n"
+               "  pinch-ray evaluate runs/demo/sspg-0.65/model --corpus .cache/synth/benchmark-7500 --split test",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_argument("model_dir", help="exported model directory (config.json, weights, processor files)")
     evaluate.add_argument("--corpus", required=True, help="corpus root: a local directory or s3:// / gs:// URI")

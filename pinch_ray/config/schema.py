@@ -75,19 +75,20 @@ class GateConfig:
     # Regular expressions over module names (full match); every matched nn.Linear / nn.Conv1d
     # weight gets one learnable threshold. Each pattern must match at least one module.
     patterns: list[str] = field(default_factory=lambda: list(DEFAULT_GATE_PATTERNS))
-    # sspg also gates the conv layers: the conv feature encoder and the positional convolution (5-10%
-    # of a model's parameters), so a target of all parameters is spread over ~all of them and the
-    # learned allocation decides what the convs give (synth-small at -65%, three seeds: +0.30 point
-    # of test WER over dense against +0.58 with the patterns alone; README). ump and two-stage
-    # prune the patterns only: a uniform cut in the conv layers cost ump 3.5 points on the demo. To
-    # have them prune a conv layer too, add its pattern (FEATURE_ENCODER_PATTERN, POS_CONV_PATTERN)
-    # to patterns.
+    # sspg also gates the conv feature encoder's layers (gate_pos_conv: the positional convolution;
+    # together 5-10% of a model's parameters), so a target of all parameters is spread over ~all of
+    # them and the learned allocation decides what the convs give (synth-small at -65%, three seeds:
+    # +0.30 point of test WER over dense against +0.58 with the patterns alone; docs/lab-notebook.md).
+    # ump and two-stage prune the patterns only: a uniform cut in the conv layers cost ump 3.5 points
+    # on the demo. To have them prune a conv layer too, add its pattern (FEATURE_ENCODER_PATTERN,
+    # POS_CONV_PATTERN) to patterns.
     gate_feature_encoder: bool = True
-    gate_pos_conv: bool = True  # sspg also gates the positional convolution (see gate_feature_encoder)
+    gate_pos_conv: bool = True  # sspg also gates the positional convolution (as gate_feature_encoder its convs)
     # What one sspg mask entry removes. weight: single weights of the matrices the patterns
-    # select (the paper). neuron: whole feed-forward neurons and attention heads of every
-    # transformer layer (patterns unused), so the exported matrices are smaller and faster; see
-    # pinch_ray.core.neurons. The method sspg-neuron always uses neuron; ump always prunes weights.
+    # select (the paper). neuron: whole units of the kinds neuron_units lists (by default every kind
+    # the model supports: feed-forward neurons, attention heads, conv feature encoder channels;
+    # patterns unused), so the exported matrices are smaller and faster; see pinch_ray.core.neurons.
+    # The method sspg-neuron always uses neuron; ump always prunes weights.
     granularity: str = "weight"
     # Units gated at neuron granularity: ffn (feed-forward neurons), heads (attention heads; not
     # WavLM, whose position bias is per head), conv (channels of the conv feature encoder, all
@@ -102,7 +103,7 @@ class GateConfig:
     # hard-concrete gates do; without noise only the units inside the cold mask's narrow sigmoid
     # band get a gradient. Relative scores of a trained layer's units spread over ~0.5-1.6.
     # Measured at 0.1 on the synthetic benchmark (one seed): 0.8-1.3 points of dev WER worse than none
-    # (README, "Smaller and faster").
+    # (docs/lab-notebook.md).
     unit_noise: float = 0.0
     # Temperature of the soft mask, relative to the layer's mean squared weight (unitless):
     # tau_l = tau * mean(W_l^2). Annealed geometrically from tau_start to tau_end over training.
@@ -126,7 +127,7 @@ class GateConfig:
     # Lin et al. 2020: "Dynamic Model Pruning with Feedback"); off, as in the paper, a weight pinched
     # off gets no gradient and comes back only if its threshold or layer scale moves. The thresholds and
     # the sparsity term see the same gradients either way. Over three seeds from synth-small: a tie with
-    # off at 0.65 and at 0.765 of all parameters (README).
+    # off at 0.65 and at 0.765 of all parameters (docs/lab-notebook.md).
     regrow: bool = False
     # Sparsity objective: lambda_1 (s - s*) + penalty (s - s*)^2 over the gated soft sparsity s,
     # lambda_1 a Lagrange multiplier trained by plain gradient ascent once the target ramp is over
@@ -476,9 +477,10 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a directory name and a R
 class ModelConfig:
     """The model to fine-tune and compress (see ``pinch_ray.core.models.load_model``)."""
 
-    # A tiny preset (tiny, tiny-hubert, tiny-wavlm: random weights, for tests), a shipped foundation
-    # (synth-tiny: the demo's; pinch-ray foundation list), a checkpoint directory or a hub id such as
-    # facebook/wav2vec2-base. A name that is a local directory (from_pretrained looks there first)
+    # A tiny preset (tiny, tiny-hubert, tiny-wavlm: random weights, for tests and
+    # pipelines/from_scratch.yaml; tiny is the default, so a pipeline names its model), a shipped
+    # foundation (synth-tiny: the demo's; pinch-ray foundation list), a checkpoint directory or a hub
+    # id such as facebook/wav2vec2-base. A name that is a local directory (from_pretrained looks there first)
     # is read from this working directory: the run hands Ray's workers its absolute path.
     init_from: str = "tiny"
     trust_remote_code: bool = False  # let transformers run code shipped with the checkpoint
@@ -518,9 +520,10 @@ class SweepConfig:
     # against its own reference. []: one trial each at training.seed, no seed in its name.
     seeds: list[int] = field(default_factory=list)
     max_concurrent_trials: int = 0  # trials running at once; 0: as many as the cluster's resources allow
-    # Compression trials start from the dense baseline's fine-tuned weights (needs dense_baseline)
-    # instead of model.init_from. The offline demo needs this: its tiny model starts from random
-    # weights, so there is nothing worth pruning yet. Runs from a pre-trained checkpoint set it to
+    # Compression trials start from the dense baseline's fine-tuned weights (trial "foundation";
+    # needs dense_baseline) instead of model.init_from: for a model that has not learned the task
+    # yet, such as a tiny preset's random weights (pipelines/from_scratch.yaml). Every pipeline that
+    # starts from a trained or pre-trained checkpoint (demo.yaml, the paper pipelines) sets it to
     # false: compression and fine-tuning in one pass, as in the paper.
     init_from_dense: bool = True
 
@@ -570,14 +573,19 @@ class SweepConfig:
 class PipelineConfig:
     """A whole run, as a pipeline YAML describes it (read with :func:`load_pipeline`).
 
-    The defaults are the offline demo: the ``tiny`` model on a synthetic corpus generated at
-    ``corpus.root`` when missing, on CPU workers. A YAML lists only what differs.
+    The defaults are a small offline setup that the tests build on, not ``pipelines/demo.yaml``: the
+    random-weight ``tiny`` preset on a synthetic corpus generated at ``corpus.root`` when missing,
+    a dense "foundation" trained first, CPU workers. A YAML lists only what differs, so every
+    pipeline names its model, its corpus and where its trials start (``sweep.init_from_dense``).
     """
 
-    name: str = "tiny-synth"  # run name: Ray Train/Tune run names and the default output directory
-    # Where artifacts go (see DESIGN.md): a directory, or an object-store URI (s3://bucket/x, gs://,
-    # file:///...; the run then writes a local staging copy and uploads as it goes, markers last:
-    # storage.RemoteOutput). "": runs/<name> in the working directory.
+    # Run name: Ray Train/Tune run names and the default output directory. "": the pipeline file's
+    # name without .yaml (my_model.yaml: my_model; no file: default).
+    name: str = ""
+    # Where artifacts go (summary.md, one directory per trial; docs/architecture.md): a directory, or
+    # an object-store URI (s3://bucket/x, gs://, file:///...; the run then writes a local staging copy
+    # and uploads as it goes, markers last: storage.RemoteOutput). "": runs/<name> in the working
+    # directory.
     output_dir: str = ""
     # Where Ray Train/Tune keep runs and checkpoints: a local or shared directory, or an object
     # store URI (s3://bucket/runs, gs://..., file:///...; pyarrow filesystems) that workers on

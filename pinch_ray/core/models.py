@@ -50,8 +50,8 @@ CHAR_VOCAB: dict[str, int] = {
     tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>", "|", "'"] + [chr(c) for c in range(65, 91)])
 }
 
-# Tiny presets: the fast front end measured in shared/FEASIBILITY.md (four convs, 50 Hz frames,
-# group norm, ReLU) with a 3-layer, 144-wide transformer: ~0.86M parameters.
+# Tiny presets: a front end that is fast on a CPU (four convs, 50 Hz frames, group norm, ReLU)
+# with a 3-layer, 144-wide transformer: ~0.86M parameters.
 TINY_PRESETS = {"tiny": Wav2Vec2Config, "tiny-wav2vec2": Wav2Vec2Config,
                 "tiny-hubert": HubertConfig, "tiny-wavlm": WavLMConfig}
 TINY_CONFIG = dict(
