@@ -1,5 +1,5 @@
 """Configuration: the typed schema (:mod:`.schema`), loading YAML + overrides (:mod:`.loading`),
-path checks (:mod:`.paths`) and the README reference generator (:mod:`.reference`)."""
+path checks (:mod:`.paths`) and the configuration reference generator (:mod:`.reference`)."""
 
 from pinch_ray.config.loading import dump_pipeline, load_pipeline
 from pinch_ray.config.paths import check_paths
@@ -18,11 +18,13 @@ from pinch_ray.config.schema import (
     GRANULARITIES,
     GateConfig,
     MAGNITUDE_METHODS,
+    MASK_RANKINGS,
     MAX_TARGET_SPARSITY,
     METHODS,
     ModelConfig,
     NEURON_UNITS,
     POS_CONV_PATTERN,
+    RANKED_METHODS,
     PipelineConfig,
     RUNS_DIR,
     RUN_NAME,
@@ -31,6 +33,7 @@ from pinch_ray.config.schema import (
     SYNTH_SPLITS,
     SweepConfig,
     TARGET_BASES,
+    THRESHOLD_SCHEDULES,
     THRESHOLD_UPDATES,
     TrainConfig,
     raise_if_problems,

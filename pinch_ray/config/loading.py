@@ -16,6 +16,7 @@ from pinch_ray.config.schema import ConfigError, PipelineConfig, raise_if_proble
 from pinch_ray.storage import absolute
 
 _SECTIONS = typing.get_type_hints(PipelineConfig)  # where an unknown key may belong instead
+DEFAULT_RUN_NAME = "default"  # the name of a run with neither a name nor a pipeline file
 
 
 def _apply_override(raw: dict, text: str) -> str | None:
@@ -67,7 +68,8 @@ def load_pipeline(path: str | os.PathLike | None, overrides: Sequence[str] = (),
     take strings such as ``1e-3``, which YAML 1.1 leaves as text). Relative local paths
     (``corpus.root``, ``output_dir``, ``data.cache_dir``) are made absolute against the working
     directory, the one ``ray job submit --working-dir .`` runs in; URIs (s3://, gs://) are kept.
-    An empty ``output_dir`` becomes ``runs/<name>``. ``model.init_from`` is kept as written.
+    An empty ``name`` becomes the file's name without its extension (``default`` without a file),
+    and an empty ``output_dir`` ``runs/<name>``. ``model.init_from`` is kept as written.
     ``check_paths``: also report :func:`check_paths` problems (a missing corpus, an unwritable
     output directory). Nothing is created or written.
 
@@ -92,6 +94,8 @@ def load_pipeline(path: str | os.PathLike | None, overrides: Sequence[str] = (),
     problems = []
     override_problems = [problem for text in overrides if (problem := _apply_override(raw, text))]
     cfg = typed.build(PipelineConfig(), raw, "", problems, _SECTIONS)
+    if not cfg.name:  # a run is named after its file: my_model.yaml -> runs/my_model
+        cfg.name = os.path.splitext(os.path.basename(os.fspath(path)))[0] if path is not None else DEFAULT_RUN_NAME
     cfg.output_dir = absolute(cfg.output_dir or os.path.join("runs", cfg.name))
     cfg.corpus.root = absolute(cfg.corpus.root)
     cfg.data.cache_dir = absolute(cfg.data.cache_dir)
