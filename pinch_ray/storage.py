@@ -331,6 +331,11 @@ class RemoteOutput:
     """An output directory at a URI (``s3://bucket/runs/demo``, ``file:///...``) and the local staging
     directory the pipeline writes instead; :meth:`publish` uploads what changed.
 
+    Both run inside ``with output.locked():``, which holds a lock on the staging directory
+    (``<staging>/<hash>.lock``): two runs of one URI on one machine would share it (the second's
+    pull clears the first one's files mid-run, and each publishes the other's work as its own), so
+    the second waits, or is refused with :class:`Busy`.
+
     :meth:`pull` starts the staging copy afresh from what the store holds, except what no later
     step reads (``skip``: the runs, and every trial's ``model/`` and ``compact/``), so a rerun on
     another machine sees the finished stages and trials. The files are read whole into memory
@@ -346,6 +351,23 @@ class RemoteOutput:
         self.local = root / hashlib.sha256(self.uri.encode()).hexdigest()[:16]
         self.skip = skip
         self._known: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) the store has
+        self._locked = False  # inside locked(): this object holds the staging directory's lock
+
+    @contextlib.contextmanager
+    def locked(self, wait: bool = True) -> Iterator[Path]:
+        """Hold the staging directory's lock across processes while the block runs (yields the
+        directory's path); a second holder waits, or with ``wait=False`` gets :class:`Busy`."""
+        with exclusive(self.local, self.uri, wait=wait):
+            self._locked = True
+            try:
+                yield self.local
+            finally:
+                self._locked = False
+
+    def _require_lock(self, action: str) -> None:
+        if not self._locked:
+            raise RuntimeError(f"RemoteOutput.{action}() outside `with output.locked():` (another run of "
+                               f"{self.uri} on this machine could share the staging directory {self.local})")
 
     def _skipped(self, relative: str) -> bool:
         parts = relative.split("/")
@@ -369,6 +391,7 @@ class RemoteOutput:
         """A fresh staging directory holding the store's files (but ``skip``); returns it."""
         import pyarrow.fs as pafs
 
+        self._require_lock("pull")
         shutil.rmtree(self.local, ignore_errors=True)
         self.local.mkdir(parents=True)
         fs, base = filesystem(self.uri)
@@ -388,6 +411,7 @@ class RemoteOutput:
     def publish(self) -> int:
         """Upload what changed in the staging directory since the last pull or publish; returns the
         number of files uploaded or deleted."""
+        self._require_lock("publish")
         fs, base = filesystem(self.uri)
         now = self._local_files()
         changed = sorted((rel for rel, stamp in now.items() if self._known.get(rel) != stamp),

@@ -57,6 +57,12 @@ def _rows_by_id(path) -> dict:
     return {row["id"]: row for row in read_prepared_rows(path)}
 
 
+def _files_under(path) -> list[str]:
+    """Every file under a prepared split's directory (a path or a file:// URI), relative to it."""
+    root = Path(str(path).removeprefix("file://"))
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
 def _decode(labels) -> str:
     return "".join(ID_TO_CHAR[int(i)] for i in labels if i >= 0).replace("|", " ")
 
@@ -208,6 +214,63 @@ def test_two_runs_preparing_the_same_split_take_turns(ray_cluster, corpus, tmp_p
     assert len(rows) == results[0].num_utterances == len(list_split(corpus, "dev").utterances)
 
 
+def test_two_runs_preparing_one_split_in_an_object_store_keep_each_others_shards(ray_cluster, corpus, tmp_path,
+                                                                                 monkeypatch):
+    """Two drivers preparing one split into an object-store cache at once (two runs on a cluster
+    sharing data.cache_dir; no lock there): the second starts while the first writes. Each writes
+    its own attempt directory: the first publishes whole shards, and the second, finding the split
+    finished, discards its own and reads the first one's. Before, the second cleared the first
+    one's shards as an unfinished attempt's leftovers, under the first one's report."""
+    import pinch_ray.data.prepare as prepare_module
+
+    cache = f"file://{tmp_path}/store"
+    featurize = prepare_module._featurize_to_parquet
+    first_wrote, second_started, first_read = threading.Event(), threading.Event(), threading.Event()
+
+    def interleaved(listing, out_dir, *args):  # runs the real job, with the two drivers interleaved
+        if threading.current_thread().name == "first":
+            summaries = featurize(listing, out_dir, *args)
+            first_wrote.set()
+            second_started.wait(120)  # the second has cleared what it would clear, and starts writing
+            return summaries
+        second_started.set()
+        first_read.wait(120)
+        return featurize(listing, out_dir, *args)
+
+    monkeypatch.setattr(prepare_module, "_featurize_to_parquet", interleaved)
+    results, errors = {}, []
+
+    def prepare(name):
+        try:
+            results[name] = prepare_split(corpus, "dev", VOCAB, DataConfig(), cache_dir=cache)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append((name, error))
+
+    first = threading.Thread(target=prepare, args=("first",), name="first")
+    first.start()
+    assert first_wrote.wait(300)
+    # beside the first one's shards, a killed attempt's, two days old: the next attempt clears them
+    [prepared_dir] = (tmp_path / "store").iterdir()
+    stale = prepared_dir / "attempt-killed" / "shard-0.parquet"
+    stale.parent.mkdir()
+    stale.write_bytes(b"half")
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)
+    second = threading.Thread(target=prepare, args=("second",), name="second")
+    second.start()
+    first.join(300)
+    assert not errors, errors
+    rows = _rows_by_id(results["first"].path)  # published while the second prepares: whole
+    assert len(rows) == results["first"].num_utterances == len(list_split(corpus, "dev").utterances)
+    first_read.set()
+    second.join(300)
+    assert not errors, errors
+    assert not results["first"].from_cache and results["second"].from_cache
+    assert results["second"].files == results["first"].files and _rows_by_id(results["second"].path).keys() == rows.keys()
+    # what is left: the first one's attempt; the second's discarded, the killed one's cleared
+    assert _files_under(results["first"].path) == sorted([COMPLETE_MARKER, REPORT_FILE,
+                                                          *results["first"].report["files"]])
+
+
 def test_hf_parquet_layout_prepares_identical_features(prepared_train, corpus, tmp_path):
     write_hf_parquet(corpus, "train", tmp_path / "hf", rows_per_file=20)
     from_hf = prepare_split(f"file://{tmp_path / 'hf'}", "train", VOCAB, DataConfig(), cache_dir=tmp_path / "cache")
@@ -257,8 +320,7 @@ def test_prepare_bounds_shards_and_row_groups_and_leaves_the_data_context_alone(
     metadata = [pq.ParquetFile(f).metadata for f in prepared.files]
     assert sum(m.num_rows for m in metadata) == NUM_TRAIN and max(m.num_rows for m in metadata) <= 5
     assert all(m.num_row_groups == -(-m.num_rows // 2) for m in metadata)
-    assert sorted(p.name for p in Path(prepared.path).iterdir()) == sorted(
-        [COMPLETE_MARKER, REPORT_FILE, *(Path(f).name for f in prepared.files)])
+    assert _files_under(prepared.path) == sorted([COMPLETE_MARKER, REPORT_FILE, *prepared.report["files"]])
     assert ray.data.DataContext.get_current().op_resource_reservation_enabled  # set per job only
 
 
@@ -375,7 +437,7 @@ def test_prepare_writes_to_an_object_store_uri_in_shards_that_mix_speakers(ray_c
     local = Path(prepared.path.removeprefix("file://"))
     names = [Path(f).name for f in prepared.files]
     assert names == [Path(f).name for f in prepared_train.files]  # the same shards as in a local cache
-    assert sorted(p.name for p in local.iterdir()) == sorted([COMPLETE_MARKER, REPORT_FILE, *names])
+    assert _files_under(local) == sorted([COMPLETE_MARKER, REPORT_FILE, *prepared.report["files"]])
     assert _rows_by_id(prepared.path).keys() == _rows_by_id(prepared_train.path).keys()
     assert prepare_split(corpus, "train", VOCAB, DataConfig(), cache_dir=uri).from_cache
 

@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -88,6 +91,9 @@ def test_remote_output_uploads_markers_last_and_never_claims_a_changing_trial_fi
     (remote_dir / "dense" / "metrics.json").write_text("{}")
     (remote_dir / "runs-notes.txt").write_text("a file beside runs/, not in it")
     output = storage.RemoteOutput(f"file://{remote_dir}", staging=tmp_path / "staging")
+    with pytest.raises(RuntimeError, match=r"outside `with output.locked\(\):`"):
+        output.pull()
+    monkeypatch.setattr(output, "_locked", True)  # what `with output.locked():` sets (tested below)
     local = output.pull()
     pulled = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     assert pulled == ["dense/metrics.json", "runs-notes.txt"]  # runs and models stay in the store
@@ -122,3 +128,63 @@ def test_remote_output_uploads_markers_last_and_never_claims_a_changing_trial_fi
     assert output.publish() == 2
     assert seen == [("hypotheses.txt", False), ("metrics.json", False)]
     assert (remote_dir / "dense" / "metrics.json").read_text() == '{"wer": 0.2}'
+
+
+# One run of an output URI (a child process): takes the staging lock, pulls, stages a file of its
+# own, says so (a "<name>.holding" file), waits for "<name>.release", then publishes.
+RUN = """
+import sys, time
+from pathlib import Path
+from pinch_ray import storage
+uri, staging, name, wait = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "wait"
+signals = Path(staging).parent
+output = storage.RemoteOutput(uri, staging=staging)
+with output.locked(wait=wait) as local:
+    pulled = sorted(p.name for p in output.pull().iterdir())
+    (local / f"{name}.txt").write_text(",".join(pulled))
+    (signals / f"{name}.holding").write_text("")
+    while not (signals / f"{name}.release").exists():
+        time.sleep(0.05)
+    output.publish()
+"""
+
+
+def _wait_for(path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_two_runs_of_one_output_uri_on_one_machine_take_turns_with_the_staging_copy(tmp_path):
+    """Two processes of one output URI on one machine share a staging directory by its name: the
+    second's pull would clear the first one's staged files mid-run, and either publish would upload
+    the other's. With the lock, a second run is refused (wait=False, what `pinch-ray run` does) or
+    waits (wait=True) until the first has published, then pulls what it published."""
+    uri, staging = f"file://{tmp_path / 'store'}", tmp_path / "staging"
+    (tmp_path / "store").mkdir()
+
+    def start(name: str, wait: bool) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", RUN, uri, str(staging), name, "wait" if wait else "refuse"],
+                                stderr=subprocess.PIPE, text=True)
+
+    first = start("first", wait=False)
+    _wait_for(tmp_path / "first.holding")
+    output = storage.RemoteOutput(uri, staging=staging)
+    with pytest.raises(storage.Busy, match=f"another process is writing {uri}"):
+        with output.locked(wait=False):
+            pass
+    refused = start("refused", wait=False)
+    assert refused.wait(60) != 0 and "Busy" in refused.stderr.read()
+    second = start("second", wait=True)
+    time.sleep(1.0)
+    assert not (tmp_path / "second.holding").exists() and second.poll() is None  # waits its turn
+    assert (output.local / "first.txt").exists()  # the first one's staged file, untouched
+
+    (tmp_path / "first.release").write_text("")
+    assert first.wait(60) == 0, first.stderr.read()
+    _wait_for(tmp_path / "second.holding")
+    (tmp_path / "second.release").write_text("")
+    assert second.wait(60) == 0, second.stderr.read()
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["first.txt", "second.txt"]
+    assert (tmp_path / "store" / "second.txt").read_text() == "first.txt"  # it pulled what the first published

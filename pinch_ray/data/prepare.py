@@ -10,12 +10,20 @@ Prepare, per split::
 Shard rows: :data:`pinch_ray.data.features.SHARD_SCHEMA`.
 
 Output: ``<cache_dir>/<split>-<key>/`` (``cache_dir`` a directory or an object-store URI) with
-``*.parquet``, ``prepare_report.json`` (which lists the shard files) and the completion marker
-``_COMPLETE``, written last; a shard file appears only complete
-(:func:`pinch_ray.storage.atomic_output`), and what an unfinished attempt left is cleared before the
-next one writes. The key hashes the corpus URI, the split, every listed file's size and mtime, the
-settings and the vocab, so a rerun with the same inputs reuses the shards. Bad input is skipped and
-counted by kind (:data:`SKIP_KINDS`), never fatal, unless no usable utterance is left.
+``prepare_report.json``, the completion marker ``_COMPLETE`` (written last), and the shards in a
+directory of the attempt that wrote them, ``attempt-<hex>/*.parquet``, which the report lists:
+readers read the files the report names (:func:`pinch_ray.data.features.shard_files`), never a
+listing. A shard file appears only complete (:func:`pinch_ray.storage.atomic_output`). The key
+hashes the corpus URI, the split, every listed file's size and mtime, the settings and the vocab,
+so a rerun with the same inputs reuses the shards. Bad input is skipped and counted by kind
+(:data:`SKIP_KINDS`), never fatal, unless no usable utterance is left.
+
+Two drivers preparing one split into one cache at once (two runs sharing ``data.cache_dir``): in a
+local (or NFS) cache they take turns (a lock); the second reuses the first one's shards. An object
+store has no lock, so each attempt writes only its own directory: the first to finish publishes
+its report, a later finisher finds the marker and discards its own shards, and neither clears the
+other's. What a killed attempt left is cleared by the next attempt: under the lock, all of it; on an
+object store, attempt directories with no file written for :data:`STALE_ATTEMPT_S`.
 
 Shards mix speakers: the utterances of a LibriSpeech-layout corpus are shuffled (a fixed seed,
 :data:`SHARD_ORDER_SEED`) before they are cut into shards, where the listing keeps each speaker's
@@ -37,11 +45,13 @@ import os
 import posixpath
 import random
 import time
+import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import ray.data
@@ -57,6 +67,8 @@ logger = logging.getLogger(__name__)
 SHARD_ORDER_SEED = 0  # the utterance order prepare cuts into shards (part of the shard format)
 SHARDS_PER_TASK = 4  # LibriSpeech layout: most shards one prepare task writes, one after another
 TASKS_PER_CPU = 2  # LibriSpeech layout: fewest prepare tasks per cluster CPU
+ATTEMPT_PREFIX = "attempt-"  # <prepared dir>/attempt-<hex>/: the shards of one attempt at preparing it
+STALE_ATTEMPT_S = 24 * 3600  # object store: an unlisted attempt with no file written for this long is a killed one's
 # What a prepare task returns per written shard (the driver builds the report from these rows).
 SUMMARY_SCHEMA = pa.schema([
     ("file", pa.string()),  # shard file name, null when nothing was kept
@@ -104,7 +116,7 @@ def prepare_shards(batch: pa.Table, *, out_dir: str, vocab: Mapping[str, int], s
 
 @dataclass
 class PreparedSplit:
-    """A prepared split: ``path`` holds the parquet shards and ``prepare_report.json``."""
+    """A prepared split: ``path`` holds ``prepare_report.json`` and the parquet shards it lists."""
 
     path: str
     report: dict
@@ -179,19 +191,23 @@ def prepare_split(corpus: CorpusConfig | str | os.PathLike, split: str, vocab: M
     key = cache_key(listing, settings, vocab)
     final_dir = storage.join(cache_dir or data_cfg.cache_dir, f"{split.replace('/', '_')}-{key[:16]}")
     # Two runs preparing the same split into one local cache take turns: the second waits, then
-    # reuses the first one's shards (otherwise it would clear them as "unfinished" mid-write).
+    # reuses the first one's shards. An object store has no lock: there each attempt writes a
+    # directory of its own (see the module docstring).
+    locked = not storage.is_uri(final_dir)
     with storage.exclusive(final_dir, f"the prepared {split} split"):
         if storage.is_file(storage.join(final_dir, COMPLETE_MARKER)):
-            report = read_report(final_dir)
-            logger.info("prepare %s/%s: cache hit %s (%d utterances)", corpus_cfg.root, split, final_dir,
-                        report["kept"])
-            return PreparedSplit(final_dir, report, from_cache=True)
+            return _cached(final_dir, corpus_cfg.root, split)
 
-        storage.remove_tree(final_dir)  # what an earlier, unfinished attempt (no marker) left
+        if locked:
+            storage.remove_tree(final_dir)  # what an earlier, unfinished attempt (no marker) left
+        else:
+            _remove_stale_attempts(final_dir)
+        attempt = f"{ATTEMPT_PREFIX}{uuid.uuid4().hex[:12]}"
+        attempt_dir = storage.join(final_dir, attempt)
         try:
             cpus = num_cpus if num_cpus is not None else ray.cluster_resources().get("CPU", 1)
-            summaries = _featurize_to_parquet(listing, final_dir, vocab, settings, data_cfg, cpus)
-            report = _build_report(listing, summaries, final_dir, key, settings, data_cfg,
+            summaries = _featurize_to_parquet(listing, attempt_dir, vocab, settings, data_cfg, cpus)
+            report = _build_report(listing, summaries, final_dir, attempt, key, settings, data_cfg,
                                    time.perf_counter() - started)
             if report["kept"] == 0:
                 counts = (", ".join(f"{k}={v}" for k, v in report["skipped_by_kind"].items() if v)
@@ -200,8 +216,12 @@ def prepare_split(corpus: CorpusConfig | str | os.PathLike, split: str, vocab: M
                 raise PrepareError(f"no usable utterance in {corpus_cfg.root}/{split} ({counts}); e.g. {examples}. "
                                    "Check the corpus files and data.min_duration_s / max_duration_s")
         except Exception:
-            storage.remove_tree(final_dir)  # nothing half-written is left (a hard kill's leftovers: cleared above)
+            # nothing half-written is left (a hard kill's leftovers: cleared by the next attempt)
+            storage.remove_tree(final_dir if locked else attempt_dir)
             raise
+        if storage.is_file(storage.join(final_dir, COMPLETE_MARKER)):  # another driver finished first
+            storage.remove_tree(attempt_dir)
+            return _cached(final_dir, corpus_cfg.root, split)
         storage.write_text(storage.join(final_dir, REPORT_FILE), json.dumps(report, indent=2) + "\n")
         storage.write_text(storage.join(final_dir, COMPLETE_MARKER), json.dumps({"key": key}) + "\n")  # last
         if report["skipped"]:
@@ -209,8 +229,32 @@ def prepare_split(corpus: CorpusConfig | str | os.PathLike, split: str, vocab: M
                            len(report["skipped"]), {k: v for k, v in report["skipped_by_kind"].items() if v},
                            storage.join(final_dir, REPORT_FILE))
         logger.info("prepare %s/%s: %d kept, %d skipped, %.2f h -> %s (%.1f s)", corpus_cfg.root, split,
-                    report["kept"], len(report["skipped"]), report["hours"], final_dir, report["seconds"])
+                    report["kept"], len(report["skipped"]), report["hours"], attempt_dir, report["seconds"])
         return PreparedSplit(str(final_dir), report, from_cache=False)
+
+
+def _cached(final_dir: str, root: str, split: str) -> PreparedSplit:
+    report = read_report(final_dir)
+    logger.info("prepare %s/%s: cache hit %s (%d utterances)", root, split, final_dir, report["kept"])
+    return PreparedSplit(final_dir, report, from_cache=True)
+
+
+def _remove_stale_attempts(final_dir: str) -> None:
+    """Delete the attempt directories under ``final_dir`` (an object store's, where no lock tells a
+    live attempt from a killed one) with no file written for STALE_ATTEMPT_S: a prepare task
+    writes a shard every few seconds to minutes, so a live attempt's newest file is recent."""
+    fs, base = storage.filesystem(final_dir)
+    newest: dict[str, float] = {}  # attempt -> newest file's mtime (seconds); none known: kept
+    for info in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True)):
+        attempt = posixpath.relpath(info.path, base).split("/")[0]
+        if attempt.startswith(ATTEMPT_PREFIX) and info.type == pafs.FileType.File:
+            mtime = info.mtime.timestamp() if info.mtime is not None else float("inf")
+            newest[attempt] = max(newest.get(attempt, 0.0), mtime)
+    for attempt, mtime in newest.items():
+        if time.time() - mtime > STALE_ATTEMPT_S:
+            logger.info("prepare: removing %s, a killed attempt's (no file written for %.0f h)",
+                        storage.join(final_dir, attempt), (time.time() - mtime) / 3600)
+            storage.remove_tree(storage.join(final_dir, attempt))
 
 
 def _featurize_to_parquet(listing: SplitListing, out_dir: str, vocab: Mapping[str, int],
@@ -253,8 +297,9 @@ def num_blocks(num_items: int, num_cpus: float, rows_per_shard: int) -> int:
     return max(1, min(wanted, num_items))
 
 
-def _build_report(listing: SplitListing, summaries: list[dict], out_dir: str, key: str,
+def _build_report(listing: SplitListing, summaries: list[dict], out_dir: str, attempt: str, key: str,
                   settings: PrepareSettings, data_cfg: DataConfig, seconds: float) -> dict:
+    """The report of ``out_dir``; its ``files`` are the shards ``attempt`` wrote, relative to ``out_dir``."""
     skipped = list(listing.problems)
     conversions: Counter = Counter()
     kept = num_samples = 0
@@ -263,7 +308,7 @@ def _build_report(listing: SplitListing, summaries: list[dict], out_dir: str, ke
         num_samples += summary["num_samples"]
         skipped += json.loads(summary["skipped"])
         conversions.update(json.loads(summary["conversions"]))
-    files = sorted(summary["file"] for summary in summaries if summary["file"])
+    files = sorted(f"{attempt}/{summary['file']}" for summary in summaries if summary["file"])
     filesystem, base = storage.filesystem(out_dir)
     written = sum(pq.read_metadata(posixpath.join(base, name), filesystem=filesystem).num_rows for name in files)
     if written != kept:

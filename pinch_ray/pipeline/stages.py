@@ -282,8 +282,8 @@ def run(cfg: PipelineConfig, *, from_stage: str | None = None, only: str | None 
     # one's files mid-run; for a URI, its staging copy on this machine): the second is refused.
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(storage.exclusive(remote.local if remote is not None else cfg.output_dir,
-                                                 cfg.output_dir, wait=False))
+            held.enter_context(remote.locked(wait=False) if remote is not None
+                               else storage.exclusive(cfg.output_dir, cfg.output_dir, wait=False))
         except storage.Busy as busy:
             raise ConfigError([f"output_dir: {busy}; wait for that run to finish, or give this one another "
                                "output_dir"]) from None
