@@ -244,8 +244,10 @@ def _add_corpus_commands(subparsers) -> None:
                     "fetched is skipped. Exit 1 on a failed download or a bad checksum (the message says what "
                     "to do), 2 on an unknown subset.\n\n"
                     "The same data elsewhere: the Hugging Face dataset librispeech_asr (openslr/librispeech_asr) "
-                    "as parquet files under ROOT/<subset>/ (corpus.layout: hf_parquet), or an existing "
-                    "LibriSpeech tree that corpus.root names directly.",
+                    "as parquet files, one directory per split under the root (ROOT/<split>/**/*.parquet, "
+                    "corpus.layout: hf_parquet; the YAML's splits are named as the directories, e.g. "
+                    "train.clean.100), or an existing LibriSpeech tree (local, s3:// or gs://) that corpus.root "
+                    "names directly.",
         epilog="examples:\n"
                "  pinch-ray corpus fetch /data/LibriSpeech                  # the paper pipelines' subsets:\n"
                "      7.3 GB to download; ~14 GB free while train-clean-100 is extracted, 7 GB after\n"

@@ -19,9 +19,10 @@ subset never appears; a subset already fetched is skipped. Two fetches of one su
 (a lock on ``<root>/.downloads/<subset>.lock``).
 
 Elsewhere the same data comes as Hugging Face parquet: the ``librispeech_asr`` dataset
-(``openslr/librispeech_asr`` on the Hub; its parquet files under ``<root>/<subset>/``, any depth, are
-read by ``corpus.layout: hf_parquet``), or an existing LibriSpeech tree (e.g. a cluster's shared
-copy) that ``corpus.root`` names directly.
+(``openslr/librispeech_asr`` on the Hub), one directory of parquet files per split under the root
+(``<root>/<split>/**/*.parquet``, read by ``corpus.layout: hf_parquet``; the YAML's split names are
+the directories' names, e.g. the Hub's ``train.clean.100``). Or ``corpus.root`` names an existing
+LibriSpeech tree (e.g. a cluster's shared copy), local or ``s3://`` / ``gs://``.
 """
 
 from __future__ import annotations
