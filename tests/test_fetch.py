@@ -204,6 +204,8 @@ def test_what_is_there_is_kept_and_bad_names_are_refused_before_any_download(ser
 
     assert main(["corpus", "fetch", str(root), "dev-clean", "train-clean-101", "--mirror", server.url]) == EXIT_BAD_INPUT
     assert "train-clean-101" in caplog.records[-1].getMessage() and server.requests == []
+    assert main(["corpus", "fetch", "s3://bucket/LibriSpeech", SUBSET, "--mirror", server.url]) == EXIT_BAD_INPUT
+    assert "local (or NFS) directory" in caplog.records[-1].getMessage() and server.requests == []
     assert main(["corpus", "fetch", str(tmp_path / "other"), "test-other", "--mirror", server.url,
                  "--quiet"]) == EXIT_FAILURE  # the mirror has no such file
     assert "HTTP 404" in caplog.records[-1].getMessage() and "--mirror" in caplog.records[-1].getMessage()

@@ -84,13 +84,16 @@ def fetch_librispeech(root: str | os.PathLike, subsets: Sequence[str] = PAPER_SU
     summary per subset: {subset, path, status ("fetched", "present", or "present, not fetched here"
     for a directory this command did not write: kept as is), md5, utterances}.
 
-    Raises ValueError for an unknown subset (before any download), ChecksumError for a corrupt
-    download, FetchError for a download or extraction that failed (what was downloaded is kept
-    and the next call resumes it).
+    Raises ValueError for an unknown subset or a URI root (before any download), ChecksumError for a
+    corrupt download (deleted), FetchError for a download or extraction that failed (what was
+    downloaded is kept and the next call resumes it).
     """
     unknown = [s for s in subsets if s not in PUBLISHED_MD5]
     if unknown:
         raise ValueError(f"unknown LibriSpeech subset(s) {unknown}; choose from {', '.join(SUBSETS)}")
+    if storage.is_uri(root):
+        raise ValueError(f"{root}: corpus fetch writes a local (or NFS) directory; fetch there, then copy it to "
+                         "the object store (e.g. `aws s3 sync ROOT s3://bucket/LibriSpeech`)")
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"{root} is a file; give a directory for the corpus")
