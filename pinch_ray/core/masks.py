@@ -75,19 +75,59 @@ def _soft_mask_backward(grad_out, grad_mask_sum, weight, threshold, inv_scale, t
 # Below this many entries a CPU weight runs the kernels eagerly: they cost per-op dispatch there,
 # not memory passes, and compiling (~20 s once per process on 2 cores) would not pay off.
 CPU_COMPILE_MIN_NUMEL = 1 << 18
-_compiled: dict = {}
+# torch.compile settings per device type. GPUs: one graph per weight shape (static shapes give the
+# fastest kernels); CPUs: one dynamic-shape graph, Inductor's C++ backend (needs a C++ compiler).
+COMPILE_OPTIONS = {"cpu": {"dynamic": True}}
+GPU_COMPILE_OPTIONS = {"dynamic": False}
+_compiled: dict = {}  # (fn, device type) -> its compiled form
+_variants: set = set()  # the graphs compiled so far: (kernel, device type, argument shapes/dtypes/flags)
+_fallback: dict = {}  # {"reason": ...} once a compiler failure made the kernels run eagerly
 
 
 def _compiled_kernel(fn, device_type: str):
-    """``fn`` compiled by ``torch.compile`` for ``device_type`` (cached per process).
-
-    GPUs: one graph per weight shape. CPUs: one dynamic-shape graph, Inductor's C++ backend
-    (needs a C++ compiler; without one the caller falls back to eager).
-    """
+    """``fn`` compiled by ``torch.compile`` for ``device_type`` (cached per process)."""
     key = (fn, device_type)
     if key not in _compiled:
-        _compiled[key] = torch.compile(fn, dynamic=device_type == "cpu", fullgraph=True)
+        options = COMPILE_OPTIONS.get(device_type, GPU_COMPILE_OPTIONS)
+        _compiled[key] = torch.compile(fn, fullgraph=True, **options)
     return _compiled[key]
+
+
+def _variant(fn, device_type: str, args: tuple) -> tuple:
+    """What one compiled graph of ``fn`` is specialised on: each argument's shape and dtype (a
+    dynamic-shape graph: its dimensions; one of size 0 or 1 is specialised anyway), plain values."""
+    dynamic = COMPILE_OPTIONS.get(device_type, GPU_COMPILE_OPTIONS).get("dynamic")
+    shapes = tuple((a.dim() if dynamic else tuple(a.shape), tuple(n <= 1 for n in a.shape), a.dtype)
+                   if isinstance(a, torch.Tensor) else a for a in args)
+    return fn.__name__, device_type, shapes
+
+
+def _allow_variants(fn) -> None:
+    """Let torch.compile hold every graph of ``fn`` this process needs. Its recompile limit (8
+    graphs per function) is below what a gated wav2vec2-base needs (a graph per weight shape: 8
+    with the feature encoder gated, more for other models); at the limit it raises, and the
+    kernels would run eagerly from then on, for every layer. The graphs are few and known (one per
+    gated shape), so the limit grows with them instead."""
+    needed = sum(1 for variant in _variants if variant[0] == fn.__name__)
+    config = torch._dynamo.config
+    if needed > config.recompile_limit:
+        config.recompile_limit = needed
+    if len(_variants) > config.accumulated_recompile_limit:
+        config.accumulated_recompile_limit = len(_variants)
+
+
+def compile_report() -> dict:
+    """``{"variants": graphs compiled so far, "fallback": why the kernels run eagerly, or None}``:
+    what benchmarks/gpu_check.sh prints, and tests check."""
+    return {"variants": len(_variants), "fallback": _fallback.get("reason")}
+
+
+def reset_compiled() -> None:
+    """Forget every compiled kernel and a fallback (tests, benchmarks: a fresh start in one process)."""
+    _compiled.clear()
+    _variants.clear()
+    _fallback.clear()
+    torch._dynamo.reset()
 
 
 def _run(fn, *args):
@@ -96,11 +136,19 @@ def _run(fn, *args):
 
     Compiled kernels cut the sspg/dense step-time ratio on GPUs and CPUs alike
     (benchmarks/gate_overhead.py; README, "Benchmarks"). A compiler failure logs a warning and
-    runs eagerly from then on.
+    runs eagerly from then on (:func:`compile_report` says so).
     """
     device_type = args[0].device.type
-    if _compiled.get("disabled") or (device_type == "cpu" and args[0].numel() < CPU_COMPILE_MIN_NUMEL):
+    if _fallback or (device_type == "cpu" and args[0].numel() < CPU_COMPILE_MIN_NUMEL):
         return fn(*args)
+    # Detached: the kernels run inside an autograd.Function (gradients written by hand), and a
+    # graph is specialised on requires_grad too (the positional conv's weight_norm weight has it
+    # in training, not when the starting sparsity is measured under no_grad: a second graph).
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    variant = _variant(fn, device_type, args)
+    if variant not in _variants:
+        _variants.add(variant)
+        _allow_variants(fn)
     try:
         # Autocast off: the inputs are fp32 master weights, and one autocast state means one
         # compiled graph (no recompiles when the caller toggles autocast).
@@ -108,7 +156,7 @@ def _run(fn, *args):
             return _compiled_kernel(fn, device_type)(*args)
     except Exception as err:  # noqa: BLE001 - any compiler failure: keep training, eagerly
         logging.getLogger(__name__).warning("torch.compile of the gate kernels failed (%s); running eagerly", err)
-        _compiled["disabled"] = True
+        _fallback["reason"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         return fn(*args)
 
 

@@ -242,6 +242,25 @@ def load_model(init_from: str, seed: int = 0, trust_remote_code: bool = False,
     return model, processor
 
 
+def freeze_unused_parameters(model: nn.Module) -> list[str]:
+    """Stop training the parameters ``model``'s settings never use in a training forward; returns
+    their names. Such a parameter gets no gradient, and DDP (``find_unused_parameters=False``, the
+    fast default) then fails on the second step ("Expected to have finished reduction in the prior
+    iteration"). The one known: ``masked_spec_embed`` (the vector SpecAugment writes into masked
+    frames) with time masking off but channel masking on (HF creates it for either, uses it for
+    time masks only), or with ``apply_spec_augment`` off.
+    """
+    config = getattr(model, "config", None)
+    frozen = []
+    time_masks = getattr(config, "apply_spec_augment", True) and getattr(config, "mask_time_prob", 0) > 0
+    if config is not None and not time_masks:
+        for name, parameter in model.named_parameters():
+            if name.rsplit(".", 1)[-1] == "masked_spec_embed" and parameter.requires_grad:
+                parameter.requires_grad_(False)
+                frozen.append(name)
+    return frozen
+
+
 def _read_config(init_from: str, trust_remote_code: bool):
     """The checkpoint's model config, read before anything else of it, so that a checkpoint that is
     not there fails with its own error (not after the processor has logged that it found no

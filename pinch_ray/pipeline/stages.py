@@ -45,7 +45,7 @@ from pinch_ray.data.synth import generate_corpus
 from pinch_ray.pipeline import STAGES, runs
 from pinch_ray.pipeline.report import TrialInfo, finalize_trial, read_trial_hypotheses, write_summary
 from pinch_ray.pipeline.sweep import TrialJob, run_sweep, train_trial, trial_name
-from pinch_ray.pipeline.worker import time_left
+from pinch_ray.pipeline.worker import resource_problems, time_left
 
 log = logging.getLogger(__name__)
 
@@ -271,12 +271,17 @@ def run(cfg: PipelineConfig, *, from_stage: str | None = None, only: str | None 
     Raises:
         ValueError: bad ``from_stage`` / ``only``, or ``only`` before its earlier stages finished.
         ConfigError: what :func:`model_problems` finds (checked here too, so the Python API refuses
-            an unreachable target before anything is written, as the CLI does before Ray starts), or
+            an unreachable target before anything is written, as the CLI does before Ray starts),
+            resources the cluster cannot give a training run (GPUs it does not have, fractional
+            GPUs shared by the ranks of one run), or
             another run is writing ``output_dir`` (``<output_dir>.lock``, held while a run lasts).
         RuntimeError / ray.train.TrainingFailedError: a stage failed; finished work is kept.
     """
     forced = stages_to_run(from_stage, only)
     raise_if_problems(model_problems(cfg))
+    if ray.is_initialized():  # what every training run would refuse inside its trial (after the corpus
+        # was prepared, as one failed trial after another), refused before anything is written
+        raise_if_problems(resource_problems(cfg.resources, ray.cluster_resources()), source="resources")
     remote = storage.RemoteOutput(cfg.output_dir) if storage.is_uri(cfg.output_dir) else None
     # One run at a time writes an output directory (a second would clear or overwrite the first
     # one's files mid-run; for a URI, its staging copy on this machine): the second is refused.

@@ -9,13 +9,17 @@ calibrates, evaluates the dev split and writes the final checkpoint (:mod:`pinch
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import os
+import queue
 import socket
 import tempfile
+import threading
 import time
 
 import ray
@@ -30,7 +34,7 @@ from pinch_ray import storage
 from pinch_ray.config import GateConfig, ResourcesConfig, TrainConfig, raise_if_problems, target_sparsity_problems
 from pinch_ray.core import gates as gates_lib
 from pinch_ray.core.compressor import Compressor
-from pinch_ray.core.models import checkpoint_path, has_trained_head, load_model
+from pinch_ray.core.models import checkpoint_path, freeze_unused_parameters, has_trained_head, load_model
 from pinch_ray.core.scoring import score, transcribe_rows
 from pinch_ray.data.batches import batches_per_epoch, iter_train_batches, read_prepared_rows
 from pinch_ray.pipeline import debug, runs
@@ -73,9 +77,31 @@ def _threshold_rank_spread(run: Compressor) -> float:
 
 
 def _dev_scores(run: Compressor, processor, dev_path: str, batch_size: int) -> dict:
-    with torch.no_grad():
+    """Dev WER/CER of ``run``'s model, on rank 0 while the other ranks wait: under the training
+    step's autocast (``run.autocast_dtype``: bf16 on a GPU, none on a CPU) and, on a GPU, TF32
+    (:func:`_build`), so it takes as little of their time as it can."""
+    dtype = run.autocast_dtype
+    with torch.no_grad(), torch.autocast(run.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         scores = score(transcribe_rows(run.unwrapped, processor, read_prepared_rows(dev_path), batch_size))
     return {"dev_wer": scores.wer, "dev_cer": scores.cer}
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device, find_unused_parameters: bool = False):
+    """``model`` wrapped in ``DistributedDataParallel`` on ``device`` (the process group is up).
+
+    ``broadcast_buffers=False``: DDP would otherwise copy every buffer from rank 0 before each
+    forward (each gate's temperature; for ump / two-stage the whole boolean masks, ~85 MB a step
+    at base size), though every rank holds the same values: the masks never change, and the
+    temperature follows the step count. ``find_unused_parameters``: for a model whose forward
+    leaves some parameters out on some steps (layerdrop); every other run freezes what it never
+    uses instead (:func:`pinch_ray.core.models.freeze_unused_parameters`), which costs nothing.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    on_gpu = device.type == "cuda"
+    return DistributedDataParallel(model, device_ids=[device] if on_gpu else None,
+                                   output_device=device if on_gpu else None, broadcast_buffers=False,
+                                   find_unused_parameters=find_unused_parameters)
 
 
 def _quiet_ray_train_reports() -> None:
@@ -93,16 +119,25 @@ def _build(config: dict, train_cfg: TrainConfig, gate_cfg: GateConfig, world: in
     """This rank's :class:`Compressor` on its device, and the model's processor."""
     if train_cfg.torch_threads:
         torch.set_num_threads(train_cfg.torch_threads)
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":  # TF32 for what runs in float32 outside autocast (A100 and newer)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     overrides = dict(config["model_overrides"])
     if world > 1:
-        overrides["layerdrop"] = 0.0  # skipped layers differ across ranks: DDP would hang
+        # Skipped layers differ across ranks, and the sparsity term reaches a skipped layer's gated
+        # weights outside the forward pass, which DDP's search for unused parameters cannot follow
+        # (it would mark them ready twice): one pass of every layer on every rank.
+        overrides["layerdrop"] = 0.0
     with storage.local_dir(config["init_from"]) as init_from:  # in an object store: a local copy
         path = checkpoint_path(str(init_from))  # a shipped foundation: checked against the code once
         model, processor = load_model(path, seed=train_cfg.seed, trust_remote_code=config["trust_remote_code"],
                                       **overrides)
         trained_head = has_trained_head(path)
+    frozen = freeze_unused_parameters(model)  # before the optimizer and DDP see them
+    if frozen:
+        log.info("frozen, as the model's settings never use them in training: %s", ", ".join(frozen))
     run = Compressor.create(model, config["method"], config["target_sparsity"], train_cfg, gate_cfg,
-                            device=ray.train.torch.get_device(), target_basis=config["target_basis"],
+                            device=device, target_basis=config["target_basis"],
                             use_attention_mask=processor.feature_extractor.return_attention_mask,
                             teacher_has_head=trained_head)
     return run, processor
@@ -125,22 +160,67 @@ def _resume(run: Compressor, rank: int) -> dict:
 
 
 def _micro_batches(shard, train_cfg: TrainConfig, per_epoch: int, progress: dict, bucket_window_batches: int):
-    """Endless ``(index in epoch, micro-batches of one step)``, epoch after epoch, from where
-    ``progress`` stands; the caller records ``batch_in_epoch`` once the step is done."""
+    """Endless ``(epoch, index in epoch, micro-batches of one step)``, epoch after epoch, from
+    where ``progress`` stands (read once: the batches may be made ahead of the steps, see
+    :func:`prefetch`); the caller records ``epoch`` / ``batch_in_epoch`` once the step is done."""
+    epoch, skip = progress["epoch"], progress["batch_in_epoch"]
     while True:
         micro_batches = []
         batches = iter_train_batches(shard, train_cfg.batch_size, num_batches=per_epoch,
-                                     seed=train_cfg.seed, epoch=progress["epoch"],
-                                     bucket_window_batches=bucket_window_batches)
+                                     seed=train_cfg.seed, epoch=epoch, bucket_window_batches=bucket_window_batches)
         for index, batch in enumerate(batches):
-            if index < progress["batch_in_epoch"]:
+            if index < skip:
                 continue  # resumed inside this epoch: these batches were trained on already
             micro_batches.append(batch)
             if len(micro_batches) == train_cfg.grad_accum_steps:
-                yield index, micro_batches
+                yield epoch, index, micro_batches
                 micro_batches = []
-        progress["epoch"] += 1
-        progress["batch_in_epoch"] = 0
+        epoch, skip = epoch + 1, 0
+
+
+def _pinned(micro_batches: list[dict]) -> list[dict]:
+    """The batches' tensors in page-locked memory, so the step's ``non_blocking`` copies to the
+    GPU are asynchronous (from pageable memory they are not)."""
+    return [{key: value.pin_memory() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+            for batch in micro_batches]
+
+
+def prefetch(items, count: int, depth: int = 2, pin: bool = False):
+    """The first ``count`` of ``items`` (an iterator of ``(epoch, index, micro-batches)``), made by
+    a background thread up to ``depth`` steps ahead: reading, bucketing and padding (and, with
+    ``pin``, pinning) the next step's batches overlap the current step instead of following it.
+    The thread never asks ``items`` for more than ``count`` (no epoch is started that no step
+    needs); an error there is raised here, at the step that needed the item."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in itertools.islice(items, count):
+                if pin:
+                    item = (*item[:2], _pinned(item[2]))
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(done)
+        except BaseException as error:  # noqa: BLE001 - handed to the training thread
+            ready.put(error)
+
+    thread = threading.Thread(target=produce, name="pinch-ray-batches", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 class _Reporter:
@@ -204,26 +284,27 @@ def train_loop_per_worker(config: dict) -> None:
     run, processor = _build(config, train_cfg, gate_cfg, world)
     progress = _resume(run, rank)
     if world > 1:
-        run.model = ray.train.torch.prepare_model(run.model, move_to_device=False)
+        run.model = data_parallel(run.model, run.device)
     per_epoch = batches_per_epoch(config["train_rows"], world, train_cfg.batch_size)
     if per_epoch < train_cfg.grad_accum_steps:
         raise ValueError(f"{config['train_rows']} training utterances give {per_epoch} batches of "
                          f"{train_cfg.batch_size} per worker, fewer than grad_accum_steps="
                          f"{train_cfg.grad_accum_steps}; lower training.batch_size or resources.num_workers")
     reporter = _Reporter(config, run, processor, train_cfg, rank, progress)
-    steps = _micro_batches(ray.train.get_dataset_shard("train"), train_cfg, per_epoch, progress,
-                           config["bucket_window_batches"])
+    steps = prefetch(_micro_batches(ray.train.get_dataset_shard("train"), train_cfg, per_epoch, progress,
+                                    config["bucket_window_batches"]),
+                     count=train_cfg.max_steps - run.step_count, pin=run.device.type == "cuda")
     trial = context.get_experiment_name()  # the run name: the trial's
     faults = debug.faults_for(trial, rank)
     trace = debug.StepTrace(trial, rank, ray.get_runtime_context().get_node_id())
-    while run.step_count < train_cfg.max_steps:
-        index, micro_batches = next(steps)
-        debug.maybe_fail(faults, run.step_count + 1, rank)
-        trace.step(run.step_count + 1, progress["epoch"], index, micro_batches)
-        metrics = run.step(micro_batches)
-        progress["batch_in_epoch"] = index + 1
-        if reporter.due(run.step_count):
-            reporter.report(metrics, final=run.step_count >= train_cfg.max_steps)
+    with contextlib.closing(steps):
+        for epoch, index, micro_batches in steps:
+            debug.maybe_fail(faults, run.step_count + 1, rank)
+            trace.step(run.step_count + 1, epoch, index, micro_batches)
+            metrics = run.step(micro_batches)
+            progress["epoch"], progress["batch_in_epoch"] = epoch, index + 1
+            if reporter.due(run.step_count):
+                reporter.report(metrics, final=run.step_count >= train_cfg.max_steps)
 
 
 def progress_line(name: str, metrics: dict, max_steps: int) -> str:
@@ -330,6 +411,10 @@ def resource_problems(resources: ResourcesConfig, cluster: dict[str, float]) -> 
                         f"{where['CPU']}, leaving none for Ray Data to stream the training data (the run would "
                         "hang); lower resources.cpus_per_worker (e.g. 0.5) or num_workers, " + grow.format("CPU"))
     gpus = workers * resources.gpus_per_worker
+    if resources.use_gpu and workers > 1 and resources.gpus_per_worker < 1:
+        problems.append(f"resources.gpus_per_worker: {resources.gpus_per_worker:g} with num_workers="
+                        f"{workers} lets Ray put two ranks of one run on one GPU, where NCCL fails (\"Duplicate "
+                        "GPU\"); set resources.gpus_per_worker=1, or num_workers=1 to share GPUs between trials")
     if resources.use_gpu and gpus > capacity["GPU"] + 1e-9:
         problems.append(f"resources: {workers} workers x {resources.gpus_per_worker:g} GPUs need {gpus:g} GPUs, "
                         f"more than {where['GPU']} (the run would wait forever); lower resources.num_workers or "
