@@ -178,13 +178,13 @@ def test_prepare_fails_clearly_without_usable_utterances(ray_cluster, corpus, tm
 
 
 def test_second_prepare_reuses_the_cache(prepared_train, corpus, cache_dir):
+    # (how fast a cache hit is: benchmarks/prepare_throughput.py's cache_hit_s; a clock here fails
+    # in a slow hour on a shared machine)
     shard_mtimes = {f: os.stat(f).st_mtime_ns for f in prepared_train.files}
-    started = time.perf_counter()
     again = prepare_split(corpus, "train", VOCAB, DataConfig(), cache_dir=cache_dir)
-    cached_seconds = time.perf_counter() - started
     assert again.from_cache and not prepared_train.from_cache and again.path == prepared_train.path
     assert {f: os.stat(f).st_mtime_ns for f in again.files} == shard_mtimes  # nothing rewritten
-    assert cached_seconds < 0.25 * prepared_train.report["seconds"], (cached_seconds, prepared_train.report)
+    assert again.report == prepared_train.report  # its own report, read back: no second preparation
     # other settings -> another key, a fresh run
     other = prepare_split(corpus, "train", VOCAB, DataConfig(max_duration_s=2.0), cache_dir=cache_dir)
     assert not other.from_cache and other.path != prepared_train.path

@@ -251,3 +251,52 @@ def test_a_model_with_more_weight_shapes_than_the_recompile_limit_stays_compiled
         masked, mask_sum = masks._SoftMaskedWeight.apply(weight, threshold, tau)
         (masked.sum() + mask_sum).backward()
     assert masks.compile_report() == {"variants": 24, "fallback": None}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU compile path: test_gates)")
+def test_compiled_gate_kernels_equal_eager_on_a_gpu():
+    """The GPU path (Inductor's Triton kernels, one graph per shape) against the eager math, on
+    CUDA tensors: a compiled kernel run on CPU tensors would test the CPU backend instead."""
+    from pinch_ray.core import masks
+
+    generator = torch.Generator().manual_seed(0)
+    weight, grad_out = (torch.randn(48, 144, generator=generator).cuda() for _ in range(2))
+    threshold, tau, grad_sum = (torch.tensor(value, device="cuda") for value in (0.8, 0.02, 0.3))
+    forward = masks._compiled_kernel(masks._soft_mask_forward, "cuda")
+    backward = masks._compiled_kernel(masks._soft_mask_backward, "cuda")
+    eager = masks._soft_mask_forward(weight, threshold, tau)
+    for a, b in zip(eager, forward(weight, threshold, tau)):
+        assert b.is_cuda
+        torch.testing.assert_close(a, b)
+    for regrow in (False, True):
+        for a, b in zip(masks._soft_mask_backward(grad_out, grad_sum, weight, threshold, eager[2], tau, regrow),
+                        backward(grad_out, grad_sum, weight, threshold, eager[2], tau, regrow)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_gives_the_fp32_loss_and_gradients_within_bf16_precision():
+    """What the GPU trains with, on the CPU's bf16: the same loss, threshold gradients and weight
+    gradients as fp32 to bf16's ~3 significant digits (finite alone would pass a wrong kernel)."""
+    from pinch_ray.core import gates
+
+    def loss_and_gradients(autocast: bool):
+        model, _ = load_model("tiny", **NO_RANDOMNESS, mask_time_prob=0.0)
+        found = gates.attach_gates(model, GateConfig(threshold_init=0.5))
+        model.train()
+        generator = torch.Generator().manual_seed(1)
+        audio, labels = torch.randn(2, 16_000, generator=generator), torch.randint(5, 32, (2, 8), generator=generator)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(audio, labels=labels).loss + gates.soft_sparsity(model)
+        loss.backward()
+        thresholds = torch.stack([gate.threshold.grad for gate in found.values()])
+        weights = torch.cat([p.grad.flatten() for name, p in model.named_parameters()
+                             if p.grad is not None and "threshold" not in name])
+        return loss.detach(), thresholds, weights
+
+    (loss, thresholds, weights), (loss_bf16, thresholds_bf16, weights_bf16) = (loss_and_gradients(False),
+                                                                               loss_and_gradients(True))
+    assert loss_bf16.dtype == torch.float32 and loss_bf16.item() == pytest.approx(loss.item(), rel=2e-2)
+    assert torch.all(thresholds_bf16 != 0)  # every gate learns
+    for full, half in ((thresholds, thresholds_bf16), (weights, weights_bf16)):
+        assert torch.nn.functional.cosine_similarity(full, half, dim=0) > 0.99
+        assert (half.norm() / full.norm()).item() == pytest.approx(1.0, abs=0.05)

@@ -154,13 +154,28 @@ def test_shared_scale_thresholds_move_by_their_own_gradients_where_adam_moves_al
 
 
 def test_gradient_accumulation_matches_one_big_batch():
+    """The gradients themselves, as the optimizers receive them (no clipping): one AdamW step is
+    scale-free, so a missing or doubled 1/n would pass a comparison of the weights after it."""
     big = next(random_batches(1, batch=4))
     halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
-    runs = [compressor("sspg", 0.5, steps=10, grad_accum_steps=g) for g in (1, 2)]
-    runs[0].step([big])
-    runs[1].step(halves)
-    for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    gradients = []
+    for accumulation, micro_batches in ((1, [big]), (2, halves)):
+        run = compressor("sspg", 0.5, steps=10, grad_accum_steps=accumulation, max_grad_norm=1e9)
+        seen = {}
+        for optimizer in run.optimizers:
+            def record(step=optimizer.step, optimizer=optimizer):
+                for group in optimizer.param_groups:
+                    seen.update({id(p): p.grad.clone() for p in group["params"] if p.grad is not None})
+                return step()
+            optimizer.step = record
+        run.step(micro_batches)
+        names = {id(p): name for name, p in run.model.named_parameters()}
+        gradients.append({names[key]: grad for key, grad in seen.items()})
+    one, accumulated = gradients
+    assert one.keys() == accumulated.keys() and any(name.endswith("threshold") for name in one)
+    for name, grad in one.items():
+        torch.testing.assert_close(accumulated[name], grad, atol=1e-7, rtol=1e-4, msg=name)
+    assert sum(float(g.norm()) for g in one.values()) > 1e-2  # gradients that a wrong scale would show in
 
 
 @pytest.mark.parametrize("threshold_update", ["adam", "shared"])
