@@ -3,6 +3,7 @@ reads it (and says how to rebuild it when it does not), the demo never evaluates
 trained on, and ``pinch-ray foundation ship`` writes one that loads."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -51,6 +52,11 @@ def test_every_shipped_foundation_names_the_pipeline_that_rebuilds_it(name):
     built = cfg.baseline_train_config()
     assert {key: getattr(built, key) for key in ("max_steps", "lr", "batch_size", "seed")} == {
         key: record["training"][key] for key in ("max_steps", "lr", "batch_size", "seed")}
+    # ... and a commit whose checkout rebuilds it: the one it was shipped from when that was clean,
+    # else one shown to train it alike (benchmarks/foundation_steps.py; docs/architecture.md)
+    assert re.fullmatch(r"[0-9a-f]{40}", record.get("rebuild_commit") or ""), record.get("rebuild_commit")
+    if record["code_version"].endswith("-dirty"):
+        assert record["rebuild_commit"][:7] in record["rebuild_commit_evidence"]
 
 
 @pytest.mark.parametrize("change", ["preset", "vocabulary", "corpus"])
@@ -111,6 +117,8 @@ def test_ship_writes_a_foundation_that_loads_by_name_and_a_failed_ship_keeps_the
     assert record["corpus"] == {"synth_utterances": 200, "synth_seed": 0, "train_split": "train",
                                 "eval_splits": ["dev", "test"]}
     assert record["training"]["max_steps"] == 3 and record["results"]["wer"]["test"] == 0.6
+    # the commit that rebuilds it: this checkout's, unless files it tracks have uncommitted changes
+    assert (record["rebuild_commit"] is None) == ("uncommitted" in record) == record["code_version"].endswith("-dirty")
     assert record["fingerprint"] == models.foundation_fingerprint("tiny", {"do_stable_layer_norm": True},
                                                                   {"synth_utterances": 200, "synth_seed": 0})
     monkeypatch.setattr(models, "FOUNDATIONS_DIR", dest)

@@ -26,15 +26,33 @@ from pinch_ray.pipeline.report import METRICS_FILE
 from pinch_ray.pipeline.stages import CONFIG_FILE
 
 
+def _git(*args: str) -> str | None:
+    """The output of ``git <args>`` in the checkout this package runs from, or None outside one."""
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).resolve().parent,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _code_version() -> str:
     """``git describe`` of the checkout this package runs from (``-dirty``: uncommitted changes),
     or the package version outside a git checkout."""
-    try:
-        described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
-                                   text=True, cwd=Path(__file__).resolve().parent, timeout=10, check=True)
-        return f"{__version__}+g{described.stdout.strip()}"
-    except (OSError, subprocess.SubprocessError):
-        return __version__
+    described = _git("describe", "--always", "--dirty", "--abbrev=12")
+    return f"{__version__}+g{described}" if described else __version__
+
+
+def _provenance() -> dict:
+    """``rebuild_commit``: the commit whose checkout rebuilds what is shipped now, or None when the
+    tracked files have uncommitted changes (``uncommitted`` lists them: commit them and ship again,
+    or show in ``rebuild_commit_evidence`` that they change nothing a foundation depends on, as
+    docs/architecture.md does for synth-tiny and synth-small)."""
+    changed = _git("status", "--porcelain", "--untracked-files=no")
+    if changed is None:
+        return {"rebuild_commit": None}
+    if changed:
+        return {"rebuild_commit": None, "uncommitted": sorted(line[3:] for line in changed.splitlines())}
+    return {"rebuild_commit": _git("rev-parse", "HEAD")}
 
 
 def ship(output_dir: str | Path, name: str | None = None, dest_root: str | Path | None = None) -> Path:
@@ -78,6 +96,7 @@ def ship(output_dir: str | Path, name: str | None = None, dest_root: str | Path 
         "corpus": {**corpus, "train_split": cfg.corpus.train_split, "eval_splits": list(cfg.corpus.eval_splits)},
         "training": dataclasses.asdict(cfg.baseline_train_config()),
         "code_version": _code_version(),
+        **_provenance(),
         "run_versions": metrics.get("versions", {}),
         "results": {key: metrics[key] for key in ("wer", "cer", "params_total", "training_seconds") if key in metrics},
         "fingerprint": models.foundation_fingerprint(cfg.model.init_from, dict(cfg.model.overrides), corpus),
@@ -111,7 +130,8 @@ espeak-ng corpus ({corpus["synth_utterances"]:,} utterances, seed {corpus["synth
 `{corpus["train_split"]}`): {training["max_steps"]:,} steps of {training["batch_size"]} utterances, peak
 learning rate {training["lr"]}. pinch_ray's synthetic pipelines compress it
 (`model.init_from: {record["name"]}`), as the paper pipelines compress a pre-trained checkpoint.
-Code version {record["code_version"]}; everything else in `{models.FOUNDATION_FILE}`.
+Code version {record["code_version"]}{"" if record.get("rebuild_commit") else " (not a clean commit: see `uncommitted`)"};
+everything else in `{models.FOUNDATION_FILE}`.
 
 | split | WER (%) | CER (%) |
 |---|---|---|
