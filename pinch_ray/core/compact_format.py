@@ -21,7 +21,7 @@ a model directory that stock transformers loads, without pinch_ray::
 
 Size at 65% of the gated weights: 1 bit + 0.35 x 2 bytes per gated weight (0.206x fp32) plus 2 bytes
 per ungated one; deflate then removes ~13% (fp16 exponents are far from uniform). Level 1: the codecs
-differ in time far more than in size (README, "The paper's setups on GPUs": finalize at full size).
+differ in time far more than in size (docs/benchmarks.md: finalize at full size).
 
 What comes back equals the export with its floating-point weights rounded to fp16 (a tensor beyond
 fp16's range kept as it was).

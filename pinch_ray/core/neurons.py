@@ -21,8 +21,8 @@ demo's setting (synth-tiny, 350 steps, 0.5 of all parameters), training reached 
 calibration cut the rest at once, 137% test WER. Each unit gate's threshold therefore starts just
 under its layer's lowest unit score (:data:`UNIT_THRESHOLD_START`), where the lowest units are
 inside the sigmoid; and the soft mask keeps a layer's best-scoring unit whole, as the hard mask
-does. The same run then trained to the target by itself and ended at 7.8% (README, "Smaller and
-faster"; dense 3.6%).
+does. The same run then trained to the target by itself and ended at 7.8% (docs/lab-notebook.md,
+"Smaller and faster"; dense 3.6%).
 
 With a cold mask the sigmoid's band is narrow: at the starting threshold 3 of synth-tiny's 576
 first-layer neurons are inside it, so the loss says nothing about the others until the threshold
