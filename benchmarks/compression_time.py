@@ -1,8 +1,9 @@
-"""One-pass compression (sspg) against the two-stage recipe: the time each needs to reach a common
-quality, over seeds.
+"""One-pass compression (sspg, and the peers asked for with ``--peers``) against the two-stage
+recipe: the time each needs to reach a common quality, over seeds.
 
 Prints one JSON object:
-    {"ratio_mean": ..., "ratio_std": ..., "ratios": [...], "seeds": [...], "runs": [{per seed}], ...}
+    {"ratio_mean": ..., "ratio_std": ..., "ratios": [...], "seeds": [...], "runs": [{per seed}],
+     "peers": {"gmp": {"ratio_vs_sspg_mean": ..., ...}}, ...}
 
 From the same starting model (where the pipeline's compression trials start: by default the demo's
 shipped foundation ``synth-tiny``), per seed:
@@ -12,6 +13,8 @@ shipped foundation ``synth-tiny``), per seed:
   The gate settings are the pipeline's ``gates`` (its ramp replaced by ``--ramp-steps``).
 - **two stage**: dense fine-tuning until dev WER stops improving, then ``ump`` (every gated matrix
   pruned to the target by |W|) and fine-tuning with the mask fixed until dev WER stops improving.
+- **peers** (``--peers gmp movement parp``): each one pass as sspg, under the same ramp (parp is at
+  the target from its first step), the same stopping rule and the same clock.
 
 Every stage uses the same constant learning rate after the same warm-up, evaluates the dev split
 every ``--eval-every`` steps and stops after ``--patience`` evaluations without a new best of the
@@ -20,9 +23,11 @@ against its cumulative training seconds (evaluation excluded; the two-stage cloc
 dense stage; only compressed models count: sspg after its ramp, two-stage in its second stage).
 Seconds are CPU seconds of this process by default (``--clock cpu``: other work on a shared machine
 barely moves them; ``--clock wall`` for elapsed time).
-The figure is **time to a common quality**: the worse arm's best smoothed dev WER, and the seconds
-each arm took to first reach it; ``ratio`` = one pass / two stage. So where a stopping rule happens
-to end a run no longer decides the result. Test WERs are of each arm's kept (best) model.
+The figure is **time to a common quality**: the worst arm's best smoothed dev WER, and the seconds
+each arm took to first reach it (:func:`seconds_to_common_quality`); ``ratio`` = one pass / two
+stage, and per peer its seconds / sspg's (below 1: the peer reaches that quality sooner). So where a
+stopping rule happens to end a run no longer decides the result. Test WERs are of each arm's kept
+(best) model.
 Runs in this process on the core API (no Ray), ``--threads`` torch threads.
 
     pinch-ray run pipelines/demo.yaml --only prepare    # once: the corpus and its prepared shards
@@ -78,7 +83,7 @@ class Stage:
                                      decay_fraction=0.0, threshold_lr=2.0 / args.ramp_steps, seed=args.seed)
         gate_cfg = dataclasses.replace(gates, target_warmup_fraction=args.ramp_steps / args.max_steps)
         self.run = Compressor.create(model, method, target, self.train_cfg, gate_cfg)
-        self.min_steps = args.ramp_steps if method == "sspg" else 0
+        self.min_steps = args.ramp_steps if method in ("sspg", "gmp", "movement") else 0  # at the target after
 
     def batches(self):
         epoch = 0
@@ -104,7 +109,7 @@ class Stage:
                 best, best_state, best_step = wer, copy.deepcopy(self.run.unwrapped.state_dict()), self.run.step_count
             recent = (recent + [wer])[-self.args.smooth:]
             smoothed = sum(recent) / len(recent)
-            curve.append([self.run.step_count, round(seconds, 2), round(wer, 4), round(smoothed, 4)])
+            curve.append([self.run.step_count, seconds, wer, smoothed])  # unrounded: the quality is read from it
             if smoothed < best_smoothed:
                 best_smoothed, stale = smoothed, 0
             else:
@@ -114,7 +119,7 @@ class Stage:
         self.run.unwrapped.load_state_dict(best_state)
         finish = self.run.finish()  # sspg: calibrated if the hard sparsity misses the target
         return {"seconds": seconds, "steps": self.run.step_count, "best_step": best_step, "dev_wer": best,
-                "best_smoothed": best_smoothed, "sparsity": finish["achieved_sparsity"], "curve": curve}
+                "sparsity": finish["achieved_sparsity"], "curve": curve}
 
 
 # cpu: the CPU seconds this process spends (all its threads), which other work on a shared machine
@@ -125,7 +130,26 @@ CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 def seconds_to_reach(curve: list, quality: float, offset: float = 0.0) -> float | None:
     """The cumulative seconds (plus ``offset``) at which a ``[step, seconds, wer, smoothed]`` curve's
     smoothed dev WER first reaches ``quality`` or better; None if it never does."""
-    return next((offset + seconds for _, seconds, _, smoothed in curve if smoothed <= quality + 1e-12), None)
+    return next((offset + seconds for _, seconds, _, smoothed in curve if smoothed <= quality), None)
+
+
+def seconds_to_common_quality(arms: dict[str, tuple[list, float]]) -> tuple[float, dict[str, float]]:
+    """``(quality, {arm: seconds})`` for arms ``{name: (curve, offset seconds)}``: the quality is the
+    worst arm's best smoothed dev WER, read from the curves themselves, so every arm reaches it
+    (a plateau kept apart from its curve, rounded, could miss it: the benchmark once crashed so).
+
+    Raises:
+        ValueError: an arm has an empty curve (it never got past its ramp).
+    """
+    empty = [name for name, (curve, _) in arms.items() if not curve]
+    if empty:
+        raise ValueError(f"arms {empty} recorded no dev WER after their ramp; raise --max-steps")
+    quality = max(min(point[3] for point in curve) for curve, _ in arms.values())
+    return quality, {name: seconds_to_reach(curve, quality, offset) for name, (curve, offset) in arms.items()}
+
+
+def rounded_curve(curve: list) -> list:
+    return [[step, round(seconds, 2), round(wer, 4), round(smoothed, 4)] for step, seconds, wer, smoothed in curve]
 
 
 def main() -> None:
@@ -147,6 +171,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one pair of arms per seed")
+    parser.add_argument("--peers", nargs="*", default=[], choices=["gmp", "movement", "parp"],
+                        help="one-pass peers timed beside sspg (each one arm more per seed)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
                         help="training seconds as CPU time of this process (default: robust to other load) "
                              "or wall time")
@@ -184,20 +210,35 @@ def main() -> None:
         dense = stage("two-stage 1/2 dense", model, "dense", 0.0).train()
         pruned = stage("two-stage 2/2 ump", model, "ump", args.target)
         ump = pruned.train()
+        peer_arms, peer_models = {}, {}
+        for method in args.peers:
+            peer_models[method], _ = fresh()
+            peer_arms[method] = stage(f"one-pass {method}", peer_models[method], method, args.target).train()
         with torch.no_grad():
             one_test = score(transcribe_rows(one_model, processor, test_rows, batch_size=32))
             two_test = score(transcribe_rows(pruned.run.model, processor, test_rows, batch_size=32))
-        quality = max(one["best_smoothed"], ump["best_smoothed"])  # the worse arm's plateau: both reach it
-        one_s = seconds_to_reach(one["curve"], quality)
-        two_s = seconds_to_reach(ump["curve"], quality, offset=dense["seconds"])
+            peer_tests = {method: score(transcribe_rows(peer_models[method], processor, test_rows, batch_size=32))
+                          for method in args.peers}
+        quality, reached = seconds_to_common_quality(
+            {"sspg": (one["curve"], 0.0), "two-stage": (ump["curve"], dense["seconds"]),
+             **{method: (arm["curve"], 0.0) for method, arm in peer_arms.items()}})
+        one_s, two_s = reached["sspg"], reached["two-stage"]
+        peers = {method: {"s_to_quality": round(reached[method], 1), "ratio_vs_sspg": round(reached[method] / one_s, 3),
+                          "ratio_vs_two_stage": round(reached[method] / two_s, 3), "s_total": round(arm["seconds"], 1),
+                          "best_smoothed_dev_wer": round(min(p[3] for p in arm["curve"]), 4),
+                          "wer": round(peer_tests[method].wer, 4),
+                          "word_errors": round(peer_tests[method].wer * peer_tests[method].num_words),
+                          "sparsity": round(arm["sparsity"], 4), "steps": arm["steps"],
+                          "dev_curve": rounded_curve(arm["curve"])}
+                 for method, arm in peer_arms.items()}
         return {
-            "seed": seed, "common_dev_wer": round(quality, 4),
+            "seed": seed, "common_dev_wer": round(quality, 4), "peers": peers,
             "one_pass_s_to_quality": round(one_s, 1), "two_stage_s_to_quality": round(two_s, 1),
             "ratio": round(one_s / two_s, 3),
             "one_pass_s_total": round(one["seconds"], 1),
             "two_stage_s_total": round(dense["seconds"] + ump["seconds"], 1),
-            "one_pass_best_smoothed_dev_wer": round(one["best_smoothed"], 4),
-            "two_stage_best_smoothed_dev_wer": round(ump["best_smoothed"], 4),
+            "one_pass_best_smoothed_dev_wer": round(min(p[3] for p in one["curve"]), 4),
+            "two_stage_best_smoothed_dev_wer": round(min(p[3] for p in ump["curve"]), 4),
             "one_pass_wer": round(one_test.wer, 4), "two_stage_wer": round(two_test.wer, 4),
             # the WERs as word error counts over the same reference words: ties are exact
             "one_pass_word_errors": round(one_test.wer * one_test.num_words),
@@ -205,12 +246,19 @@ def main() -> None:
             "one_pass_sparsity": round(one["sparsity"], 4), "two_stage_sparsity": round(ump["sparsity"], 4),
             "one_pass_steps": one["steps"], "two_stage_steps": [dense["steps"], ump["steps"]],
             # [step, cumulative training seconds, dev WER, smoothed dev WER]; two-stage: + its dense stage
-            "one_pass_dev_curve": one["curve"], "two_stage_dense_seconds": round(dense["seconds"], 1),
-            "two_stage_dev_curve": ump["curve"],
+            "one_pass_dev_curve": rounded_curve(one["curve"]), "two_stage_dense_seconds": round(dense["seconds"], 1),
+            "two_stage_dev_curve": rounded_curve(ump["curve"]),
         }
 
     runs = [run_seed(seed) for seed in args.seeds]
     ratios = [run["ratio"] for run in runs]
+    peers = {}
+    for method in args.peers:
+        vs_sspg = [run["peers"][method]["ratio_vs_sspg"] for run in runs]
+        peers[method] = {"ratio_vs_sspg_mean": round(statistics.fmean(vs_sspg), 3),
+                         "ratio_vs_sspg_std": round(statistics.stdev(vs_sspg), 3) if len(vs_sspg) > 1 else 0.0,
+                         "ratios_vs_sspg": vs_sspg,
+                         "word_errors": sum(run["peers"][method]["word_errors"] for run in runs)}
     print(json.dumps({
         "ratio_mean": round(statistics.fmean(ratios), 3),
         "ratio_std": round(statistics.stdev(ratios), 3) if len(ratios) > 1 else 0.0,
@@ -219,7 +267,7 @@ def main() -> None:
                                          / sum(r["two_stage_s_to_quality"] for r in runs), 3),
         "one_pass_word_errors": sum(r["one_pass_word_errors"] for r in runs),
         "two_stage_word_errors": sum(r["two_stage_word_errors"] for r in runs),
-        "seeds": args.seeds, "target_sparsity": args.target, "target_basis": "params", "start": start,
+        "peers": peers, "seeds": args.seeds, "target_sparsity": args.target, "target_basis": "params", "start": start,
         "test_utterances": len(test_rows), "dev_utterances": len(dev_rows), "eval_every": args.eval_every,
         "patience": args.patience, "smooth": args.smooth, "threads": args.threads, "clock": args.clock,
         "runs": runs,

@@ -264,7 +264,8 @@ def test_seeds_and_the_two_stage_baseline_from_a_pretrained_start(ray_cluster, t
     the sweep trains a dense reference per seed (the baseline stage none), every (method, target)
     runs once per seed, two-stage prunes the finished dense run of its seed (second wave) and its
     time includes it; summary.md pools each group's seeds against their own references. (sspg from
-    a pre-trained start runs in test_real_size; one method here keeps this run to four trials.)"""
+    a pre-trained start runs in test_real_size; one method here keeps this run to four trials.)
+    Then an ablation reuses those dense references (sweep.dense_from) for sspg beside a peer."""
     no_foundation = {key: value for key, value in TINY.items() if key != "baseline_training"}  # nothing uses it
     spec = {**no_foundation, "output_dir": str(tmp_path / "out"), "data": {"cache_dir": str(tmp_path / "cache")},
             "corpus": {**TINY["corpus"], "root": str(tmp_path / "corpus")},
@@ -276,6 +277,7 @@ def test_seeds_and_the_two_stage_baseline_from_a_pretrained_start(ray_cluster, t
     cfg = load_pipeline(tmp_path / "p.yaml")
     outputs = stages.run(cfg)
     out = Path(cfg.output_dir)
+    outputs_first = outputs["compress"]
     assert outputs["baseline"] == {}
     assert sorted(outputs["compress"]) == ["dense-seed0", "dense-seed1", "two-stage-0.5-seed0", "two-stage-0.5-seed1"]
     runs = {name: json.loads((Path(path) / "train_result.json").read_text())
@@ -300,3 +302,24 @@ def test_seeds_and_the_two_stage_baseline_from_a_pretrained_start(ray_cluster, t
         wers = [json.loads((out / f"{group['trial']}-seed{k}" / METRICS_FILE).read_text())["wer"]["dev"] for k in (0, 1)]
         assert group["wer_mean"]["dev"] == pytest.approx(sum(wers) / 2)
     assert "## Over seeds" in (out / "summary.md").read_text()
+
+    # An ablation beside it reuses its dense references (sweep.dense_from): sspg and a peer (movement)
+    # at the same target, compared with each other seed by seed; no dense run is trained here.
+    ablation = {**spec, "name": "ablation", "output_dir": str(tmp_path / "ablation"),
+                "sweep": {**spec["sweep"], "methods": ["sspg", "movement"], "dense_from": str(out)}}
+    (tmp_path / "ablation.yaml").write_text(yaml.safe_dump(ablation))
+    outputs = stages.run(load_pipeline(tmp_path / "ablation.yaml"))
+    for k in (0, 1):
+        assert outputs["compress"][f"dense-seed{k}"] == outputs_first[f"dense-seed{k}"]  # the earlier run's
+    assert not (tmp_path / "ablation" / RUNS_DIR / "dense-seed0").exists()
+    summary = json.loads((tmp_path / "ablation" / "summary.json").read_text())
+    assert [(e["method"], e["seeds"]) for e in summary["peers"]] == [("sspg", [0, 1]), ("movement", [0, 1])]
+    assert set(summary["peers"][1]["p_value_pooled_vs_sspg"]) == {"dev"}
+    movement = json.loads((tmp_path / "ablation" / "movement-0.5-seed1" / METRICS_FILE).read_text())
+    assert movement["dense_reference"] == "dense-seed1" and abs(movement["achieved_sparsity"] - 0.5) < 1e-5
+    # a reference trained with other settings there is refused before anything trains
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump({**ablation, "output_dir": str(tmp_path / "changed"),
+                                                          "training": {**spec["training"], "lr": 0.01}}))
+    with pytest.raises(SettingsChangedError, match=r"sweep\.dense_from: trial dense-seed0: a finished run .*lr"):
+        stages.run(load_pipeline(tmp_path / "changed.yaml"))
+    assert not (tmp_path / "changed" / RUNS_DIR).exists()

@@ -221,8 +221,10 @@ def test_summary_lists_complete_trials_in_one_table_and_plots(tmp_path):
     assert [m["trial"] for m in summary["trials"]] == ["dense", "ump-0.65", "sspg-0.5", "sspg-0.65"]
     assert summary["plot_split"] == "test"
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    table = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("|")]
+    text = (tmp_path / "summary.md").read_text()
+    table = [line for line in text.split("\n## ")[0].splitlines() if line.startswith("|")]
     assert len(table) == 2 + 4  # header, separator, one row per complete trial
+    assert "## Peers" in text  # sspg and ump at 0.65 (one run each) side by side
     assert "WER test (%)" in table[0] and "p vs dense test" in table[0]
     assert "| sspg-0.65 | sspg | 0.65 | 0.650 | 60.0 | 2.50x | 0.400 / 1.000 | 7.10 | 8.10 | 0.21 | 0.21 | 60 |" in table
     assert "| sspg-0.5 | sspg | 0.5 (gated) | 0.500 | 45.0 | 1.82x |" in table[4]  # an older run's basis
@@ -266,3 +268,39 @@ def test_summary_pools_trials_repeated_over_seeds(tmp_path):
 def test_summary_without_trials_says_so(tmp_path):
     with pytest.raises(ValueError, match="no complete trial"):
         report.write_summary(tmp_path)
+
+
+def test_summary_compares_every_method_with_sspg_at_its_target_over_the_seeds_both_ran(tmp_path):
+    """The peers table: gmp against sspg seed by seed (MAPSSWE pooled), time per method; a method at
+    a target sspg did not run (ump-0.5) has nothing to be compared with."""
+    U = scoring.Utterance
+    references = ["THE CAT SAT", "ON A MAT", "WITH ITS HAT"]
+    hypotheses = {"dense-seed0": references, "dense-seed1": references,
+                  "sspg-0.65-seed0": ["THE CAT SAT", "ON A BAT", "WITH ITS HAT"],
+                  "sspg-0.65-seed1": ["THE BAT SAT", "ON A MAT", "WITH ITS HAT"],
+                  "gmp-0.65-seed0": ["THE BAT SAT", "ON A BAT", "WITH A HAT"],
+                  "gmp-0.65-seed1": ["THE BAT SAT", "ON A BAT", "WITH ITS HAT"],
+                  "ump-0.5": ["THE CAT SAT", "ON A MAT", "WITH ITS HAT"]}
+    for trial, texts in hypotheses.items():
+        method, target = ("dense", 0.0) if trial.startswith("dense") else (trial.split("-")[0], float(trial.split("-")[1]))
+        seed = int(trial[-1]) if "seed" in trial else None
+        metrics = {**fake_metrics(trial, method, target, 400_000, jiwer.wer(references, texts), None), "seed": seed,
+                   "compression_seconds": 100.0 if method == "gmp" else 60.0}
+        (tmp_path / trial / "hypotheses").mkdir(parents=True)
+        (tmp_path / trial / "metrics.json").write_text(json.dumps(metrics))
+        for split in ("dev", "test"):
+            scoring.write_hypotheses(tmp_path / trial / "hypotheses" / f"{split}.txt",
+                                      [U(f"u{i}", r, h) for i, (r, h) in enumerate(zip(references, texts))])
+    summary = report.write_summary(tmp_path)
+    entries = {entry["method"]: entry for entry in summary["peers"]}
+    assert [entry["method"] for entry in summary["peers"]] == ["sspg", "gmp"]  # sspg first; ump-0.5 alone
+    gmp = entries["gmp"]
+    assert gmp["seeds"] == [0, 1] and gmp["wer_mean"]["test"] == pytest.approx((3 / 9 + 2 / 9) / 2)
+    pairs = [([U(f"u{i}", r, h) for i, (r, h) in enumerate(zip(references, hypotheses[f"gmp-0.65-seed{k}"]))],
+              [U(f"u{i}", r, h) for i, (r, h) in enumerate(zip(references, hypotheses[f"sspg-0.65-seed{k}"]))])
+             for k in (0, 1)]
+    assert gmp["p_value_pooled_vs_sspg"]["test"] == pytest.approx(scoring.compare_pooled(pairs).p_value)
+    assert entries["sspg"]["p_value_pooled_vs_sspg"] == {} and gmp["compression_seconds_mean"] == 100.0
+    text = (tmp_path / "summary.md").read_text()
+    assert "## Peers" in text and "| 0.65 | sspg | 0, 1 | 60.0 | 10.11 ± 0.00 | 11.11 ± 0.00 | (reference) | (reference) | 60 |" in text
+    assert "| 0.65 | gmp | 0, 1 | 60.0 | 26.78 ± 7.86 | 27.78 ± 7.86 |" in text

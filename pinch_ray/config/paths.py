@@ -11,7 +11,8 @@ from pinch_ray.storage import local_path
 def check_paths(cfg: PipelineConfig) -> list[str]:
     """Problems a run of ``cfg`` would hit on disk before starting; nothing is created.
 
-    A local ``corpus.root`` must be a directory, unless the synthetic corpus is to be generated
+    ``sweep.dense_from`` must be the output directory of a run (its ``pipeline.yaml``). A local
+    ``corpus.root`` must be a directory, unless the synthetic corpus is to be generated
     there (``corpus.synth_utterances`` > 0), when it must be creatable. ``output_dir`` and
     ``data.cache_dir`` must be writable directories or creatable: their nearest existing ancestor
     is a writable directory. Object-store URIs are not checked.
@@ -27,6 +28,12 @@ def check_paths(cfg: PipelineConfig) -> list[str]:
                        "the synthetic corpus there")
         else:
             out += _writable_problems("corpus.root", root)
+    if cfg.sweep.dense_from:
+        source = local_path(cfg.sweep.dense_from)
+        if source is None or not os.path.isfile(os.path.join(source, "pipeline.yaml")):
+            out.append(f"sweep.dense_from: {cfg.sweep.dense_from} is not the local output_dir of a pinch-ray run "
+                       "(no pipeline.yaml in it); name the output_dir of the run whose dense references to "
+                       "reuse, or remove sweep.dense_from to train them here")
     for key, path in (("output_dir", cfg.output_dir), ("data.cache_dir", cfg.data.cache_dir),
                       ("storage_path", cfg.storage_path)):
         local = local_path(path)

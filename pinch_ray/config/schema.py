@@ -22,12 +22,18 @@ from pinch_ray.storage import join as storage_join
 # fine-tuning with the mask fixed; two-stage: the same, starting from the finished dense trial (the
 # paper's two-stage baseline: its time includes the dense run's); sspg: self-pinching gates at
 # gates.granularity; sspg-neuron: sspg with granularity neuron, so one sweep can hold both.
+# The strong peers of sspg, one pass each (pinch_ray.core.peers): gmp, gradual magnitude pruning
+# (cubic schedule, Zhu & Gupta 2017); movement, movement pruning with learned scores (Sanh et al.
+# 2020); parp, prune-adjust-re-prune (Lai et al. 2021).
 DENSE = "dense"  # the method that prunes nothing, and the name of its trial: the dense reference
-METHODS = (DENSE, "ump", "two-stage", "sspg", "sspg-neuron")
+METHODS = (DENSE, "ump", "two-stage", "sspg", "sspg-neuron", "gmp", "movement", "parp")
 SSPG_METHODS = ("sspg", "sspg-neuron")
 MAGNITUDE_METHODS = ("ump", "two-stage")  # fixed masks from |W|, uniform per gated matrix
+RANKED_METHODS = ("gmp", "movement", "parp")  # masks re-ranked while training (GateConfig.mask_ranking)
+MASK_RANKINGS = ("global", "layer")  # GateConfig.mask_ranking
 GRANULARITIES = ("weight", "neuron")
 THRESHOLD_UPDATES = ("adam", "shared")  # GateConfig.threshold_update
+THRESHOLD_SCHEDULES = ("lr", "constant")  # GateConfig.threshold_schedule
 NEURON_UNITS = ("ffn", "heads", "conv")
 MAX_TARGET_SPARSITY = 0.99
 # What a target sparsity is a fraction of. params: every parameter of the model (the paper's
@@ -144,13 +150,34 @@ class GateConfig:
     # 0.5 points). Both values are reported.
     calibrate: bool = True
     calibration_tolerance: float = 0.005  # see calibrate (fraction of the gated weights)
+    # Gradient clipping of the thresholds (L2 norm over all of them; 0: none). The weights are
+    # clipped alone (training.max_grad_norm): clipped together, the thresholds' gradients, which carry
+    # the sparsity term, took most of the norm while the Lagrangian was active and shrank every
+    # weight's step exactly while pruning happened.
+    threshold_max_grad_norm: float = 0.0
+    # The thresholds' learning-rate schedule. lr: the weights' (warm-up, hold, cosine decay); constant:
+    # their full rate from the first step to the last, so they move as fast where the target ramps
+    # fastest (the start) and where lambda_1 closes the last gap (the end).
+    threshold_schedule: str = "lr"
+    # sspg (weight granularity): scale each gated weight's optimizer update by its soft mask, so a
+    # weight under its threshold moves less (AdamW's normalisation otherwise gives the masked gradient
+    # g * M a full-sized step and the pinching never reaches the update).
+    masked_update: bool = False
+    # gmp, movement, parp: how the masks are ranked. global: one ranking over every gated matrix (the
+    # layers' sparsities differ); layer: each matrix at the target fraction (as ump).
+    mask_ranking: str = "global"
+    # gmp, movement, parp: optimizer steps between mask updates (gmp and movement follow a cubic
+    # schedule from 0 to the target over target_warmup_fraction of training; parp re-prunes to the
+    # target). The last update is at the end of the ramp (gmp) or of training (movement, parp).
+    mask_update_every: int = 10
 
     def for_method(self, method: str) -> "GateConfig":
-        """These settings as a trial of ``method`` uses them: sspg-neuron at granularity neuron; ump
-        and two-stage at weight granularity over the patterns alone (no conv layers)."""
+        """These settings as a trial of ``method`` uses them: sspg-neuron at granularity neuron; ump,
+        two-stage and the peers (gmp, movement, parp) at weight granularity over the patterns alone
+        (no conv layers: one layer set for the magnitude-based methods)."""
         if method == "sspg-neuron":
             return dataclasses.replace(self, granularity="neuron")
-        if method in MAGNITUDE_METHODS:
+        if method in MAGNITUDE_METHODS + RANKED_METHODS:
             return dataclasses.replace(self, granularity="weight", gate_feature_encoder=False, gate_pos_conv=False)
         return self
 
@@ -185,6 +212,17 @@ class GateConfig:
             out.append(f"{prefix}.granularity: {self.granularity!r}; use {' or '.join(GRANULARITIES)}")
         if not self.unit_noise >= 0:
             out.append(f"{prefix}.unit_noise: must be >= 0 (got {self.unit_noise}); 0 turns the noise off")
+        if not self.threshold_max_grad_norm >= 0:
+            out.append(f"{prefix}.threshold_max_grad_norm: must be >= 0 (0: the thresholds are not clipped), "
+                       f"got {self.threshold_max_grad_norm!r}")
+        if self.threshold_schedule not in THRESHOLD_SCHEDULES:
+            out.append(f"{prefix}.threshold_schedule: {self.threshold_schedule!r}; use "
+                       f"{' or '.join(THRESHOLD_SCHEDULES)}")
+        if self.mask_ranking not in MASK_RANKINGS:
+            out.append(f"{prefix}.mask_ranking: {self.mask_ranking!r}; use {' or '.join(MASK_RANKINGS)}")
+        if not isinstance(self.mask_update_every, int) or self.mask_update_every < 1:
+            out.append(f"{prefix}.mask_update_every: must be a positive integer (got {self.mask_update_every!r}); "
+                       "it is the optimizer steps between mask updates")
         bad_units = [unit for unit in self.neuron_units if unit not in NEURON_UNITS]
         if (self.neuron_units != ["auto"] and (bad_units or not self.neuron_units
                                                or len(set(self.neuron_units)) != len(self.neuron_units))):
@@ -501,7 +539,7 @@ class ModelConfig:
 class SweepConfig:
     """The compression trials (Ray Tune): every method at each of its target sparsities."""
 
-    # sspg / sspg-neuron / ump / two-stage (dense is the baseline: dense_baseline)
+    # sspg / sspg-neuron / ump / two-stage / gmp / movement / parp (dense is the baseline: dense_baseline)
     methods: list[str] = field(default_factory=lambda: ["sspg", "ump"])
     # Fractions to remove (of all parameters, see target_basis); one trial per (method, target).
     target_sparsities: list[float] = field(default_factory=lambda: [0.5, 0.65, 0.75])
@@ -520,6 +558,11 @@ class SweepConfig:
     # against its own reference. []: one trial each at training.seed, no seed in its name.
     seeds: list[int] = field(default_factory=list)
     max_concurrent_trials: int = 0  # trials running at once; 0: as many as the cluster's resources allow
+    # The output_dir of an earlier run whose finished dense references (dense, dense-seed<k>) this
+    # sweep reuses instead of training them again, e.g. an ablation beside pipelines/peers.yaml's run
+    # (sweep.dense_from=runs/peers). Each must have been trained with this run's settings (the same
+    # start, corpus, training); one that is missing there is trained here. "": train them here.
+    dense_from: str = ""
     # Compression trials start from the dense baseline's fine-tuned weights (trial "foundation";
     # needs dense_baseline) instead of model.init_from: for a model that has not learned the task
     # yet, such as a tiny preset's random weights (pipelines/from_scratch.yaml). Every pipeline that

@@ -1,11 +1,13 @@
-"""The compression step: the methods (``dense``, ``ump``, ``two-stage``, ``sspg``, ``sspg-neuron``)
-and :class:`Compressor`, which trains a model under one of them.
+"""The compression step: the methods (``dense``, ``ump``, ``two-stage``, ``sspg``, ``sspg-neuron``, and
+the peers ``gmp``, ``movement``, ``parp`` of :mod:`pinch_ray.core.peers`) and :class:`Compressor`,
+which trains a model under one of them.
 
 Everything here runs in a plain Python process (no Ray); the Ray Train worker
 (:mod:`pinch_ray.pipeline.worker`) wraps :class:`Compressor`.
 One optimizer step = ``grad_accum_steps`` micro-batches of CTC loss (+ the sparsity Lagrangian for
 ``sspg``, + distillation from the starting model, :mod:`pinch_ray.core.distill`), gradient
-clipping, AdamW, the learning-rate schedule, and the temperature schedule.
+clipping (the weights alone; the thresholds apart, ``gates.threshold_max_grad_norm``), AdamW, the
+learning-rate schedule, the temperature schedule (sspg) and the mask schedule (the peers).
 
 A micro-batch is a dict of tensors: ``input_values`` [B, T] float32 (16 kHz audio),
 ``attention_mask`` [B, T] int64 (1 = real sample) and ``labels`` [B, L] int64 (padding = -100).
@@ -23,9 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pinch_ray.config import (DENSE, MAGNITUDE_METHODS, MAX_TARGET_SPARSITY, SSPG_METHODS, ConfigError, GateConfig,
-                              TrainConfig, raise_if_problems, target_sparsity_problems)
+from pinch_ray.config import (DENSE, MAGNITUDE_METHODS, MAX_TARGET_SPARSITY, RANKED_METHODS, SSPG_METHODS,
+                              ConfigError, GateConfig, TrainConfig, raise_if_problems, target_sparsity_problems)
 from pinch_ray.core import gates as gates_lib
+from pinch_ray.core import peers
+from pinch_ray.core.masks import ThresholdGate
 from pinch_ray.core.distill import Distiller
 from pinch_ray.core.models import total_parameters
 
@@ -68,8 +72,8 @@ def keep_freed_cpu_memory() -> bool:
 GATE_MORE = {
     "sspg": "gate more layers (gates.patterns; gates.gate_feature_encoder and gate_pos_conv, if off)",
     "sspg-neuron": "gate more kinds of units (gates.neuron_units)",
-    **{method: "give it more layers (gates.patterns: ump and two-stage prune those alone, no conv layer)"
-       for method in MAGNITUDE_METHODS},
+    **{method: f"give it more layers (gates.patterns: {method} prunes those alone, no conv layer)"
+       for method in MAGNITUDE_METHODS + RANKED_METHODS},
 }
 
 
@@ -96,8 +100,8 @@ def gated_target(target_sparsity: float, target_basis: str, params_total: int, p
 
 def prepare_method(model: nn.Module, method: str, target_sparsity: float, gate_cfg: GateConfig,
                    target_basis: str = "params") -> tuple[float, int, int]:
-    """Make ``model`` ready for ``method``: attach gates (sspg), fixed masks (ump, two-stage) or
-    nothing (dense).
+    """Make ``model`` ready for ``method``: attach gates (sspg), fixed masks (ump, two-stage), masks
+    that training re-ranks (gmp, movement, parp: all ones until the first update) or nothing (dense).
 
     Returns ``(gated target, parameters of the model, parameters the gates act on)``: the gated
     target is the fraction of the gated parameters to remove (:func:`gated_target`); a neuron gate
@@ -114,13 +118,17 @@ def prepare_method(model: nn.Module, method: str, target_sparsity: float, gate_c
     if method in SSPG_METHODS:
         attached = gates_lib.attach_gates(model, gate_cfg)
         params_gated = sum(gate.numel for gate in attached.values())
-    elif method in MAGNITUDE_METHODS:
-        params_gated = sum(m.weight.numel() for m in gates_lib.select_modules(model, gate_cfg.all_patterns()).values())
+    elif method in MAGNITUDE_METHODS + RANKED_METHODS:
+        selected = gates_lib.select_modules(model, gate_cfg.all_patterns())
+        params_gated = sum(m.weight.numel() for m in selected.values())
     else:
         return 0.0, params_total, 0
     target = gated_target(target_sparsity, target_basis, params_total, params_gated, method)
     if method in MAGNITUDE_METHODS:
         gates_lib.attach_uniform_masks(model, gate_cfg, target)
+    elif method in RANKED_METHODS:
+        gates_lib.check_not_gated(model)
+        peers.attach_ranked_masks(model, method, selected)
     return target, params_total, params_gated
 
 
@@ -175,15 +183,17 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig,
                      gate_cfg: GateConfig) -> tuple[torch.optim.AdamW, torch.optim.Optimizer | None]:
     """The model weights' AdamW (groups ``weights`` and ``no_decay``: vectors and norms undecayed)
     and the thresholds' optimizer (None without gates): AdamW, or :class:`SharedScaleAdam` with
-    ``gate_cfg.threshold_update: shared``, at ``effective_threshold_lr``, no decay.
+    ``gate_cfg.threshold_update: shared``, at ``effective_threshold_lr``, no decay. Movement scores
+    belong to neither (:func:`pinch_ray.core.peers.accumulate_movement` steps them).
 
     The weights' AdamW is the fused implementation where torch has one for every parameter's device
     (CPU and CUDA): one kernel over all tensors instead of a Python loop over each.
     """
     threshold_ids = {id(g.threshold) for g in gates_lib.gates_of(model)}
+    score_ids = {id(p) for p in peers.score_parameters(model)}
     groups = {"weights": [], "no_decay": [], "thresholds": []}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or id(param) in score_ids:
             continue
         if id(param) in threshold_ids:
             groups["thresholds"].append(param)
@@ -236,6 +246,7 @@ class Compressor:
     autocast_dtype: torch.dtype | None = None
     use_attention_mask: bool = True  # pass attention_mask to the model (False for group-norm wav2vec2-base)
     distiller: Distiller | None = None  # the starting model as teacher (training.distill_*), or None
+    mask_schedule: peers.MaskSchedule | None = None  # gmp, movement, parp: when their masks are re-ranked
 
     @classmethod
     def create(cls, model: nn.Module, method: str, target_sparsity: float, train_cfg: TrainConfig,
@@ -257,8 +268,12 @@ class Compressor:
                                          train_cfg.distill_layers, train_cfg.distill_temperature, teacher_has_head)
             if distiller is not None:
                 distiller.teacher.to(device)
-        _, params_total, params_gated = prepare_method(model, method, target_sparsity, gate_cfg, target_basis)
+        target, params_total, params_gated = prepare_method(model, method, target_sparsity, gate_cfg, target_basis)
         model.to(device)
+        mask_schedule = None
+        if method in RANKED_METHODS:
+            mask_schedule = peers.MaskSchedule(method, target, train_cfg.max_steps, gate_cfg)
+            mask_schedule.start(model)
         lagrangian, sparsity_start = None, 0.0
         if method in SSPG_METHODS:
             lagrangian = gates_lib.SparsityLagrangian(gate_cfg.penalty).to(device)
@@ -271,7 +286,7 @@ class Compressor:
                    lagrangian=lagrangian, target_basis=target_basis, params_total=params_total,
                    params_gated=params_gated,
                    sparsity_start=sparsity_start, autocast_dtype=torch.bfloat16 if use_bf16 else None,
-                   use_attention_mask=use_attention_mask, distiller=distiller)
+                   use_attention_mask=use_attention_mask, distiller=distiller, mask_schedule=mask_schedule)
 
     @property
     def gated_target(self) -> float:
@@ -293,9 +308,12 @@ class Compressor:
     def _set_schedules(self) -> dict:
         """Set lr, temperature for this step; returns them (and the current sparsity target)."""
         multiplier = lr_multiplier(self.step_count, self.train_cfg)
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * multiplier
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * multiplier
+        if self.threshold_optimizer is not None:  # their own schedule, or the weights'
+            threshold_multiplier = 1.0 if self.gate_cfg.threshold_schedule == "constant" else multiplier
+            for group in self.threshold_optimizer.param_groups:
+                group["lr"] = group["base_lr"] * threshold_multiplier
         now = {"lr": multiplier * self.train_cfg.lr}
         if self.method in SSPG_METHODS:
             max_steps = self.train_cfg.max_steps
@@ -309,9 +327,10 @@ class Compressor:
         """One optimizer step over ``micro_batches`` (gradient accumulation); returns its metrics.
 
         Metrics: ``step`` (after the update), ``ctc_loss`` (mean over micro-batches), ``lr``,
-        ``grad_norm``, ``seconds``; for sspg also ``sparsity_loss``, ``soft_sparsity``,
-        ``target_now``, ``tau``, ``lambda_1``; with distillation ``distill_logits`` and/or
-        ``distill_hidden`` (unweighted).
+        ``grad_norm`` (of the weights, before clipping), ``seconds``; for sspg also ``sparsity_loss``,
+        ``soft_sparsity``, ``target_now``, ``tau``, ``lambda_1``, ``threshold_grad_norm``; for gmp,
+        movement and parp ``mask_sparsity`` (of the gated weights) at a step that re-ranked the
+        masks; with distillation ``distill_logits`` and/or ``distill_hidden`` (unweighted).
         """
         started = time.perf_counter()
         self.model.train()
@@ -343,20 +362,62 @@ class Compressor:
                         sums[name] = sums.get(name, 0) + value.detach()
                 (loss / n).backward()
                 sums["ctc_loss"] = sums.get("ctc_loss", 0) + ctc_loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.max_grad_norm)
-        for optimizer in self.optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        peers.accumulate_movement(self.unwrapped)  # movement scores: their own update, never clipped
+        weight_norm, threshold_norm = self._clip_gradients()
+        sums["grad_norm"] = weight_norm * n
+        if threshold_norm is not None:
+            sums["threshold_grad_norm"] = threshold_norm * n
+        with self._masked_update():
+            for optimizer in self.optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         if self.lagrangian is not None:  # integral action once the target holds still (no windup on the ramp)
             ramping = now["target_now"] != self.gated_target
             self.lagrangian.ascend(0.0 if ramping else self.gate_cfg.lagrangian_gain / self.train_cfg.max_steps)
         self.step_count += 1
-        sums["grad_norm"] = grad_norm * n
+        if self.mask_schedule is not None:
+            ranked_to = self.mask_schedule.after_step(self.unwrapped, self.step_count)
+            if ranked_to is not None:
+                now["mask_sparsity"] = ranked_to
         if self.lagrangian is not None:
             sums["lambda_1"] = self.lagrangian.lambda_1.detach() * n
         values = torch.stack([v.float() for v in sums.values()]).div(n).tolist()
         return {"step": self.step_count, **dict(zip(sums, values)), **now,
                 "seconds": time.perf_counter() - started}
+
+    def _clip_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Clip the weights' gradients to ``training.max_grad_norm``, their norm alone (counted in,
+        the thresholds' gradients, which carry the sparsity term, shrank every weight's step while
+        pruning happened), and the thresholds' apart to ``gates.threshold_max_grad_norm`` (0: not at
+        all). Returns both norms before clipping (None: no thresholds)."""
+        weights = [p for group in self.optimizer.param_groups for p in group["params"]]
+        weight_norm = torch.nn.utils.clip_grad_norm_(weights, self.train_cfg.max_grad_norm)
+        if self.threshold_optimizer is None:
+            return weight_norm, None
+        thresholds = [p for group in self.threshold_optimizer.param_groups for p in group["params"]
+                      if p.grad is not None]
+        limit = self.gate_cfg.threshold_max_grad_norm
+        threshold_norm = (torch.nn.utils.clip_grad_norm_(thresholds, limit) if limit > 0
+                          else torch.nn.utils.get_total_norm([p.grad for p in thresholds]))
+        return weight_norm, threshold_norm
+
+    @contextlib.contextmanager
+    def _masked_update(self):
+        """With ``gates.masked_update`` (sspg at weight granularity): each gated weight moves by its
+        soft mask times the optimizer's update, ``W + M (W' - W)``, ``M`` taken before the step, so a
+        weight under its threshold moves less whatever AdamW's normalisation makes of ``g * M``."""
+        if not (self.gate_cfg.masked_update and self.method in SSPG_METHODS):
+            yield
+            return
+        gated = [(module.parametrizations.weight.original, gate) for module, gate
+                 in gates_lib.gated_modules(self.unwrapped).values()
+                 if type(gate) is ThresholdGate and module.parametrizations.weight.is_tensor]
+        with torch.no_grad():
+            before = [(weight, weight.detach().clone(), gate.soft_mask(weight)) for weight, gate in gated]
+        yield
+        with torch.no_grad():
+            for weight, old, mask in before:
+                weight.copy_(torch.lerp(old, weight, mask.to(weight.dtype)))
 
     def hard_sparsity(self) -> float:
         """Measured hard-mask sparsity of the gated parameters (0.0 for dense)."""
@@ -381,6 +442,10 @@ class Compressor:
         if (self.method in SSPG_METHODS and self.gate_cfg.calibrate
                 and abs(trained - self.gated_target) > self.gate_cfg.calibration_tolerance):
             _, gated = gates_lib.calibrate_thresholds(self.unwrapped, self.gated_target)
+        elif self.mask_schedule is not None and abs(trained - self.gated_target) > 1e-4:
+            # stopped before its schedule's last update (max_steps lowered, or a test): rank to the target
+            peers.update_masks(self.unwrapped, self.gated_target, self.gate_cfg.mask_ranking)
+            gated = self.hard_sparsity()
         return {"achieved_sparsity_trained": self.on_basis(trained), "achieved_sparsity": self.on_basis(gated),
                 "gated_sparsity": gated, "calibrated": gated != trained}
 

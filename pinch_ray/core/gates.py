@@ -91,7 +91,7 @@ def select_modules(model: nn.Module, patterns: list[str]) -> dict[str, nn.Module
     return selected
 
 
-def _check_not_gated(model: nn.Module) -> None:
+def check_not_gated(model: nn.Module) -> None:
     if gated_modules(model):
         raise ValueError("the model already carries gates or masks; fold() it before attaching new ones")
 
@@ -104,7 +104,7 @@ def attach_gates(model: nn.Module, cfg: GateConfig) -> dict[str, ThresholdGate]:
     problems = cfg.problems()
     if problems:
         raise ConfigError(problems, source="gate settings")
-    _check_not_gated(model)
+    check_not_gated(model)
     if cfg.granularity == "neuron":
         gates = attach_neuron_gates(model, list(cfg.neuron_units), cfg.threshold_init, cfg.tau_start,
                                     noise=cfg.unit_noise)
@@ -129,7 +129,7 @@ def attach_uniform_masks(model: nn.Module, cfg: GateConfig, target_sparsity: flo
     Exactly ``round(target_sparsity * numel)`` weights (the smallest in magnitude) are masked in
     each matrix; the mask then stays fixed while the rest fine-tune.
     """
-    _check_not_gated(model)
+    check_not_gated(model)
     masks = {}
     for name, module in select_modules(model, cfg.for_method("ump").all_patterns()).items():
         weight = module.weight.detach()

@@ -6,8 +6,8 @@ Per trial (:func:`finalize_trial`), written under a temporary name and renamed i
     <output_dir>/<trial>/model/  compact/  hypotheses/<split>.txt
                          per_layer_sparsity.csv  per_layer_sparsity.png  metrics.json
 
-Per pipeline (:func:`write_summary`): ``summary.json``, ``summary.md`` (one table) and
-``wer_vs_params.png`` from the complete trials' ``metrics.json``.
+Per pipeline (:func:`write_summary`): ``summary.json``, ``summary.md`` (the trials; over seeds; the
+peers of sspg at each target) and ``wer_vs_params.png`` from the complete trials' ``metrics.json``.
 
 Plots use matplotlib's object API (``Figure``, Agg canvas): no pyplot state, no display needed.
 """
@@ -435,6 +435,70 @@ def over_seeds_table(groups: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PEER_REFERENCE = "sspg"  # the method every other is compared with in the peers table
+
+
+def peers(output_dir: str | os.PathLike, trials: Sequence[dict]) -> list[dict]:
+    """The methods side by side at each target where ``sspg`` ran beside another compression method:
+    one entry per (method, target) (``sspg`` first), over its seeds (a trial without a seed counts as
+    one), with WER mean and std per split, compression seconds, and per split a MAPSSWE test against
+    sspg pooled over the seeds both ran (:func:`pinch_ray.core.scoring.compare_pooled`; below 0.05 the
+    two differ significantly: the WER means say which way)."""
+    groups: dict[tuple[str, float], dict] = {}
+    for m in trials:
+        if m["method"] != DENSE and m["trial"] != FOUNDATION_TRIAL:
+            groups.setdefault((m["method"], m["target_sparsity"]), {})[m.get("seed")] = m
+    out = []
+    for target in sorted({target for method, target in groups if method == PEER_REFERENCE}):
+        reference = groups[(PEER_REFERENCE, target)]
+        methods = [method for method, t in groups if t == target]
+        if len(methods) < 2:
+            continue
+        order = {m: i for i, m in enumerate(METHODS)}
+        for method in sorted(methods, key=lambda m: (m != PEER_REFERENCE, order.get(m, len(order)))):
+            members = groups[(method, target)]
+            splits = list(dict.fromkeys(s for m in members.values() for s in m["wer"]))
+            seconds = [m["compression_seconds"] for m in members.values() if m.get("compression_seconds") is not None]
+            entry = {"method": method, "target_sparsity": target, "seeds": sorted(members, key=str),
+                     "param_reduction": statistics.fmean(m["param_reduction"] for m in members.values()),
+                     "wer_mean": {}, "wer_std": {}, "p_value_pooled_vs_sspg": {},
+                     "compression_seconds_mean": statistics.fmean(seconds) if seconds else None}
+            shared = [seed for seed in members if seed in reference]
+            hypotheses = ([(read_trial_hypotheses(Path(output_dir) / members[seed]["trial"]),
+                            read_trial_hypotheses(Path(output_dir) / reference[seed]["trial"])) for seed in shared]
+                          if method != PEER_REFERENCE else [])
+            for split in splits:
+                wers = [m["wer"][split] for m in members.values() if split in m["wer"]]
+                entry["wer_mean"][split] = statistics.fmean(wers)
+                entry["wer_std"][split] = statistics.stdev(wers) if len(wers) > 1 else 0.0
+                pairs = [(system[split], baseline[split]) for system, baseline in hypotheses
+                         if split in system and split in baseline]
+                if pairs:
+                    entry["p_value_pooled_vs_sspg"][split] = scoring.compare_pooled(pairs).p_value
+            out.append(entry)
+    return out
+
+
+def peers_table(entries: Sequence[dict]) -> str:
+    """Markdown: a row per (method, target) of :func:`peers`."""
+    splits = list(dict.fromkeys(s for e in entries for s in e["wer_mean"]))
+    header = (["target", "method", "seeds", "params removed (%)"] + [f"WER {s} (%), mean ± std" for s in splits]
+              + [f"pooled p vs sspg {s}" for s in splits] + ["time (s), mean"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for e in entries:
+        row = [f"{e['target_sparsity']:.3g}", e["method"], ", ".join("–" if s is None else str(s) for s in e["seeds"]),
+               f"{100 * e['param_reduction']:.1f}"]
+        row += [f"{100 * e['wer_mean'][s]:.2f} ± {100 * e['wer_std'][s]:.2f}" if s in e["wer_mean"] else "–"
+                for s in splits]
+        row += ["(reference)" if e["method"] == PEER_REFERENCE else _number(e["p_value_pooled_vs_sspg"].get(s), ".3g")
+                for s in splits]
+        row += [_number(e["compression_seconds_mean"], ".0f")]
+        lines.append("| " + " | ".join(row) + " |")
+    note = ("each method against sspg at the same target, over the seeds both ran (MAPSSWE pooled over "
+            "them); p < 0.05: the two differ significantly, the means say which way")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
 def plot_wer_vs_params(path: str | os.PathLike, trials: Sequence[dict], split: str) -> None:
     """WER on ``split`` against nonzero parameters: one marker style per method, dense as reference
     (a dotted line), the ``foundation`` the trials started from as a grey cross. Trials repeated over
@@ -445,7 +509,7 @@ def plot_wer_vs_params(path: str | os.PathLike, trials: Sequence[dict], split: s
     if start:
         ax.plot([start[0]["params_nonzero"] / 1e6], [100 * start[0]["wer"][split]], marker="x", markersize=9,
                 color="gray", linestyle="", label="start (foundation)")
-    for method, marker in zip(METHODS, "*oDs^", strict=True):
+    for method, marker in zip(METHODS, "*oDs^vPX", strict=True):
         groups: dict[str, list[dict]] = {}
         for m in trials:
             if m["method"] == method and split in m["wer"] and m["trial"] != FOUNDATION_TRIAL:
@@ -482,10 +546,13 @@ def write_summary(output_dir: str | os.PathLike, plot_split: str | None = None) 
         raise ValueError(f"write_summary: no complete trial (<trial>/{METRICS_FILE}) under {output_dir}")
     split = plot_split or default_plot_split(trials)
     groups = over_seeds(output_dir, trials)
-    summary = {"plot_split": split, "trials": trials, "over_seeds": groups}
+    compared = peers(output_dir, trials)
+    summary = {"plot_split": split, "trials": trials, "over_seeds": groups, "peers": compared}
     text = f"# pinch_ray summary\n\n{summary_table(trials)}"
     if groups:
         text += f"\n## Over seeds\n\n{over_seeds_table(groups)}"
+    if compared:
+        text += f"\n## Peers\n\n{peers_table(compared)}"
     storage.write_text(output_dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
     storage.write_text(output_dir / SUMMARY_MD, text)
     with storage.atomic_path(output_dir / SUMMARY_PNG, keep_suffix=True) as tmp_png:  # matplotlib reads the suffix

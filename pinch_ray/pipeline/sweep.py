@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pinch_ray.config import DENSE, PipelineConfig, ResourcesConfig, TrainConfig
+from pinch_ray import storage
+from pinch_ray.config import DENSE, RUNS_DIR, ConfigError, PipelineConfig, ResourcesConfig, TrainConfig, load_pipeline
 from pinch_ray.core import models
 from pinch_ray.pipeline import runs
 from pinch_ray.pipeline.worker import MetricsLog, run_training, tune_report_callback, worker_config
@@ -112,7 +113,8 @@ def _short(value: Any, limit: int = 60) -> str:
 # Settings added after runs were first recorded, each with the value that trains as the runs
 # recorded without it did: such a run is reused (or resumed) where the setting asks for that value.
 # A new setting of the gates or the training belongs here, or every earlier run stops the sweep.
-SETTINGS_ADDED = {"gates.regrow": False}
+SETTINGS_ADDED = {"gates.regrow": False, "gates.threshold_schedule": "lr", "gates.masked_update": False,
+                  "gates.mask_ranking": "global", "gates.mask_update_every": 10}
 
 
 def _changes(recorded: Any, wanted: Any, key: str = "") -> list[str]:
@@ -294,6 +296,9 @@ def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, out
         return {}
     job = TrialJob.create(cfg, prepared, init_from, output_dir)
     dense = dict(dense_results or {})
+    reused = reused_dense_references(job, trials)  # sweep.dense_from
+    dense.update({seed: reused[trial_name(m, t, seed)] for m, t, seed in trials if trial_name(m, t, seed) in reused})
+    trials = [trial for trial in trials if trial_name(*trial) not in reused]
     for method, target, seed in trials:  # a finished trial with other settings stops the sweep up front
         if method == DENSE:
             dense.setdefault(seed, runs.final_result_dir(job.storage_path, trial_name(method, target, seed)))
@@ -302,12 +307,59 @@ def run_sweep(cfg: PipelineConfig, prepared: dict[str, Any], init_from: str, out
             name = trial_name(method, target, seed)
             config = trial_config(job, method, target, name, seeded(cfg.training, seed), start)
             reusable_result_dir(job, name, config)
-    done = _run_wave(job, [t for t in trials if t[0] != "two-stage"], SWEEP_NAME, dense)
+    done = {**reused, **_run_wave(job, [t for t in trials if t[0] != "two-stage"], SWEEP_NAME, dense)}
     second = [t for t in trials if t[0] == "two-stage"]
     if second:
         dense.update({seed: done[trial_name(m, t, seed)] for m, t, seed in trials if m == DENSE})
         done.update(_run_wave(job, second, f"{SWEEP_NAME}-two-stage", dense))
     return done
+
+
+def dense_source_storage(dense_from: str) -> str:
+    """Where the run at output_dir ``dense_from`` keeps its training runs: its recorded
+    ``storage_path``, else ``<dense_from>/runs``.
+
+    Raises:
+        ConfigError: ``dense_from`` holds no ``pipeline.yaml`` (not a run's output_dir).
+    """
+    config_file = Path(dense_from) / "pipeline.yaml"
+    if not config_file.is_file():
+        raise ConfigError([f"sweep.dense_from: {dense_from} has no pipeline.yaml; name the output_dir of the run "
+                           "whose dense references to reuse, or remove sweep.dense_from"])
+    recorded = load_pipeline(config_file, check_paths=False)
+    return recorded.storage_path or storage.join(str(Path(dense_from).resolve()), RUNS_DIR)
+
+
+def reused_dense_references(job: TrialJob, trials: list[tuple[str, float, int | None]]) -> dict[str, str]:
+    """``{trial: final checkpoint dir}`` of the dense references of ``trials`` that the run at
+    ``sweep.dense_from`` finished with this sweep's settings; a reference it has not finished is
+    trained here (so it is left out).
+
+    Raises:
+        SettingsChangedError: one finished there with other settings (reusing it would compare this
+            sweep's trials with a reference trained otherwise).
+    """
+    dense_from = job.cfg.sweep.dense_from
+    if not dense_from:
+        return {}
+    source = dataclasses.replace(job, storage_path=dense_source_storage(dense_from))
+    reused = {}
+    for method, target, seed in trials:
+        if method != DENSE:
+            continue
+        name = trial_name(method, target, seed)
+        config = trial_config(job, method, target, name, seeded(job.cfg.training, seed))
+        try:
+            found = reusable_result_dir(source, name, config)
+        except SettingsChangedError as changed:
+            raise SettingsChangedError(f"sweep.dense_from: {changed} Or remove sweep.dense_from to train {name} "
+                                       "here.") from None
+        if found is None:
+            log.info("trial %s: not finished in sweep.dense_from (%s); trained here", name, dense_from)
+        else:
+            log.info("trial %s: reused from sweep.dense_from (%s)", name, found)
+            reused[name] = found
+    return reused
 
 
 def _start_of(method: str, seed: int | None, dense: dict[int | None, str | None]) -> str | None:
