@@ -51,7 +51,8 @@ def prose(text: str) -> str:
 
 
 def inline_spans(text: str) -> list[str]:
-    return re.findall(r"`([^`\n]+)`", prose(text))
+    """Inline code, a span wrapped over lines joined with a space (a blank line ends no span)."""
+    return [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose(text)) if "\n\n" not in span]
 
 
 def shell_lines(body: str) -> list[str]:
