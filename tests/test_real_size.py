@@ -59,7 +59,7 @@ def test_wav2vec2_base_pipeline_runs_end_to_end_at_full_size(ray_cluster, tmp_pa
         f"sweep (sspg-0.95): {unreachable}90,046,464 (95.4%), so at most 0.944 is reachable; lower the target, "
         "or gate more layers (gates.patterns; gates.gate_feature_encoder and gate_pos_conv, if off)",
         *(f"sweep ({method}-0.95): {unreachable}85,327,872 (90.4%), so at most 0.895 is reachable; lower the "
-          "target, or give it more layers (gates.patterns: ump and two-stage prune those alone, no conv layer)"
+          f"target, or give it more layers (gates.patterns: {method} prunes those alone, no conv layer)"
           for method in ("ump", "two-stage"))]
 
     trained = load_pipeline(PIPELINE, [*overrides, "sweep.methods=[sspg,two-stage]",
