@@ -300,3 +300,17 @@ def test_bf16_autocast_gives_the_fp32_loss_and_gradients_within_bf16_precision()
     for full, half in ((thresholds, thresholds_bf16), (weights, weights_bf16)):
         assert torch.nn.functional.cosine_similarity(full, half, dim=0) > 0.99
         assert (half.norm() / full.norm()).item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_the_gpu_check_runs_its_core_path_on_a_cpu():
+    """benchmarks/gpu_check.sh waits for the first GPU within reach: its code must not rot before
+    (the whole script: ``bash benchmarks/gpu_check.sh --dry-run``, ~35 s of CPU)."""
+    from conftest import benchmark
+    from pinch_ray.core import export
+
+    gpu_check = benchmark("gpu_check")
+    timing, sspg = gpu_check.step_time("tiny", "cpu", batch_size=1, seconds=0.5, steps=1, warmup=0)
+    assert {"dense_step_s", "sspg_step_s", "sspg_over_dense", "sspg_goal_met"} <= set(timing)
+    assert sspg.method == "sspg" and timing.get("not_measured", {}).keys() <= set(gpu_check.PEERS)
+    throughput = gpu_check.evaluation(export.pruned_copy(sspg.unwrapped), "cpu", utterances=2, batch_size=2)
+    assert throughput["utterances"] == 2 and throughput["fp32"]["utterances_per_s"] > 0
