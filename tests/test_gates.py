@@ -163,17 +163,6 @@ def test_fold_equals_hard_masked_model_and_reloads(arch, extra, tmp_path):
         torch.testing.assert_close(reloaded(x).logits, hard_logits, atol=1e-5, rtol=0)
 
 
-def test_bf16_autocast_forward_and_backward():
-    model, found = gated_model(threshold=0.5)
-    model.train()
-    labels = torch.randint(5, 32, (2, 8), generator=torch.Generator().manual_seed(1))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(audio(), labels=labels).loss + gates.soft_sparsity(model)
-    loss.backward()
-    assert torch.isfinite(loss)
-    assert all(torch.isfinite(g.threshold.grad) and g.threshold.grad != 0 for g in found.values())
-
-
 def test_uniform_magnitude_pruning_prunes_exactly_the_target_in_every_matrix():
     model, _ = load_model("tiny")
     weights = {n: m.weight.detach().clone() for n, m in gates.select_modules(model, GateConfig().patterns).items()}
@@ -247,10 +236,10 @@ def test_bad_settings_name_the_setting():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
-def test_compiled_gate_kernels_equal_eager(device_type):
-    """GPUs and large CPU weights run the two kernels through torch.compile; the math must not
-    change (checked on CPU for both compile settings)."""
+def test_compiled_gate_kernels_equal_eager():
+    """Large CPU weights run the two kernels through torch.compile (a dynamic-shape graph); the math
+    must not change. The GPU's static graphs on CUDA tensors: test_gpu_path.py, where a GPU is."""
+    device_type = "cpu"
     generator = torch.Generator().manual_seed(0)
     weight, grad_out = torch.randn(48, 144, generator=generator), torch.randn(48, 144, generator=generator)
     threshold, tau, grad_sum = torch.tensor(0.8), torch.tensor(0.02), torch.tensor(0.3)
