@@ -33,7 +33,7 @@ WEIGHT = "weight"  # Gate.kind of the gates that mask single weights (unit gates
 # above z = 17, so the upper clamp changes nothing; below -20, M becomes sigmoid(-20) = 2.1e-9
 # instead of something smaller: W * M moves by < 2.1e-9 |W|, and such weights got (and get) no
 # learning signal (M (1 - M) < 2.1e-9). float64 (tests) gets wider bounds with the same
-# properties. Unclamped, a late-training sspg step ran 37x a dense one on CPU (README, "Benchmarks").
+# properties. Unclamped, a late-training sspg step ran 37x a dense one on CPU (docs/benchmarks.md).
 _Z_BOUNDS = {torch.float64: (-700.0, 40.0)}
 _Z_BOUNDS_DEFAULT = (-20.0, 20.0)
 
@@ -135,7 +135,7 @@ def _run(fn, *args):
     first argument is shaped like the weight).
 
     Compiled kernels cut the sspg/dense step-time ratio on GPUs and CPUs alike
-    (benchmarks/gate_overhead.py; README, "Benchmarks"). A compiler failure logs a warning and
+    (benchmarks/gate_overhead.py; docs/benchmarks.md). A compiler failure logs a warning and
     runs eagerly from then on (:func:`compile_report` says so).
     """
     device_type = args[0].device.type
