@@ -1,6 +1,7 @@
-"""The compression step: the methods (``dense``, ``ump``, ``two-stage``, ``sspg``, ``sspg-neuron``, and
-the peers ``gmp``, ``movement``, ``parp`` of :mod:`pinch_ray.core.peers`) and :class:`Compressor`,
-which trains a model under one of them.
+"""The pipeline's compression step: :class:`Compressor` trains a model under one of the methods
+(``dense``, ``ump``, ``two-stage``, ``sspg``, ``sspg-neuron``, and the peers ``gmp``, ``movement``,
+``parp`` of :mod:`pinch_ray.core.peers`), whose gates, their optimizer and schedules it drives through
+the public API, :class:`pinch_ray.core.pinch.Pinch`; it owns the rest of the loop.
 
 Everything here runs in a plain Python process (no Ray); the Ray Train worker
 (:mod:`pinch_ray.pipeline.worker`) wraps :class:`Compressor`.
@@ -20,18 +21,20 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pinch_ray.config import (DENSE, MAGNITUDE_METHODS, MAX_TARGET_SPARSITY, RANKED_METHODS, SSPG_METHODS,
-                              ConfigError, GateConfig, TrainConfig, raise_if_problems, target_sparsity_problems)
+from pinch_ray.config import DENSE, SSPG_METHODS, GateConfig, TrainConfig, raise_if_problems
 from pinch_ray.core import gates as gates_lib
-from pinch_ray.core import peers
-from pinch_ray.core.masks import ThresholdGate
 from pinch_ray.core.distill import Distiller
-from pinch_ray.core.models import total_parameters
+from pinch_ray.core.masks import ThresholdGate
+# The methods' preparation and the thresholds' optimizer are the public API's (pinch_ray.attach);
+# named here too, where the pipeline and its tests import them from.
+from pinch_ray.core.pinch import (GATE_MORE, Pinch, SharedScaleAdam, gate_parameters, gated_target,  # noqa: F401
+                                  prepare_method, threshold_optimizer)
 
 log = logging.getLogger(__name__)
 
@@ -68,70 +71,6 @@ def keep_freed_cpu_memory() -> bool:
     return ok
 
 
-# How to put more of a model under a method's gates or masks (the message of an unreachable target).
-GATE_MORE = {
-    "sspg": "gate more layers (gates.patterns; gates.gate_feature_encoder and gate_pos_conv, if off)",
-    "sspg-neuron": "gate more kinds of units (gates.neuron_units)",
-    **{method: f"give it more layers (gates.patterns: {method} prunes those alone, no conv layer)"
-       for method in MAGNITUDE_METHODS + RANKED_METHODS},
-}
-
-
-def gated_target(target_sparsity: float, target_basis: str, params_total: int, params_gated: int,
-                 method: str = "sspg") -> float:
-    """The fraction of the gated parameters to remove so that ``target_sparsity`` of ``target_basis``
-    is removed: ``target x params_total / params_gated`` for ``params``, the target itself for ``gated``.
-    ``method``: the trial's, for the settings an unreachable target's message names.
-
-    Raises:
-        ConfigError: the gated share cannot reach the target (the largest reachable one is named).
-    """
-    if target_basis == "gated" or target_sparsity == 0:
-        return float(target_sparsity)
-    fraction = target_sparsity * params_total / params_gated
-    if fraction > MAX_TARGET_SPARSITY:
-        reachable = MAX_TARGET_SPARSITY * params_gated / params_total
-        raise ConfigError([f"target_sparsity: {target_sparsity:g} of all {params_total:,} parameters cannot be "
-                           f"removed: the gated layers hold {params_gated:,} ({params_gated / params_total:.1%}), "
-                           f"so at most {reachable:.3f} is reachable; lower the target, or "
-                           f"{GATE_MORE.get(method, GATE_MORE['sspg'])}"], source="method settings")
-    return fraction
-
-
-def prepare_method(model: nn.Module, method: str, target_sparsity: float, gate_cfg: GateConfig,
-                   target_basis: str = "params") -> tuple[float, int, int]:
-    """Make ``model`` ready for ``method``: attach gates (sspg), fixed masks (ump, two-stage), masks
-    that training re-ranks (gmp, movement, parp: all ones until the first update) or nothing (dense).
-
-    Returns ``(gated target, parameters of the model, parameters the gates act on)``: the gated
-    target is the fraction of the gated parameters to remove (:func:`gated_target`); a neuron gate
-    counts the parameters its units carry, a weight gate or ump mask its matrix.
-
-    Raises:
-        ConfigError: unknown method or basis, target outside [0, 0.99] or out of the gated layers'
-            reach, bad gate settings or patterns.
-    """
-    raise_if_problems(target_sparsity_problems(method, target_sparsity, target_basis=target_basis),
-                      source="method settings")
-    params_total = total_parameters(model)
-    gate_cfg = gate_cfg.for_method(method)
-    if method in SSPG_METHODS:
-        attached = gates_lib.attach_gates(model, gate_cfg)
-        params_gated = sum(gate.numel for gate in attached.values())
-    elif method in MAGNITUDE_METHODS + RANKED_METHODS:
-        selected = gates_lib.select_modules(model, gate_cfg.all_patterns())
-        params_gated = sum(m.weight.numel() for m in selected.values())
-    else:
-        return 0.0, params_total, 0
-    target = gated_target(target_sparsity, target_basis, params_total, params_gated, method)
-    if method in MAGNITUDE_METHODS:
-        gates_lib.attach_uniform_masks(model, gate_cfg, target)
-    elif method in RANKED_METHODS:
-        gates_lib.check_not_gated(model)
-        peers.attach_ranked_masks(model, method, selected)
-    return target, params_total, params_gated
-
-
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up over ``warmup_steps``, hold, cosine decay to 0 over the last ``decay_fraction``."""
     if step < cfg.warmup_steps:
@@ -147,57 +86,17 @@ def _is_no_decay(name: str, param: nn.Parameter) -> bool:
     return param.dim() < 2 or "norm" in name.lower()
 
 
-class SharedScaleAdam(torch.optim.Optimizer):
-    """Adam whose second moment is one number for all its parameters: the running mean square of
-    every parameter's gradient. Each step is ``lr * m_i / sqrt(v)``, so parameters move in
-    proportion to their own (averaged) gradients, at an overall speed Adam's normalisation fixes.
+def weight_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """The model weights' AdamW: groups ``weights`` and ``no_decay`` (vectors and norms undecayed),
+    every trainable parameter but the gates' own (:func:`pinch_ray.core.pinch.gate_parameters`).
 
-    For the gate thresholds (``GateConfig.threshold_update: shared``): per-parameter Adam moves
-    each threshold ~``lr`` a step whatever its gradient, so every layer prunes at the same speed and
-    the per-layer allocation cannot follow what pruning costs each layer.
+    The fused implementation where torch has one for every parameter's device (CPU and CUDA): one
+    kernel over all tensors instead of a Python loop over each.
     """
-
-    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-8):
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            mean_square = torch.stack([p.grad.float().pow(2).mean() for p in params]).mean()
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros((), device=p.device))
-                state["step"] += 1
-                state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).add_(mean_square, alpha=1 - beta2)  # the same in every state
-                denominator = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt().add_(group["eps"])
-                p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1 ** state["step"]))
-
-
-def build_optimizers(model: nn.Module, cfg: TrainConfig,
-                     gate_cfg: GateConfig) -> tuple[torch.optim.AdamW, torch.optim.Optimizer | None]:
-    """The model weights' AdamW (groups ``weights`` and ``no_decay``: vectors and norms undecayed)
-    and the thresholds' optimizer (None without gates): AdamW, or :class:`SharedScaleAdam` with
-    ``gate_cfg.threshold_update: shared``, at ``effective_threshold_lr``, no decay. Movement scores
-    belong to neither (:func:`pinch_ray.core.peers.accumulate_movement` steps them).
-
-    The weights' AdamW is the fused implementation where torch has one for every parameter's device
-    (CPU and CUDA): one kernel over all tensors instead of a Python loop over each.
-    """
-    threshold_ids = {id(g.threshold) for g in gates_lib.gates_of(model)}
-    score_ids = {id(p) for p in peers.score_parameters(model)}
-    groups = {"weights": [], "no_decay": [], "thresholds": []}
+    own = {id(p) for p in gate_parameters(model)}
+    groups = {"weights": [], "no_decay": []}
     for name, param in model.named_parameters():
-        if not param.requires_grad or id(param) in score_ids:
-            continue
-        if id(param) in threshold_ids:
-            groups["thresholds"].append(param)
-        else:
+        if param.requires_grad and id(param) not in own:
             groups["no_decay" if _is_no_decay(name, param) else "weights"].append(param)
     param_groups = [
         {"name": "weights", "params": groups["weights"], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
@@ -206,47 +105,78 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig,
     param_groups = [g for g in param_groups if g["params"]]
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
                 for group in param_groups for p in group["params"])
-    weights = torch.optim.AdamW(param_groups, betas=tuple(cfg.adam_betas), fused=fused or None)
-    thresholds = None
-    if groups["thresholds"]:
-        group = [{"name": "thresholds", "params": groups["thresholds"], "lr": cfg.effective_threshold_lr}]
-        thresholds = (SharedScaleAdam(group, lr=cfg.effective_threshold_lr, betas=tuple(cfg.adam_betas))
-                      if gate_cfg.threshold_update == "shared"
-                      else torch.optim.AdamW(group, betas=tuple(cfg.adam_betas), weight_decay=0.0))
-    for optimizer in (weights, thresholds):
-        for group in optimizer.param_groups if optimizer is not None else ():
-            group["base_lr"] = group["lr"]
-    return weights, thresholds
+    optimizer = torch.optim.AdamW(param_groups, betas=tuple(cfg.adam_betas), fused=fused or None)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+    return optimizer
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig,
+                     gate_cfg: GateConfig) -> tuple[torch.optim.AdamW, torch.optim.Optimizer | None]:
+    """The weights' AdamW (:func:`weight_optimizer`) and the thresholds' optimizer as
+    :class:`~pinch_ray.core.pinch.Pinch` builds it (None without gates): AdamW, or
+    :class:`SharedScaleAdam` with ``gate_cfg.threshold_update: shared``, at
+    ``effective_threshold_lr``, no decay. Movement scores belong to neither
+    (:func:`pinch_ray.core.peers.accumulate_movement` steps them)."""
+    threshold_ids = {id(g.threshold) for g in gates_lib.gates_of(model)}
+    thresholds = [p for p in model.parameters() if p.requires_grad and id(p) in threshold_ids]
+    return weight_optimizer(model, cfg), (threshold_optimizer(thresholds, cfg.effective_threshold_lr, cfg.adam_betas,
+                                                              gate_cfg.threshold_update) if thresholds else None)
+
+
+class StepMetrics(Mapping):
+    """The metrics of one training step: numbers, and tensors that stay on the device until any value
+    is read; then all of them come to the host at once (one device sync). A loop that reads a step's
+    metrics only every ``report_every`` steps never waits for the device in between."""
+
+    def __init__(self, values: dict):
+        self._values, self._on_host = values, False
+
+    def _to_host(self) -> None:
+        if self._on_host:
+            return
+        keys = [key for key, value in self._values.items() if isinstance(value, torch.Tensor)]
+        if keys:
+            numbers = torch.stack([self._values[key].detach().float().reshape(()) for key in keys]).tolist()
+            self._values.update(zip(keys, numbers))
+        self._on_host = True
+
+    def __getitem__(self, key: str):
+        self._to_host()
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        self._to_host()
+        return f"StepMetrics({self._values})"
 
 
 @dataclass
 class Compressor:
     """Model + method + optimizer state; :meth:`step` runs one optimizer step.
 
-    Build with :meth:`create`. ``model`` may be wrapped in DDP after creation (set
-    ``compressor.model = ddp_model``); the gates and schedules act on the unwrapped module.
-    ``target_sparsity`` is a fraction of ``target_basis`` (all parameters, or the gated ones);
-    the objective, calibration and :meth:`hard_sparsity` work on the gated parameters, towards
-    ``gated_target`` (:func:`prepare_method`).
+    Build with :meth:`create`. The method's gates, their optimizer and schedules are a
+    :class:`~pinch_ray.core.pinch.Pinch` (``pinch``, the public API every caller of the gates uses);
+    the Compressor adds what the pipeline's loop owns: the weights' AdamW, their clipping and
+    learning-rate schedule, gradient accumulation, autocast and distillation. ``model`` may be
+    wrapped in DDP after creation (set ``compressor.model = ddp_model``); the gates and schedules
+    act on the unwrapped module. ``target_sparsity`` is a fraction of ``target_basis`` (all
+    parameters, or the gated ones); the objective, calibration and :meth:`hard_sparsity` work on
+    the gated parameters, towards ``gated_target``.
     """
 
     model: nn.Module
-    method: str
-    target_sparsity: float
+    pinch: Pinch  # the method's gates or masks on the unwrapped model, their optimizer and schedules
     train_cfg: TrainConfig
-    gate_cfg: GateConfig
     optimizer: torch.optim.Optimizer  # the model weights
-    threshold_optimizer: torch.optim.Optimizer | None  # the gate thresholds (None without gates)
-    lagrangian: gates_lib.SparsityLagrangian | None
-    target_basis: str = "params"
-    params_total: int = 0  # parameters of the model before pruning
-    params_gated: int = 0  # parameters the gates / masks act on
-    sparsity_start: float = 0.0  # soft sparsity before training (sspg): where the target ramp starts
-    step_count: int = 0  # optimizer steps done
     autocast_dtype: torch.dtype | None = None
     use_attention_mask: bool = True  # pass attention_mask to the model (False for group-norm wav2vec2-base)
     distiller: Distiller | None = None  # the starting model as teacher (training.distill_*), or None
-    mask_schedule: peers.MaskSchedule | None = None  # gmp, movement, parp: when their masks are re-ranked
 
     @classmethod
     def create(cls, model: nn.Module, method: str, target_sparsity: float, train_cfg: TrainConfig,
@@ -268,30 +198,42 @@ class Compressor:
                                          train_cfg.distill_layers, train_cfg.distill_temperature, teacher_has_head)
             if distiller is not None:
                 distiller.teacher.to(device)
-        target, params_total, params_gated = prepare_method(model, method, target_sparsity, gate_cfg, target_basis)
         model.to(device)
-        mask_schedule = None
-        if method in RANKED_METHODS:
-            mask_schedule = peers.MaskSchedule(method, target, train_cfg.max_steps, gate_cfg)
-            mask_schedule.start(model)
-        lagrangian, sparsity_start = None, 0.0
-        if method in SSPG_METHODS:
-            lagrangian = gates_lib.SparsityLagrangian(gate_cfg.penalty).to(device)
-            with torch.no_grad():
-                sparsity_start = float(gates_lib.soft_sparsity(model))
-        optimizer, threshold_optimizer = build_optimizers(model, train_cfg, gate_cfg)
+        pinch = Pinch(model, method, target_sparsity, train_cfg.max_steps, gate_cfg, target_basis,
+                      train_cfg.threshold_lr, train_cfg.adam_betas)
         use_bf16 = device.type == "cuda" and train_cfg.bf16_autocast
-        return cls(model=model, method=method, target_sparsity=target_sparsity, train_cfg=train_cfg,
-                   gate_cfg=gate_cfg, optimizer=optimizer, threshold_optimizer=threshold_optimizer,
-                   lagrangian=lagrangian, target_basis=target_basis, params_total=params_total,
-                   params_gated=params_gated,
-                   sparsity_start=sparsity_start, autocast_dtype=torch.bfloat16 if use_bf16 else None,
-                   use_attention_mask=use_attention_mask, distiller=distiller, mask_schedule=mask_schedule)
+        return cls(model=model, pinch=pinch, train_cfg=train_cfg, optimizer=weight_optimizer(model, train_cfg),
+                   autocast_dtype=torch.bfloat16 if use_bf16 else None, use_attention_mask=use_attention_mask,
+                   distiller=distiller)
+
+    # What the run is and where its method stands: the Pinch's.
+    method = property(lambda self: self.pinch.method)
+    target_sparsity = property(lambda self: self.pinch.target_sparsity)
+    target_basis = property(lambda self: self.pinch.target_basis)
+    params_total = property(lambda self: self.pinch.params_total)  # parameters of the model before pruning
+    params_gated = property(lambda self: self.pinch.params_gated)  # parameters the gates / masks act on
+    gated_target = property(lambda self: self.pinch.gated_target)  # the fraction of the gated parameters to remove
+    sparsity_start = property(lambda self: self.pinch.sparsity_start)  # soft sparsity before training (sspg)
+    step_count = property(lambda self: self.pinch.step_count)  # optimizer steps done
+    lagrangian = property(lambda self: self.pinch.lagrangian)
+    mask_schedule = property(lambda self: self.pinch.mask_schedule)  # gmp, movement, parp
 
     @property
-    def gated_target(self) -> float:
-        """The fraction of the gated parameters to remove (:func:`gated_target`)."""
-        return gated_target(self.target_sparsity, self.target_basis, self.params_total, self.params_gated)
+    def gate_cfg(self) -> GateConfig:
+        return self.pinch.gate_cfg
+
+    @gate_cfg.setter
+    def gate_cfg(self, value: GateConfig) -> None:
+        self.pinch.gate_cfg = value
+
+    @property
+    def threshold_optimizer(self) -> torch.optim.Optimizer | None:
+        """The gate thresholds' optimizer (None without gates): the Pinch's."""
+        return self.pinch.threshold_optimizer
+
+    @threshold_optimizer.setter
+    def threshold_optimizer(self, value: torch.optim.Optimizer | None) -> None:
+        self.pinch.threshold_optimizer = value
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -305,37 +247,23 @@ class Compressor:
     def device(self) -> torch.device:
         return next(self.unwrapped.parameters()).device
 
-    def _set_schedules(self) -> dict:
-        """Set lr, temperature for this step; returns them (and the current sparsity target)."""
-        multiplier = lr_multiplier(self.step_count, self.train_cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * multiplier
-        if self.threshold_optimizer is not None:  # their own schedule, or the weights'
-            threshold_multiplier = 1.0 if self.gate_cfg.threshold_schedule == "constant" else multiplier
-            for group in self.threshold_optimizer.param_groups:
-                group["lr"] = group["base_lr"] * threshold_multiplier
-        now = {"lr": multiplier * self.train_cfg.lr}
-        if self.method in SSPG_METHODS:
-            max_steps = self.train_cfg.max_steps
-            now["tau"] = gates_lib.tau_at(self.step_count, max_steps, self.gate_cfg)
-            now["target_now"] = gates_lib.target_at(self.step_count, max_steps, self.gated_target, self.gate_cfg,
-                                                    start=self.sparsity_start)
-            gates_lib.set_tau(self.unwrapped, now["tau"])
-        return now
-
-    def step(self, micro_batches: list[dict]) -> dict:
-        """One optimizer step over ``micro_batches`` (gradient accumulation); returns its metrics.
+    def step(self, micro_batches: list[dict]) -> StepMetrics:
+        """One optimizer step over ``micro_batches`` (gradient accumulation); returns its metrics,
+        which come to the host (one device sync) when a value is first read (:class:`StepMetrics`).
 
         Metrics: ``step`` (after the update), ``ctc_loss`` (mean over micro-batches), ``lr``,
-        ``grad_norm`` (of the weights, before clipping), ``seconds``; for sspg also ``sparsity_loss``,
-        ``soft_sparsity``, ``target_now``, ``tau``, ``lambda_1``, ``threshold_grad_norm``; for gmp,
-        movement and parp ``mask_sparsity`` (of the gated weights) at a step that re-ranked the
-        masks; with distillation ``distill_logits`` and/or ``distill_hidden`` (unweighted).
+        ``grad_norm`` (of the weights, before clipping), ``seconds`` (host time: on a GPU the device
+        may still be running the step); for sspg also ``sparsity_loss``, ``soft_sparsity``,
+        ``target_now``, ``tau``, ``lambda_1``, ``threshold_grad_norm``; for gmp, movement and parp
+        ``mask_sparsity`` (of the gated weights) at a step that re-ranked the masks; with
+        distillation ``distill_logits`` and/or ``distill_hidden`` (unweighted).
         """
         started = time.perf_counter()
         self.model.train()
-        now = self._set_schedules()
-        sums = {}  # metric name -> running sum over micro-batches (tensors: one device sync at the end)
+        multiplier = lr_multiplier(self.step_count, self.train_cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * multiplier
+        sums = {}  # metric name -> running sum over micro-batches (tensors: no device sync)
         n = len(micro_batches)
         for i, batch in enumerate(micro_batches):
             last = i == n - 1
@@ -354,52 +282,27 @@ class Compressor:
                         loss = loss + distill_loss
                         for name, value in terms.items():
                             sums[name] = sums.get(name, 0) + value
-                if self.lagrangian is not None:
-                    soft = gates_lib.soft_sparsity(self.unwrapped)
-                    sparsity_loss = self.lagrangian(soft, now["target_now"])
-                    loss = loss + sparsity_loss
-                    for name, value in (("sparsity_loss", sparsity_loss), ("soft_sparsity", soft)):
-                        sums[name] = sums.get(name, 0) + value.detach()
+                loss = loss + self.pinch.sparsity_loss()
                 (loss / n).backward()
                 sums["ctc_loss"] = sums.get("ctc_loss", 0) + ctc_loss.detach()
-        peers.accumulate_movement(self.unwrapped)  # movement scores: their own update, never clipped
-        weight_norm, threshold_norm = self._clip_gradients()
-        sums["grad_norm"] = weight_norm * n
-        if threshold_norm is not None:
-            sums["threshold_grad_norm"] = threshold_norm * n
+        metrics = {"step": self.step_count + 1, **{name: value / n for name, value in sums.items()},
+                   "lr": multiplier * self.train_cfg.lr, "grad_norm": self._clip_weights()}
         with self._masked_update():
-            for optimizer in self.optimizers:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        if self.lagrangian is not None:  # integral action once the target holds still (no windup on the ramp)
-            ramping = now["target_now"] != self.gated_target
-            self.lagrangian.ascend(0.0 if ramping else self.gate_cfg.lagrangian_gain / self.train_cfg.max_steps)
-        self.step_count += 1
-        if self.mask_schedule is not None:
-            ranked_to = self.mask_schedule.after_step(self.unwrapped, self.step_count)
-            if ranked_to is not None:
-                now["mask_sparsity"] = ranked_to
-        if self.lagrangian is not None:
-            sums["lambda_1"] = self.lagrangian.lambda_1.detach() * n
-        values = torch.stack([v.float() for v in sums.values()]).div(n).tolist()
-        return {"step": self.step_count, **dict(zip(sums, values)), **now,
-                "seconds": time.perf_counter() - started}
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        metrics.update(self.pinch.step(lr_scale=multiplier))
+        return StepMetrics({**metrics, "seconds": time.perf_counter() - started})
+
+    def _clip_weights(self) -> torch.Tensor:
+        """Clip the weights' gradients to ``training.max_grad_norm``, their norm alone (the thresholds
+        are clipped apart: :meth:`Pinch.clip_gradients`); returns it before clipping."""
+        weights = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return torch.nn.utils.clip_grad_norm_(weights, self.train_cfg.max_grad_norm)
 
     def _clip_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Clip the weights' gradients to ``training.max_grad_norm``, their norm alone (counted in,
-        the thresholds' gradients, which carry the sparsity term, shrank every weight's step while
-        pruning happened), and the thresholds' apart to ``gates.threshold_max_grad_norm`` (0: not at
-        all). Returns both norms before clipping (None: no thresholds)."""
-        weights = [p for group in self.optimizer.param_groups for p in group["params"]]
-        weight_norm = torch.nn.utils.clip_grad_norm_(weights, self.train_cfg.max_grad_norm)
-        if self.threshold_optimizer is None:
-            return weight_norm, None
-        thresholds = [p for group in self.threshold_optimizer.param_groups for p in group["params"]
-                      if p.grad is not None]
-        limit = self.gate_cfg.threshold_max_grad_norm
-        threshold_norm = (torch.nn.utils.clip_grad_norm_(thresholds, limit) if limit > 0
-                          else torch.nn.utils.get_total_norm([p.grad for p in thresholds]))
-        return weight_norm, threshold_norm
+        """Both clippings of a step, the weights' and the thresholds' (None: no thresholds); returns
+        both norms before clipping."""
+        return self._clip_weights(), self.pinch.clip_gradients()
 
     @contextlib.contextmanager
     def _masked_update(self):
@@ -421,52 +324,30 @@ class Compressor:
 
     def hard_sparsity(self) -> float:
         """Measured hard-mask sparsity of the gated parameters (0.0 for dense)."""
-        if self.method == DENSE:
-            return 0.0
-        return gates_lib.achieved_sparsity(self.unwrapped)
+        return self.pinch.hard_sparsity()
 
     def on_basis(self, gated_sparsity: float) -> float:
         """A sparsity of the gated parameters as a fraction of ``target_basis``."""
-        if self.target_basis == "gated" or self.method == DENSE:
-            return gated_sparsity
-        return gated_sparsity * self.params_gated / self.params_total
+        return self.pinch.on_basis(gated_sparsity)
 
     def finish(self) -> dict:
-        """End of training: calibrate (sspg) if the hard sparsity misses the target; report both.
-
-        ``achieved_sparsity`` / ``achieved_sparsity_trained`` are on ``target_basis`` (after / before
-        calibration), ``gated_sparsity`` of the gated parameters (after).
-        """
-        trained = self.hard_sparsity()
-        gated = trained
-        if (self.method in SSPG_METHODS and self.gate_cfg.calibrate
-                and abs(trained - self.gated_target) > self.gate_cfg.calibration_tolerance):
-            _, gated = gates_lib.calibrate_thresholds(self.unwrapped, self.gated_target)
-        elif self.mask_schedule is not None and abs(trained - self.gated_target) > 1e-4:
-            # stopped before its schedule's last update (max_steps lowered, or a test): rank to the target
-            peers.update_masks(self.unwrapped, self.gated_target, self.gate_cfg.mask_ranking)
-            gated = self.hard_sparsity()
-        return {"achieved_sparsity_trained": self.on_basis(trained), "achieved_sparsity": self.on_basis(gated),
-                "gated_sparsity": gated, "calibrated": gated != trained}
+        """End of training: :meth:`Pinch.finish` (calibrate sspg if the hard sparsity misses the
+        target; rank the peers' masks to it); ``achieved_sparsity`` / ``achieved_sparsity_trained``
+        on ``target_basis`` (after / before calibration), ``gated_sparsity`` of the gated parameters."""
+        return self.pinch.finish()
 
     def state_dict(self) -> dict:
-        """Everything needed to resume: model (with gates), multipliers, optimizer, step."""
+        """Everything needed to resume: model (with gates), the weights' optimizer, and the Pinch's
+        state (thresholds' optimizer, multiplier, step, what the run is)."""
         return {"model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "threshold_optimizer": self.threshold_optimizer.state_dict() if self.threshold_optimizer else None,
-                "lagrangian": self.lagrangian.state_dict() if self.lagrangian is not None else None,
-                "step": self.step_count, "sparsity_start": self.sparsity_start,
-                "method": self.method, "target_sparsity": self.target_sparsity, "target_basis": self.target_basis}
+                **self.pinch.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        saved = (state["method"], state["target_sparsity"], state.get("target_basis", "gated"))
-        if saved != (self.method, self.target_sparsity, self.target_basis):
-            raise ValueError(f"checkpoint is for {saved[0]}@{saved[1]} ({saved[2]}), "
-                             f"not {self.method}@{self.target_sparsity} ({self.target_basis})")
+        """Resume from :meth:`state_dict`.
+
+        Raises:
+            ValueError: the state is of another method, target or basis (before anything is loaded).
+        """
+        self.pinch.load_state_dict(state)
         self.unwrapped.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.threshold_optimizer is not None:
-            self.threshold_optimizer.load_state_dict(state["threshold_optimizer"])
-        if self.lagrangian is not None:
-            self.lagrangian.load_state_dict(state["lagrangian"])
-        self.step_count = int(state["step"])
-        self.sparsity_start = float(state["sparsity_start"])

@@ -87,7 +87,7 @@ def pruned_copy(model: nn.Module) -> PreTrainedModel:
 
 
 def export_model(plain: PreTrainedModel, processor, directory: str | os.PathLike) -> None:
-    """``save_pretrained`` the plain model (safetensors) and the processor into ``directory``.
+    """``save_pretrained`` the plain model (safetensors) and the processor (None: none) into ``directory``.
 
     Raises:
         ValueError: the model still carries gates (pass it through :func:`pruned_copy` first).
@@ -95,7 +95,8 @@ def export_model(plain: PreTrainedModel, processor, directory: str | os.PathLike
     if gates.gated_modules(plain):
         raise ValueError("export_model: the model still carries gates; export pruned_copy(model)")
     plain.save_pretrained(directory, safe_serialization=True)
-    processor.save_pretrained(directory)
+    if processor is not None:
+        processor.save_pretrained(directory)
     if getattr(plain.config, pruned_modeling.PRUNED_KEY, None):  # smaller layers: ship their loader
         shutil.copyfile(pruned_modeling.__file__, Path(directory) / pruned_modeling.MODULE_FILE)
 
