@@ -2,7 +2,7 @@
 
 A plain fine-tuning script, as transformers' run_speech_recognition_ctc.py is, plus the three lines
 marked ``pinch_ray``, on the synthetic speech corpus (espeak-ng, offline) and the shipped foundation
-``synth-tiny``; a few minutes on 2 CPU cores (150 steps of 8 utterances)::
+``synth-tiny``; about 2 minutes on 2 CPU cores (600 steps of 8 utterances)::
 
     pip install -e ".[hf]"
     python examples/hf_trainer_ctc.py                                  # sspg, 65% fewer parameters
@@ -86,13 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target", type=float, default=0.65, help="fraction of all parameters to remove")
     parser.add_argument("--foundation", default="synth-tiny", help="a shipped foundation, or a model directory")
     parser.add_argument("--corpus", default=".cache/synth/hf-example", help="where the synthetic corpus is written")
-    parser.add_argument("--utterances", type=int, default=400, help="synthetic utterances (80%% train, 10%% dev)")
+    parser.add_argument("--utterances", type=int, default=800, help="synthetic utterances (80%% train, 10%% dev)")
     parser.add_argument("--output-dir", default="runs/hf-example", help="Trainer checkpoints, and pruned/")
-    parser.add_argument("--max-steps", type=int, default=150)
+    parser.add_argument("--max-steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--logging-steps", type=int, default=25)
-    parser.add_argument("--save-steps", type=int, default=50)
+    parser.add_argument("--logging-steps", type=int, default=50)
+    parser.add_argument("--save-steps", type=int, default=200)
     parser.add_argument("--report-to", default="tensorboard", help="none, tensorboard, wandb, ...")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)

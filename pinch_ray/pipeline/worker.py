@@ -301,7 +301,7 @@ def train_loop_per_worker(config: dict) -> None:
         for epoch, index, micro_batches in steps:
             debug.maybe_fail(faults, run.step_count + 1, rank)
             trace.step(run.step_count + 1, epoch, index, micro_batches)
-            metrics = run.step(micro_batches)
+            metrics = run.step(micro_batches)  # its tensors reach the host when read: at a report only
             progress["epoch"], progress["batch_in_epoch"] = epoch, index + 1
             if reporter.due(run.step_count):
                 reporter.report(metrics, final=run.step_count >= train_cfg.max_steps)
