@@ -459,7 +459,8 @@ def peers(output_dir: str | os.PathLike, trials: Sequence[dict]) -> list[dict]:
             members = groups[(method, target)]
             splits = list(dict.fromkeys(s for m in members.values() for s in m["wer"]))
             seconds = [m["compression_seconds"] for m in members.values() if m.get("compression_seconds") is not None]
-            entry = {"method": method, "target_sparsity": target, "seeds": sorted(members, key=str),
+            entry = {"method": method, "target_sparsity": target,
+                     "seeds": sorted(members, key=lambda seed: -1 if seed is None else seed),
                      "param_reduction": statistics.fmean(m["param_reduction"] for m in members.values()),
                      "wer_mean": {}, "wer_std": {}, "p_value_pooled_vs_sspg": {},
                      "compression_seconds_mean": statistics.fmean(seconds) if seconds else None}
