@@ -52,7 +52,7 @@ def keep_freed_cpu_memory() -> bool:
 
     By default glibc serves every tensor above a few MB with a fresh ``mmap`` and gives the top of
     its heap back after every step, so each step page-faults (and the kernel zeroes) every large
-    tensor again, sspg's masked weight copies most of all (README, "Benchmarks"). With this,
+    tensor again, sspg's masked weight copies most of all (docs/benchmarks.md). With this,
     tensors up to 32 MB come from the heap and freed memory stays mapped (what jemalloc/tcmalloc
     also do): the process keeps its peak footprint. Idempotent; a no-op returning False where the
     C library is not glibc.
