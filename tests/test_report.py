@@ -232,6 +232,24 @@ def test_summary_lists_complete_trials_in_one_table_and_plots(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary files left
 
 
+def write_scored_trials(root, references, hypotheses, extra):
+    """A finished trial directory per ``{trial: hypotheses}`` (``<method>-<target>[-seed<k>]`` or
+    ``dense[-seed<k>]``): metrics scored against ``references`` plus ``extra(trial, method)``, and the
+    same hypotheses on dev and test."""
+    U = scoring.Utterance
+    for trial, texts in hypotheses.items():
+        parts = trial.split("-")
+        method, target = ("dense", 0.0) if parts[0] == "dense" else (parts[0], float(parts[1]))
+        seed = int(parts[-1][len("seed"):]) if parts[-1].startswith("seed") else None
+        metrics = {**fake_metrics(trial, method, target, 400_000, jiwer.wer(references, texts), None),
+                   "seed": seed, **extra(trial, method)}
+        (root / trial / "hypotheses").mkdir(parents=True)
+        (root / trial / "metrics.json").write_text(json.dumps(metrics))
+        for split in ("dev", "test"):
+            scoring.write_hypotheses(root / trial / "hypotheses" / f"{split}.txt",
+                                      [U(f"u{i}", r, h) for i, (r, h) in enumerate(zip(references, texts))])
+
+
 def test_summary_pools_trials_repeated_over_seeds(tmp_path):
     """sspg-0.65-seed<k> against dense-seed<k>: mean +- std per group, MAPSSWE pooled over the seeds."""
     U = scoring.Utterance
@@ -240,16 +258,8 @@ def test_summary_pools_trials_repeated_over_seeds(tmp_path):
                   "dense-seed1": ["THE CAT SAT", "ON A BAT", "WITH ITS HAT"],
                   "sspg-0.65-seed0": ["THE CAT SAT", "ON A BAT", "WITH ITS HAT"],
                   "sspg-0.65-seed1": ["THE BAT SAT", "ON A BAT", "WITH A HAT"]}
-    for trial, texts in hypotheses.items():
-        method, target = ("dense", 0.0) if trial.startswith("dense") else ("sspg", 0.65)
-        metrics = {**fake_metrics(trial, method, target, 400_000, jiwer.wer(references, texts), None),
-                   "seed": int(trial[-1]),
-                   "dense_reference": None if method == "dense" else f"dense-seed{trial[-1]}"}
-        (tmp_path / trial / "hypotheses").mkdir(parents=True)
-        (tmp_path / trial / "metrics.json").write_text(json.dumps(metrics))
-        for split in ("dev", "test"):
-            scoring.write_hypotheses(tmp_path / trial / "hypotheses" / f"{split}.txt",
-                                      [U(f"u{i}", r, h) for i, (r, h) in enumerate(zip(references, texts))])
+    write_scored_trials(tmp_path, references, hypotheses,
+                        lambda trial, method: {"dense_reference": None if method == "dense" else f"dense-seed{trial[-1]}"})
     summary = report.write_summary(tmp_path)
     groups = {g["trial"]: g for g in summary["over_seeds"]}
     assert set(groups) == {"dense", "sspg-0.65"}
@@ -281,16 +291,8 @@ def test_summary_compares_every_method_with_sspg_at_its_target_over_the_seeds_bo
                   "gmp-0.65-seed0": ["THE BAT SAT", "ON A BAT", "WITH A HAT"],
                   "gmp-0.65-seed1": ["THE BAT SAT", "ON A BAT", "WITH ITS HAT"],
                   "ump-0.5": ["THE CAT SAT", "ON A MAT", "WITH ITS HAT"]}
-    for trial, texts in hypotheses.items():
-        method, target = ("dense", 0.0) if trial.startswith("dense") else (trial.split("-")[0], float(trial.split("-")[1]))
-        seed = int(trial[-1]) if "seed" in trial else None
-        metrics = {**fake_metrics(trial, method, target, 400_000, jiwer.wer(references, texts), None), "seed": seed,
-                   "compression_seconds": 100.0 if method == "gmp" else 60.0}
-        (tmp_path / trial / "hypotheses").mkdir(parents=True)
-        (tmp_path / trial / "metrics.json").write_text(json.dumps(metrics))
-        for split in ("dev", "test"):
-            scoring.write_hypotheses(tmp_path / trial / "hypotheses" / f"{split}.txt",
-                                      [U(f"u{i}", r, h) for i, (r, h) in enumerate(zip(references, texts))])
+    write_scored_trials(tmp_path, references, hypotheses,
+                        lambda trial, method: {"compression_seconds": 100.0 if method == "gmp" else 60.0})
     summary = report.write_summary(tmp_path)
     entries = {entry["method"]: entry for entry in summary["peers"]}
     assert [entry["method"] for entry in summary["peers"]] == ["sspg", "gmp"]  # sspg first; ump-0.5 alone
