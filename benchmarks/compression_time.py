@@ -14,7 +14,9 @@ shipped foundation ``synth-tiny``), per seed:
 - **two stage**: dense fine-tuning until dev WER stops improving, then ``ump`` (every gated matrix
   pruned to the target by |W|) and fine-tuning with the mask fixed until dev WER stops improving.
 - **peers** (``--peers gmp movement parp``): each one pass as sspg, under the same ramp (parp is at
-  the target from its first step), the same stopping rule and the same clock.
+  the target from its first step), the same stopping rule and the same clock. They are timed to the
+  quality sspg and two-stage have in common and do not set it: a peer that never gets there (its
+  ``s_to_quality`` null) cannot lower the bar for the other arms.
 
 Every stage uses the same constant learning rate after the same warm-up, evaluates the dev split
 every ``--eval-every`` steps and stops after ``--patience`` evaluations without a new best of the
@@ -23,8 +25,8 @@ against its cumulative training seconds (evaluation excluded; the two-stage cloc
 dense stage; only compressed models count: sspg after its ramp, two-stage in its second stage).
 Seconds are CPU seconds of this process by default (``--clock cpu``: other work on a shared machine
 barely moves them; ``--clock wall`` for elapsed time).
-The figure is **time to a common quality**: the worst arm's best smoothed dev WER, and the seconds
-each arm took to first reach it (:func:`seconds_to_common_quality`); ``ratio`` = one pass / two
+The figure is **time to a common quality**: the worse of sspg's and two-stage's best smoothed dev
+WER, and the seconds each arm took to first reach it (:func:`seconds_to_common_quality`); ``ratio`` = one pass / two
 stage, and per peer its seconds / sspg's (below 1: the peer reaches that quality sooner). So where a
 stopping rule happens to end a run no longer decides the result. Test WERs are of each arm's kept
 (best) model.
@@ -148,6 +150,27 @@ def seconds_to_common_quality(arms: dict[str, tuple[list, float]]) -> tuple[floa
     return quality, {name: seconds_to_reach(curve, quality, offset) for name, (curve, offset) in arms.items()}
 
 
+def peer_time(curve: list, quality: float, sspg_seconds: float, two_stage_seconds: float) -> dict:
+    """A peer's seconds to the quality sspg and two-stage have in common, and their ratios to theirs;
+    all None when the peer never reaches it."""
+    seconds = seconds_to_reach(curve, quality)
+    if seconds is None:
+        return {"s_to_quality": None, "ratio_vs_sspg": None, "ratio_vs_two_stage": None}
+    return {"s_to_quality": round(seconds, 1), "ratio_vs_sspg": round(seconds / sspg_seconds, 3),
+            "ratio_vs_two_stage": round(seconds / two_stage_seconds, 3)}
+
+
+def summarize_peer(per_seed: list[dict]) -> dict:
+    """Over seeds: the ratios to sspg, and their mean over the seeds where the peer reached the common
+    quality (``reached`` of them; the mean is None where it never did)."""
+    ratios = [seed["ratio_vs_sspg"] for seed in per_seed]
+    reached = [ratio for ratio in ratios if ratio is not None]
+    return {"ratios_vs_sspg": ratios, "reached": f"{len(reached)}/{len(ratios)}",
+            "ratio_vs_sspg_mean": round(statistics.fmean(reached), 3) if reached else None,
+            "ratio_vs_sspg_std": round(statistics.stdev(reached), 3) if len(reached) > 1 else None,
+            "word_errors": sum(seed["word_errors"] for seed in per_seed)}
+
+
 def rounded_curve(curve: list) -> list:
     return [[step, round(seconds, 2), round(wer, 4), round(smoothed, 4)] for step, seconds, wer, smoothed in curve]
 
@@ -220,11 +243,9 @@ def main() -> None:
             peer_tests = {method: score(transcribe_rows(peer_models[method], processor, test_rows, batch_size=32))
                           for method in args.peers}
         quality, reached = seconds_to_common_quality(
-            {"sspg": (one["curve"], 0.0), "two-stage": (ump["curve"], dense["seconds"]),
-             **{method: (arm["curve"], 0.0) for method, arm in peer_arms.items()}})
+            {"sspg": (one["curve"], 0.0), "two-stage": (ump["curve"], dense["seconds"])})
         one_s, two_s = reached["sspg"], reached["two-stage"]
-        peers = {method: {"s_to_quality": round(reached[method], 1), "ratio_vs_sspg": round(reached[method] / one_s, 3),
-                          "ratio_vs_two_stage": round(reached[method] / two_s, 3), "s_total": round(arm["seconds"], 1),
+        peers = {method: {**peer_time(arm["curve"], quality, one_s, two_s), "s_total": round(arm["seconds"], 1),
                           "best_smoothed_dev_wer": round(min(p[3] for p in arm["curve"]), 4),
                           "wer": round(peer_tests[method].wer, 4),
                           "word_errors": round(peer_tests[method].wer * peer_tests[method].num_words),
@@ -252,13 +273,7 @@ def main() -> None:
 
     runs = [run_seed(seed) for seed in args.seeds]
     ratios = [run["ratio"] for run in runs]
-    peers = {}
-    for method in args.peers:
-        vs_sspg = [run["peers"][method]["ratio_vs_sspg"] for run in runs]
-        peers[method] = {"ratio_vs_sspg_mean": round(statistics.fmean(vs_sspg), 3),
-                         "ratio_vs_sspg_std": round(statistics.stdev(vs_sspg), 3) if len(vs_sspg) > 1 else 0.0,
-                         "ratios_vs_sspg": vs_sspg,
-                         "word_errors": sum(run["peers"][method]["word_errors"] for run in runs)}
+    peers = {method: summarize_peer([run["peers"][method] for run in runs]) for method in args.peers}
     print(json.dumps({
         "ratio_mean": round(statistics.fmean(ratios), 3),
         "ratio_std": round(statistics.stdev(ratios), 3) if len(ratios) > 1 else 0.0,

@@ -205,12 +205,24 @@ def test_time_to_common_quality_is_read_from_the_curves_so_every_arm_reaches_it(
     compression_time = benchmark("compression_time")
     sspg = [[50, 10.0, 0.2, 0.2], [100, 20.0, 0.12, 0.123456], [150, 30.0, 0.13, 0.125]]
     two_stage = [[50, 5.0, 0.3, 0.3], [100, 9.0, 0.11, 0.11]]
-    peer = [[50, 4.0, 0.12, 0.1234561]]  # a hair worse than sspg's plateau: the common quality
-    quality, reached = compression_time.seconds_to_common_quality(
-        {"sspg": (sspg, 0.0), "two-stage": (two_stage, 100.0), "gmp": (peer, 0.0)})
-    assert quality == 0.1234561 and reached == {"sspg": 20.0, "two-stage": 109.0, "gmp": 4.0}
     quality, reached = compression_time.seconds_to_common_quality({"sspg": (sspg, 0.0), "two-stage": (two_stage, 100.0)})
     assert quality == 0.123456 and reached == {"sspg": 20.0, "two-stage": 109.0}
     assert compression_time.rounded_curve(sspg)[1] == [100, 20.0, 0.12, 0.1235]
     with pytest.raises(ValueError, match=r"\['gmp'\] recorded no dev WER"):
         compression_time.seconds_to_common_quality({"sspg": (sspg, 0.0), "gmp": ([], 0.0)})
+
+
+def test_peers_are_timed_to_the_quality_sspg_and_two_stage_share_and_cannot_lower_it():
+    """A peer whose plateau (0.1234561) is a hair worse than the common quality (0.123456) never
+    reaches it: null on that seed, left out of the mean, and the bar for sspg and two-stage stays."""
+    compression_time = benchmark("compression_time")
+    slow_but_good = [[50, 4.0, 0.2, 0.2], [100, 30.0, 0.11, 0.12]]
+    plateau_a_hair_worse = [[50, 4.0, 0.12, 0.1234561]]
+    seeds = [compression_time.peer_time(slow_but_good, 0.123456, 20.0, 109.0),
+             compression_time.peer_time(plateau_a_hair_worse, 0.123456, 20.0, 109.0)]
+    assert seeds[0] == {"s_to_quality": 30.0, "ratio_vs_sspg": 1.5, "ratio_vs_two_stage": 0.275}
+    assert seeds[1] == {"s_to_quality": None, "ratio_vs_sspg": None, "ratio_vs_two_stage": None}
+    summary = compression_time.summarize_peer([{**seed, "word_errors": 10} for seed in seeds])
+    assert summary == {"ratios_vs_sspg": [1.5, None], "reached": "1/2", "ratio_vs_sspg_mean": 1.5,
+                       "ratio_vs_sspg_std": None, "word_errors": 20}
+    assert compression_time.summarize_peer([{**seeds[1], "word_errors": 1}])["ratio_vs_sspg_mean"] is None
