@@ -290,12 +290,13 @@ def test_summary_compares_every_method_with_sspg_at_its_target_over_the_seeds_bo
                   "sspg-0.65-seed1": ["THE BAT SAT", "ON A MAT", "WITH ITS HAT"],
                   "gmp-0.65-seed0": ["THE BAT SAT", "ON A BAT", "WITH A HAT"],
                   "gmp-0.65-seed1": ["THE BAT SAT", "ON A BAT", "WITH ITS HAT"],
+                  "parp-0.65-seed1": ["THE CAT SAT", "ON A BAT", "WITH ITS HAT"],
                   "ump-0.5": ["THE CAT SAT", "ON A MAT", "WITH ITS HAT"]}
     write_scored_trials(tmp_path, references, hypotheses,
                         lambda trial, method: {"compression_seconds": 100.0 if method == "gmp" else 60.0})
     summary = report.write_summary(tmp_path)
     entries = {entry["method"]: entry for entry in summary["peers"]}
-    assert [entry["method"] for entry in summary["peers"]] == ["sspg", "gmp"]  # sspg first; ump-0.5 alone
+    assert [entry["method"] for entry in summary["peers"]] == ["sspg", "gmp", "parp"]  # sspg first; ump-0.5 alone
     gmp = entries["gmp"]
     assert gmp["seeds"] == [0, 1] and gmp["wer_mean"]["test"] == pytest.approx((3 / 9 + 2 / 9) / 2)
     pairs = [([U(f"u{i}", r, h) for i, (r, h) in enumerate(zip(references, hypotheses[f"gmp-0.65-seed{k}"]))],
@@ -306,3 +307,4 @@ def test_summary_compares_every_method_with_sspg_at_its_target_over_the_seeds_bo
     text = (tmp_path / "summary.md").read_text()
     assert "## Peers" in text and "| 0.65 | sspg | 0, 1 | 60.0 | 10.11 ± 0.00 | 11.11 ± 0.00 | (reference) | (reference) | 60 |" in text
     assert "| 0.65 | gmp | 0, 1 | 60.0 | 26.78 ± 7.86 | 27.78 ± 7.86 |" in text
+    assert "| 0.65 | parp | 1 | 60.0 | 10.11 | 11.11 |" in text  # one seed: no spread to show

@@ -418,6 +418,15 @@ def over_seeds(output_dir: str | os.PathLike, trials: Sequence[dict]) -> list[di
     return out
 
 
+def _mean_std(entry: dict, split: str) -> str:
+    """A group's WER on ``split`` in percent: ``mean ± std`` over its seeds, the mean alone for one
+    seed (no spread was measured), ``–`` where it has none."""
+    if split not in entry["wer_mean"]:
+        return "–"
+    mean = f"{100 * entry['wer_mean'][split]:.2f}"
+    return mean if len(entry["seeds"]) < 2 else f"{mean} ± {100 * entry['wer_std'][split]:.2f}"
+
+
 def over_seeds_table(groups: Sequence[dict]) -> str:
     """Markdown: a row per (method, target) repeated over seeds; WER mean ± std, pooled p."""
     splits = list(dict.fromkeys(s for g in groups for s in g["wer_mean"]))
@@ -428,8 +437,7 @@ def over_seeds_table(groups: Sequence[dict]) -> str:
         target = "–" if g["method"] == DENSE else f"{g['target_sparsity']:.3g}"
         row = [g["trial"], g["method"], target, ", ".join(map(str, g["seeds"])),
                f"{100 * g['param_reduction']:.1f}"]
-        row += [f"{100 * g['wer_mean'][s]:.2f} ± {100 * g['wer_std'][s]:.2f}" if s in g["wer_mean"] else "–"
-                for s in splits]
+        row += [_mean_std(g, s) for s in splits]
         row += [_number(g["p_value_pooled_vs_dense"].get(s), ".3g") for s in splits]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -489,8 +497,7 @@ def peers_table(entries: Sequence[dict]) -> str:
     for e in entries:
         row = [f"{e['target_sparsity']:.3g}", e["method"], ", ".join("–" if s is None else str(s) for s in e["seeds"]),
                f"{100 * e['param_reduction']:.1f}"]
-        row += [f"{100 * e['wer_mean'][s]:.2f} ± {100 * e['wer_std'][s]:.2f}" if s in e["wer_mean"] else "–"
-                for s in splits]
+        row += [_mean_std(e, s) for s in splits]
         row += ["(reference)" if e["method"] == PEER_REFERENCE else _number(e["p_value_pooled_vs_sspg"].get(s), ".3g")
                 for s in splits]
         row += [_number(e["compression_seconds_mean"], ".0f")]
