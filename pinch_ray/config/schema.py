@@ -152,8 +152,9 @@ class GateConfig:
     calibration_tolerance: float = 0.005  # see calibrate (fraction of the gated weights)
     # Gradient clipping of the thresholds (L2 norm over all of them; 0: none). The weights are
     # clipped alone (training.max_grad_norm): clipped together, the thresholds' gradients, which carry
-    # the sparsity term, took most of the norm while the Lagrangian was active and shrank every
-    # weight's step exactly while pruning happened.
+    # the sparsity term, took most of the norm early in the ramp and set the weights' clip factor, so
+    # the weights' optimizer saw their gradients rescaled by the state of the gates (AdamW then took
+    # steps up to ~1.4x larger once the factor rose; docs/lab-notebook.md).
     threshold_max_grad_norm: float = 0.0
     # The thresholds' learning-rate schedule. lr: the weights' (warm-up, hold, cosine decay); constant:
     # their full rate from the first step to the last, so they move as fast where the target ramps
