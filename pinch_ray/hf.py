@@ -28,6 +28,8 @@ DDP wrapper (so both see them, as PEFT's ``get_peft_model`` before a Trainer), a
   weights' alone);
 - steps the schedules (target ramp, temperature, ``lambda_1``, the peers' masks) over the Trainer's
   ``max_steps``;
+- with ``gates.masked_update`` (sspg), scales each gated weight's update by its soft mask once the
+  Trainer's optimizer has stepped (the weights and masks are noted by the first forward of the step);
 - saves its state with every Trainer checkpoint (``checkpoint-N/pinch_state.pt``; the thresholds,
   masks and scores are in the model's weights) and restores it when ``trainer.train`` resumes
   from a checkpoint under ``output_dir``;

@@ -22,6 +22,7 @@ from pinch_ray.core.compressor import StepMetrics
 from pinch_ray.core.models import count_parameters, load_model
 
 from test_export import STOCK_LOADER
+from test_peers import PINCHING, PinchedStep
 from test_train import NO_RANDOMNESS, random_batches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +76,26 @@ def test_every_method_trains_through_the_api_and_folds_at_its_target(method):
     assert abs(pruned_fraction(model) - target) < (1e-3 if method.startswith("sspg") else 1e-4)
     with pytest.raises(RuntimeError, match="folded"):
         pinch.sparsity_loss()
+
+
+def test_the_masked_update_reaches_a_plain_loop_with_accumulation_unchanged():
+    """gates.masked_update needs no call of its own: sparsity_loss() notes the weights before the
+    step (its first call of the step, of two micro-batches here), step() scales the update."""
+    moved = {}
+    for masked_update in (False, True):
+        model, _ = load_model("tiny", **NO_RANDOMNESS)
+        model.train()
+        pinch = pinch_ray.attach(model, "sspg", 0.65, max_steps=10,
+                                 gates=pinch_ray.GateConfig(masked_update=masked_update, **PINCHING))
+        optimizer = torch.optim.AdamW(pinch.weight_parameters(), lr=1e-3)
+        step = PinchedStep(model)
+        for batch in random_batches(2, batch=2, seconds=0.5):
+            ((model(**batch).loss + pinch.sparsity_loss()) / 2).backward()
+        optimizer.step()
+        pinch.step()
+        optimizer.zero_grad()
+        moved[masked_update] = step.ratio()
+    assert moved[False] > 0.5 and moved[True] < 0.05
 
 
 def test_step_metrics_come_to_the_host_together_when_first_read():
@@ -131,6 +152,34 @@ def test_the_trainer_example_reaches_the_target_exactly_and_stock_transformers_l
                             timeout=120)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert float(loaded.stdout.strip().splitlines()[-1]) <= 1e-5
+
+
+def test_the_masked_update_reaches_the_trainer(example, corpus, tmp_path):
+    from transformers import AutoProcessor, TrainerCallback
+
+    from pinch_ray.core.models import checkpoint_path
+    from pinch_ray.hf import attach
+
+    class MeasureTheStep(TrainerCallback):  # the Trainer's steps, after PinchCallback's hooks of each
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.step = PinchedStep(model)
+
+        def on_step_end(self, args, state, control, **kwargs):  # before on_train_end folds the gates
+            self.ratio = self.step.ratio()
+
+    moved = {}
+    for masked_update in (False, True):
+        args = example.parse_args(shortened(corpus, tmp_path / str(masked_update)) + ["--max-steps", "1"])
+        processor = AutoProcessor.from_pretrained(checkpoint_path(args.foundation))
+        example.generate_corpus(args.corpus, num_utterances=args.utterances, seed=args.seed, progress=False)
+        trainer = example.build_trainer(args, example.read_split(Path(args.corpus), "train", processor), processor)
+        attach(trainer, "sspg", target_sparsity=0.65,
+               gates=pinch_ray.GateConfig(masked_update=masked_update, **PINCHING))
+        measure = MeasureTheStep()
+        trainer.add_callback(measure)
+        trainer.train()
+        moved[masked_update] = measure.ratio
+    assert moved[False] > 0.5 and moved[True] < 0.05
 
 
 class Killed(Exception):

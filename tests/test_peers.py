@@ -181,20 +181,36 @@ def test_the_thresholds_can_keep_their_full_rate_while_the_weights_warm_up():
         assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * run.train_cfg.lr)
 
 
+class PinchedStep:
+    """The largest gated matrix of ``model`` before an optimizer step, its weights split by their
+    soft mask into those the gates pinch (20x to 10,000x less gradient, far above AdamW's eps) and
+    those they keep; :meth:`ratio`, after the step: how far the pinched moved, over the kept."""
+
+    def __init__(self, model):
+        module, gate = max(gates.gated_modules(model).values(), key=lambda item: item[1].numel)
+        self.weight = module.parametrizations.weight.original
+        soft = gate.soft_mask(self.weight.detach())
+        self.before = self.weight.detach().clone()
+        self.pinched, self.kept = (soft > 1e-4) & (soft < 0.05), soft > 0.999
+        assert self.pinched.sum() > 20 and self.kept.sum() > 20
+
+    def ratio(self) -> float:
+        change = (self.weight.detach() - self.before).abs()
+        return change[self.pinched].mean().item() / change[self.kept].mean().item()
+
+
+# gates.threshold_init 1.0: a start with many weights well under their thresholds
+PINCHING = {"threshold_init": 1.0, "calibrate": False}
+
+
 def test_masked_update_holds_a_weight_under_its_threshold_where_adam_would_move_it():
+    """The pipeline's step (the Compressor); the plain loop and the Trainer: test_api.py."""
     moved = {}
     for masked_update in (False, True):
-        run, _ = compressor("sspg", steps=10, gate_cfg=GateConfig(masked_update=masked_update, threshold_init=1.0,
-                                                                  calibrate=False))
-        module, gate = max(gates.gated_modules(run.model).values(), key=lambda item: item[1].numel)
-        original = module.parametrizations.weight.original
-        soft = gate.soft_mask(original.detach())
-        before = original.detach().clone()
+        run, _ = compressor("sspg", steps=10, gate_cfg=GateConfig(masked_update=masked_update, **PINCHING))
+        step = PinchedStep(run.model)
         run.step([next(random_batches(1, batch=2, seconds=0.5))])
-        change = (original.detach() - before).abs()
-        pinched = (soft > 1e-4) & (soft < 0.05)  # 20x to 10,000x less gradient, far above AdamW's eps
-        assert pinched.sum() > 20
-        moved[masked_update] = change[pinched].mean().item() / change[soft > 0.999].mean().item()
+        moved[masked_update] = step.ratio()
     assert moved[False] > 0.5  # AdamW's normalisation: a pinched weight takes a near-full step
     assert moved[True] < 0.05  # scaled by its mask
 

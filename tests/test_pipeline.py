@@ -118,6 +118,25 @@ def test_a_setting_added_later_keeps_earlier_runs_at_its_older_value(tmp_path):
         reusable_result_dir(job, "sspg-0.5", {"settings": {"gates": {"regrow": False}}})
 
 
+def test_a_gate_setting_a_method_does_not_read_leaves_its_runs_reusable(tmp_path):
+    """gmp ignores the masked update and the temperature: a finished gmp run is reused when they
+    change (a new default included); sspg's is not, and gmp's own settings stay strict."""
+    job = SimpleNamespace(storage_path=str(tmp_path))
+    recorded = {"gates": {"masked_update": False, "tau_start": 0.01, "mask_update_every": 10,
+                          "gate_feature_encoder": True}}
+    for method in ("gmp", "sspg"):
+        checkpoint = tmp_path / f"{method}-0.5" / checkpoint_name(2)
+        checkpoint.mkdir(parents=True)
+        save_checkpoint(checkpoint, {}, {"epoch": 0}, {"method": method, **recorded})
+    changed = {"masked_update": True, "tau_start": 0.05, "mask_update_every": 10, "gate_feature_encoder": False}
+    assert reusable_result_dir(job, "gmp-0.5", {"settings": {"method": "gmp", "gates": changed}}) is None  # resumes
+    with pytest.raises(SettingsChangedError, match=r"gates\.mask_update_every: 10 -> 20"):
+        reusable_result_dir(job, "gmp-0.5", {"settings": {"method": "gmp", "gates": {**changed, "mask_update_every": 20}}})
+    with pytest.raises(SettingsChangedError, match=r"gates\.gate_feature_encoder: True -> False; gates\.masked_update: "
+                                                   r"False -> True; gates\.tau_start: 0\.01 -> 0\.05"):
+        reusable_result_dir(job, "sspg-0.5", {"settings": {"method": "sspg", "gates": changed}})
+
+
 def test_every_artifact_is_written(finished):
     out, cfg = finished["out"], finished["cfg"]
     for name in ("summary.json", "summary.md", "wer_vs_params.png", "pipeline.yaml"):

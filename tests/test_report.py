@@ -308,3 +308,4 @@ def test_summary_compares_every_method_with_sspg_at_its_target_over_the_seeds_bo
     assert "## Peers" in text and "| 0.65 | sspg | 0, 1 | 60.0 | 10.11 ± 0.00 | 11.11 ± 0.00 | (reference) | (reference) | 60 |" in text
     assert "| 0.65 | gmp | 0, 1 | 60.0 | 26.78 ± 7.86 | 27.78 ± 7.86 |" in text
     assert "| 0.65 | parp | 1 | 60.0 | 10.11 | 11.11 |" in text  # one seed: no spread to show
+    assert entries["parp"]["wer_std"] == {"dev": None, "test": None}  # in summary.json too

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pinch_ray.config import DENSE, SSPG_METHODS, GateConfig, TrainConfig, raise_if_problems
+from pinch_ray.config import DENSE, GateConfig, TrainConfig, raise_if_problems
 from pinch_ray.core import gates as gates_lib
 from pinch_ray.core.distill import Distiller
-from pinch_ray.core.masks import ThresholdGate
 # The methods' preparation and the thresholds' optimizer are the public API's (pinch_ray.attach);
 # named here too, where the pipeline and its tests import them from.
 from pinch_ray.core.pinch import (GATE_MORE, Pinch, SharedScaleAdam, gate_parameters, gated_target,  # noqa: F401
@@ -287,9 +286,8 @@ class Compressor:
                 sums["ctc_loss"] = sums.get("ctc_loss", 0) + ctc_loss.detach()
         metrics = {"step": self.step_count + 1, **{name: value / n for name, value in sums.items()},
                    "lr": multiplier * self.train_cfg.lr, "grad_norm": self._clip_weights()}
-        with self._masked_update():
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         metrics.update(self.pinch.step(lr_scale=multiplier))
         return StepMetrics({**metrics, "seconds": time.perf_counter() - started})
 
@@ -303,24 +301,6 @@ class Compressor:
         """Both clippings of a step, the weights' and the thresholds' (None: no thresholds); returns
         both norms before clipping."""
         return self._clip_weights(), self.pinch.clip_gradients()
-
-    @contextlib.contextmanager
-    def _masked_update(self):
-        """With ``gates.masked_update`` (sspg at weight granularity): each gated weight moves by its
-        soft mask times the optimizer's update, ``W + M (W' - W)``, ``M`` taken before the step, so a
-        weight under its threshold moves less whatever AdamW's normalisation makes of ``g * M``."""
-        if not (self.gate_cfg.masked_update and self.method in SSPG_METHODS):
-            yield
-            return
-        gated = [(module.parametrizations.weight.original, gate) for module, gate
-                 in gates_lib.gated_modules(self.unwrapped).values()
-                 if type(gate) is ThresholdGate and module.parametrizations.weight.is_tensor]
-        with torch.no_grad():
-            before = [(weight, weight.detach().clone(), gate.soft_mask(weight)) for weight, gate in gated]
-        yield
-        with torch.no_grad():
-            for weight, old, mask in before:
-                weight.copy_(torch.lerp(old, weight, mask.to(weight.dtype)))
 
     def hard_sparsity(self) -> float:
         """Measured hard-mask sparsity of the gated parameters (0.0 for dense)."""

@@ -205,6 +205,37 @@ def soft_sparsity(model: nn.Module) -> torch.Tensor:
 
 
 @dataclass
+class MaskedUpdate:
+    """One gated weight before an optimizer step (``gates.masked_update``): the parameter, its value
+    and its soft mask then."""
+    weight: nn.Parameter
+    before: torch.Tensor
+    mask: torch.Tensor
+
+
+@torch.no_grad()
+def masked_update_start(model: nn.Module) -> list[MaskedUpdate]:
+    """Before an optimizer step: every weight-granularity gate's weight, its value and soft mask
+    (the mask of the thresholds and temperature the step's forward passes use), outside autocast.
+    Neuron gates and weights under another parametrization (the weight-normed positional conv) are
+    left out: their update is the optimizer's."""
+    with torch.autocast(next(model.parameters()).device.type, enabled=False):
+        return [MaskedUpdate(weight, weight.detach().clone(), gate.soft_mask(weight).to(weight.dtype))
+                for module, gate in gated_modules(model).values()
+                if type(gate) is ThresholdGate and module.parametrizations.weight.is_tensor
+                for weight in (module.parametrizations.weight.original,)]
+
+
+@torch.no_grad()
+def masked_update_finish(noted: list[MaskedUpdate]) -> None:
+    """After the optimizer step: each weight moves by its soft mask times what the optimizer did,
+    ``W + M (W' - W)``, so a weight under its threshold moves less whatever AdamW's normalisation
+    made of its masked gradient ``g * M``."""
+    for item in noted:
+        item.weight.copy_(torch.lerp(item.before, item.weight, item.mask))
+
+
+@dataclass
 class LayerSparsity:
     name: str
     numel: int

@@ -22,7 +22,10 @@ What :class:`Pinch` owns, per method (``max_steps`` sets every schedule's length
   their own optimizer (``gates.threshold_update``) at ``threshold_lr`` (default ``4 / max_steps``),
   their gradients clipped apart (``gates.threshold_max_grad_norm``); the sparsity Lagrangian whose
   target ramps from the starting soft sparsity to the target, ``lambda_1`` rising by gradient
-  ascent once the ramp is over; the temperature annealed from ``tau_start`` to ``tau_end``.
+  ascent once the ramp is over; the temperature annealed from ``tau_start`` to ``tau_end``; with
+  ``gates.masked_update`` (weight granularity), each gated weight's update scaled by its soft mask:
+  :meth:`Pinch.sparsity_loss` notes the weights and masks before your optimizer steps,
+  :meth:`Pinch.step` scales what it did, so the loop stays as above.
 - ``ump``, ``two-stage``: fixed magnitude masks, set at :func:`attach`; nothing to step.
 - ``gmp``, ``movement``, ``parp``: masks re-ranked on the schedule of
   :class:`pinch_ray.core.peers.MaskSchedule`; movement's scores accumulate their own gradient.
@@ -207,6 +210,8 @@ class Pinch:
             self.threshold_optimizer = threshold_optimizer(thresholds, 0.0, self.betas, gate_cfg.threshold_update)
         self._sums: dict[str, torch.Tensor] = {}  # sparsity-term metrics summed over the step's micro-batches
         self._terms = 0  # sparsity_loss() calls since the last step
+        # gates.masked_update: (weight, its value, its soft mask) before this step's update
+        self._masked: list[gates_lib.MaskedUpdate] = []
         if max_steps is not None:
             self.set_max_steps(max_steps)
 
@@ -268,6 +273,8 @@ class Pinch:
         self._check_open()
         if self.lagrangian is None:
             return torch.zeros((), device=self.device)
+        if self._terms == 0 and self.gate_cfg.masked_update:  # the step's first: the weights before its update
+            self._masked = gates_lib.masked_update_start(self.model)
         soft = gates_lib.soft_sparsity(self.model)
         term = self.lagrangian(soft, self.target_now)
         for name, value in (("sparsity_loss", term), ("soft_sparsity", soft)):
@@ -325,11 +332,14 @@ class Pinch:
         return metrics
 
     def advance(self) -> dict:
-        """Count the step and move the schedules on: the masks re-ranked when due (gmp, movement,
-        parp; returns ``mask_sparsity``, the gated sparsity they were ranked to), the temperature of
-        the next step (sspg)."""
+        """After the weights' optimizer step: scale its update by the soft masks
+        (``gates.masked_update``), count the step and move the schedules on: the masks re-ranked
+        when due (gmp, movement, parp; returns ``mask_sparsity``, the gated sparsity they were
+        ranked to), the temperature of the next step (sspg)."""
         self._check_open()
         self._steps()
+        gates_lib.masked_update_finish(self._masked)
+        self._masked = []
         self.step_count += 1
         metrics = {}
         if self.mask_schedule is not None:

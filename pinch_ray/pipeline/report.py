@@ -24,7 +24,7 @@ import os
 import re
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -384,9 +384,10 @@ SEEDED_TRIAL = re.compile(r"(?P<base>.+)-seed(?P<seed>\d+)")  # sweep.seeds: <tr
 
 def over_seeds(output_dir: str | os.PathLike, trials: Sequence[dict]) -> list[dict]:
     """Trials repeated over seeds (``<trial>-seed<k>``), one entry per ``<trial>``: the seeds, the
-    WER per split as mean and sample std, parameters removed (mean), and per split a MAPSSWE test
-    pooled over the seeds (each seed's hypotheses against its ``dense_reference``, the dense trial
-    finalize compared it with; :func:`pinch_ray.core.scoring.compare_pooled`)."""
+    WER per split as mean and sample std (:func:`mean_std`), parameters removed (mean), and per
+    split a MAPSSWE test pooled over the seeds (each seed's hypotheses against its
+    ``dense_reference``, the dense trial finalize compared it with;
+    :func:`pinch_ray.core.scoring.compare_pooled`)."""
     groups: dict[str, list[dict]] = {}
     for m in trials:
         match = SEEDED_TRIAL.fullmatch(m["trial"])
@@ -407,9 +408,8 @@ def over_seeds(output_dir: str | os.PathLike, trials: Sequence[dict]) -> list[di
                 hypotheses.append((read_trial_hypotheses(Path(output_dir) / m["trial"]),
                                    read_trial_hypotheses(Path(output_dir) / m["dense_reference"])))
         for split in splits:
-            wers = [m["wer"][split] for m in members if split in m["wer"]]
-            entry["wer_mean"][split] = statistics.fmean(wers)
-            entry["wer_std"][split] = statistics.stdev(wers) if len(wers) > 1 else 0.0
+            entry["wer_mean"][split], entry["wer_std"][split] = mean_std(m["wer"][split] for m in members
+                                                                         if split in m["wer"])
             pairs = [(system[split], baseline[split]) for system, baseline in hypotheses
                      if split in system and split in baseline]
             if pairs and len(pairs) == len(members):  # every seed has its comparison
@@ -418,13 +418,20 @@ def over_seeds(output_dir: str | os.PathLike, trials: Sequence[dict]) -> list[di
     return out
 
 
+def mean_std(values: Iterable[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation of a group's values (seeds); the std is None for a single
+    value: no spread was measured, which a table shows as the mean alone (not ``± 0.00``)."""
+    values = list(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
 def _mean_std(entry: dict, split: str) -> str:
-    """A group's WER on ``split`` in percent: ``mean ± std`` over its seeds, the mean alone for one
-    seed (no spread was measured), ``–`` where it has none."""
+    """A group's WER on ``split`` in percent: ``mean ± std`` over its seeds, the mean alone where one
+    seed has the split, ``–`` where none has."""
     if split not in entry["wer_mean"]:
         return "–"
-    mean = f"{100 * entry['wer_mean'][split]:.2f}"
-    return mean if len(entry["seeds"]) < 2 else f"{mean} ± {100 * entry['wer_std'][split]:.2f}"
+    mean, std = entry["wer_mean"][split], entry["wer_std"][split]
+    return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def over_seeds_table(groups: Sequence[dict]) -> str:
@@ -477,9 +484,8 @@ def peers(output_dir: str | os.PathLike, trials: Sequence[dict]) -> list[dict]:
                             read_trial_hypotheses(Path(output_dir) / reference[seed]["trial"])) for seed in shared]
                           if method != PEER_REFERENCE else [])
             for split in splits:
-                wers = [m["wer"][split] for m in members.values() if split in m["wer"]]
-                entry["wer_mean"][split] = statistics.fmean(wers)
-                entry["wer_std"][split] = statistics.stdev(wers) if len(wers) > 1 else 0.0
+                entry["wer_mean"][split], entry["wer_std"][split] = mean_std(m["wer"][split] for m in members.values()
+                                                                             if split in m["wer"])
                 pairs = [(system[split], baseline[split]) for system, baseline in hypotheses
                          if split in system and split in baseline]
                 if pairs:
@@ -525,10 +531,11 @@ def plot_wer_vs_params(path: str | os.PathLike, trials: Sequence[dict], split: s
                 groups.setdefault(seeded["base"] if seeded else m["trial"], []).append(m)
         if not groups:
             continue
-        points = sorted((statistics.fmean(m["params_nonzero"] / 1e6 for m in group),
-                         statistics.fmean(100 * m["wer"][split] for m in group),
-                         statistics.stdev(100 * m["wer"][split] for m in group) if len(group) > 1 else 0.0)
-                        for group in groups.values())
+        points = []
+        for group in groups.values():
+            mean, std = mean_std(100 * m["wer"][split] for m in group)
+            points.append((statistics.fmean(m["params_nonzero"] / 1e6 for m in group), mean, std or 0.0))
+        points.sort()
         x, y, spread = zip(*points)
         ax.errorbar(x, y, yerr=spread, marker=marker, markersize=10 if method == DENSE else 7, capsize=3,
                     label=method, linestyle="" if method == DENSE else "-")

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from pinch_ray import storage
-from pinch_ray.config import DENSE, RUNS_DIR, ConfigError, PipelineConfig, ResourcesConfig, TrainConfig, load_pipeline
+from pinch_ray.config import (DENSE, MAGNITUDE_METHODS, RANKED_METHODS, RUNS_DIR, SSPG_METHODS, ConfigError,
+                              PipelineConfig, ResourcesConfig, TrainConfig, load_pipeline)
 from pinch_ray.core import models
 from pinch_ray.pipeline import runs
 from pinch_ray.pipeline.worker import MetricsLog, run_training, tune_report_callback, worker_config
@@ -117,6 +118,30 @@ SETTINGS_ADDED = {"gates.regrow": False, "gates.threshold_schedule": "lr", "gate
                   "gates.mask_ranking": "global", "gates.mask_update_every": 10}
 
 
+# Gate settings one family of methods alone reads: the sspg methods' (thresholds, temperature,
+# Lagrangian, calibration, the masked update) and the ranked peers' (gmp, movement, parp); the
+# magnitude and ranked methods always prune one layer set at weight granularity (GateConfig.for_method).
+# A trial of another method trains the same whatever they say, so a change of one (a new default
+# included) leaves its finished runs reusable.
+SSPG_ONLY_SETTINGS = ("neuron_units", "unit_noise", "tau_start", "tau_end", "threshold_init", "threshold_update",
+                      "shared_threshold", "regrow", "lagrangian_gain", "penalty", "calibrate", "calibration_tolerance",
+                      "threshold_max_grad_norm", "threshold_schedule", "masked_update")
+RANKED_ONLY_SETTINGS = ("mask_ranking", "mask_update_every")
+LAYER_SET_SETTINGS = ("granularity", "gate_feature_encoder", "gate_pos_conv")
+
+
+def _read_by_method(settings: dict) -> dict:
+    """``settings`` without the gate settings its ``method`` does not read (all kept where the
+    method is not recorded)."""
+    method, gate_settings = settings.get("method"), settings.get("gates")
+    if method is None or not isinstance(gate_settings, dict):
+        return settings
+    unread = ((() if method in SSPG_METHODS else SSPG_ONLY_SETTINGS)
+              + (() if method in RANKED_METHODS else RANKED_ONLY_SETTINGS)
+              + (LAYER_SET_SETTINGS if method in MAGNITUDE_METHODS + RANKED_METHODS else ()))
+    return {**settings, "gates": {key: value for key, value in gate_settings.items() if key not in unread}}
+
+
 def _changes(recorded: Any, wanted: Any, key: str = "") -> list[str]:
     """``key: recorded -> wanted`` for every leaf where the two settings dicts differ (a setting of
     :data:`SETTINGS_ADDED` the recorded run lacks counts as its older value)."""
@@ -156,7 +181,7 @@ def reusable_result_dir(job: "TrialJob", name: str, config: dict) -> str | None:
 
 
 def _raise_if_changed(job: "TrialJob", name: str, recorded: dict, wanted: dict, what: str) -> None:
-    changes = _changes(recorded, wanted)
+    changes = _changes(_read_by_method(recorded), _read_by_method(wanted))
     if changes:
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
         run_dir = runs.run_dir(job.storage_path, name)
