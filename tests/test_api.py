@@ -129,6 +129,19 @@ def shortened(corpus, output_dir) -> list[str]:
             "--save-steps", "2", "--logging-steps", "2", "--batch-size", "4", "--report-to", "none"]
 
 
+def example_trainer(example, corpus, output_dir, *extra):
+    """The example's Trainer for :func:`shortened`'s command line (and ``extra`` arguments), before
+    pinch_ray is attached: what its ``main`` builds."""
+    from transformers import AutoProcessor
+
+    from pinch_ray.core.models import checkpoint_path
+
+    args = example.parse_args(shortened(corpus, output_dir) + list(extra))
+    processor = AutoProcessor.from_pretrained(checkpoint_path(args.foundation))
+    example.generate_corpus(args.corpus, num_utterances=args.utterances, seed=args.seed, progress=False)
+    return example.build_trainer(args, example.read_split(Path(args.corpus), "train", processor), processor)
+
+
 def test_the_trainer_example_reaches_the_target_exactly_and_stock_transformers_loads_it(example, corpus,
                                                                                         tmp_path):
     result = example.main(shortened(corpus, tmp_path / "run"))
@@ -155,9 +168,8 @@ def test_the_trainer_example_reaches_the_target_exactly_and_stock_transformers_l
 
 
 def test_the_masked_update_reaches_the_trainer(example, corpus, tmp_path):
-    from transformers import AutoProcessor, TrainerCallback
+    from transformers import TrainerCallback
 
-    from pinch_ray.core.models import checkpoint_path
     from pinch_ray.hf import attach
 
     class MeasureTheStep(TrainerCallback):  # the Trainer's steps, after PinchCallback's hooks of each
@@ -169,10 +181,7 @@ def test_the_masked_update_reaches_the_trainer(example, corpus, tmp_path):
 
     moved = {}
     for masked_update in (False, True):
-        args = example.parse_args(shortened(corpus, tmp_path / str(masked_update)) + ["--max-steps", "1"])
-        processor = AutoProcessor.from_pretrained(checkpoint_path(args.foundation))
-        example.generate_corpus(args.corpus, num_utterances=args.utterances, seed=args.seed, progress=False)
-        trainer = example.build_trainer(args, example.read_split(Path(args.corpus), "train", processor), processor)
+        trainer = example_trainer(example, corpus, tmp_path / str(masked_update), "--max-steps", "1")
         attach(trainer, "sspg", target_sparsity=0.65,
                gates=pinch_ray.GateConfig(masked_update=masked_update, **PINCHING))
         measure = MeasureTheStep()
@@ -188,9 +197,8 @@ class Killed(Exception):
 
 def test_a_trainer_killed_and_resumed_from_its_checkpoint_gives_the_same_masks_and_thresholds(example, corpus,
                                                                                                tmp_path):
-    from transformers import AutoProcessor, TrainerCallback
+    from transformers import TrainerCallback
 
-    from pinch_ray.core.models import checkpoint_path
     from pinch_ray.hf import PINCH_STATE, attach
 
     class KillAfterStep(TrainerCallback):
@@ -202,10 +210,7 @@ def test_a_trainer_killed_and_resumed_from_its_checkpoint_gives_the_same_masks_a
                 raise Killed
 
     def run(output_dir, kill_after=None):
-        args = example.parse_args(shortened(corpus, output_dir))
-        processor = AutoProcessor.from_pretrained(checkpoint_path(args.foundation))
-        example.generate_corpus(args.corpus, num_utterances=args.utterances, seed=args.seed, progress=False)
-        trainer = example.build_trainer(args, example.read_split(Path(args.corpus), "train", processor), processor)
+        trainer = example_trainer(example, corpus, output_dir)
         pinch = attach(trainer, "sspg", target_sparsity=0.65)
         if kill_after:
             trainer.add_callback(KillAfterStep(kill_after))

@@ -219,11 +219,13 @@ def masked_update_start(model: nn.Module) -> list[MaskedUpdate]:
     (the mask of the thresholds and temperature the step's forward passes use), outside autocast.
     Neuron gates and weights under another parametrization (the weight-normed positional conv) are
     left out: their update is the optimizer's."""
+    noted = []
     with torch.autocast(next(model.parameters()).device.type, enabled=False):
-        return [MaskedUpdate(weight, weight.detach().clone(), gate.soft_mask(weight).to(weight.dtype))
-                for module, gate in gated_modules(model).values()
-                if type(gate) is ThresholdGate and module.parametrizations.weight.is_tensor
-                for weight in (module.parametrizations.weight.original,)]
+        for module, gate in gated_modules(model).values():
+            if type(gate) is ThresholdGate and module.parametrizations.weight.is_tensor:
+                weight = module.parametrizations.weight.original
+                noted.append(MaskedUpdate(weight, weight.detach().clone(), gate.soft_mask(weight)))
+    return noted
 
 
 @torch.no_grad()

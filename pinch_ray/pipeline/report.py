@@ -425,7 +425,7 @@ def mean_std(values: Iterable[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def _mean_std(entry: dict, split: str) -> str:
+def _wer_cell(entry: dict, split: str) -> str:
     """A group's WER on ``split`` in percent: ``mean ± std`` over its seeds, the mean alone where one
     seed has the split, ``–`` where none has."""
     if split not in entry["wer_mean"]:
@@ -444,7 +444,7 @@ def over_seeds_table(groups: Sequence[dict]) -> str:
         target = "–" if g["method"] == DENSE else f"{g['target_sparsity']:.3g}"
         row = [g["trial"], g["method"], target, ", ".join(map(str, g["seeds"])),
                f"{100 * g['param_reduction']:.1f}"]
-        row += [_mean_std(g, s) for s in splits]
+        row += [_wer_cell(g, s) for s in splits]
         row += [_number(g["p_value_pooled_vs_dense"].get(s), ".3g") for s in splits]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -503,7 +503,7 @@ def peers_table(entries: Sequence[dict]) -> str:
     for e in entries:
         row = [f"{e['target_sparsity']:.3g}", e["method"], ", ".join("–" if s is None else str(s) for s in e["seeds"]),
                f"{100 * e['param_reduction']:.1f}"]
-        row += [_mean_std(e, s) for s in splits]
+        row += [_wer_cell(e, s) for s in splits]
         row += ["(reference)" if e["method"] == PEER_REFERENCE else _number(e["p_value_pooled_vs_sspg"].get(s), ".3g")
                 for s in splits]
         row += [_number(e["compression_seconds_mean"], ".0f")]
