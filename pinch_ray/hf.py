@@ -23,9 +23,9 @@ DDP wrapper (so both see them, as PEFT's ``get_peft_model`` before a Trainer), a
 - keeps the thresholds (and movement scores) out of the Trainer's optimizer and clipping: it steps
   them itself before the Trainer's optimizer, which then skips them (no gradient left). It clips the
   weights to ``max_grad_norm`` alone and the thresholds apart, as the pipeline does, so it sets the
-  Trainer's ``args.max_grad_norm`` to 0 while training and puts it back at the end (the Trainer's
-  logged ``grad_norm`` is then the unclipped norm of everything; ``weight_grad_norm`` is the
-  weights' alone);
+  Trainer's ``args.max_grad_norm`` to 0 while training and puts it back at the end, or when the same
+  Trainer trains again after an exception (the Trainer's logged ``grad_norm`` is then the unclipped
+  norm of everything; ``weight_grad_norm`` is the weights' alone);
 - steps the schedules (target ramp, temperature, ``lambda_1``, the peers' masks) over the Trainer's
   ``max_steps``;
 - with ``gates.masked_update`` (sspg), scales each gated weight's update by its soft mask once the
@@ -102,6 +102,9 @@ class PinchCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         pinch = self.pinch
+        if self._hook is not None:  # this Trainer's last train() stopped on an exception: undo what it set up
+            self._hook.remove()
+            args.max_grad_norm = self.max_grad_norm
         pinch.set_max_steps(state.max_steps)
         if state.global_step > 0:  # resumed: the Trainer has loaded the gated model's weights
             self._restore(args, state)

@@ -202,20 +202,34 @@ def test_a_trainer_killed_and_resumed_from_its_checkpoint_gives_the_same_masks_a
     from pinch_ray.hf import PINCH_STATE, attach
 
     class KillAfterStep(TrainerCallback):
-        def __init__(self, step):
-            self.step = step
+        """Raises as step ``step + 1`` begins, or in that step's first forward pass, after pinch_ray's
+        hook has added the sparsity term and noted the weights for the masked update (``in_forward``)."""
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == self.step:  # its checkpoint is written: the process dies now
+        def __init__(self, step, in_forward=False):
+            self.step, self.in_forward, self.fired = step, in_forward, False
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step != self.step or self.fired:  # once: the same Trainer may train again
+                return
+            self.fired = True
+            if not self.in_forward:
                 raise Killed
 
-    def run(output_dir, kill_after=None):
+            def kill(module, inputs, outputs):
+                handle.remove()
+                raise Killed
+            handle = model.register_forward_hook(kill)
+
+    def run(output_dir, kill_after=None, in_forward=False):
         trainer = example_trainer(example, corpus, output_dir)
         pinch = attach(trainer, "sspg", target_sparsity=0.65)
         if kill_after:
-            trainer.add_callback(KillAfterStep(kill_after))
+            trainer.add_callback(KillAfterStep(kill_after, in_forward))
             with pytest.raises(Killed):
                 trainer.train()
+            if in_forward:  # the same Trainer trains again in the same process, as in a notebook
+                trainer.train(resume_from_checkpoint=True)
+                assert trainer.args.max_grad_norm == example_trainer(example, corpus, output_dir).args.max_grad_norm
         else:
             trainer.train(resume_from_checkpoint=True if (output_dir / "checkpoint-2").is_dir() else None)
         return pinch
@@ -224,17 +238,23 @@ def test_a_trainer_killed_and_resumed_from_its_checkpoint_gives_the_same_masks_a
     run(tmp_path / "killed", kill_after=2)
     assert not (tmp_path / "killed" / "checkpoint-4").exists()
     resumed = run(tmp_path / "killed")
-    assert resumed.step_count == straight.step_count == 4
-    one, other = (load_file(tmp_path / name / "checkpoint-4" / "model.safetensors") for name in ("straight", "killed"))
+    again = run(tmp_path / "again", kill_after=3, in_forward=True)  # a step after its last checkpoint
+    assert resumed.step_count == straight.step_count == again.step_count == 4
+    one = load_file(tmp_path / "straight" / "checkpoint-4" / "model.safetensors")
     thresholds = [key for key in one if key.endswith("threshold")]
-    assert len(thresholds) == 24 and one.keys() == other.keys()
-    for key in one:  # the thresholds, the weights their masks come from, everything
-        assert torch.equal(one[key], other[key]), key
-    states = [torch.load(tmp_path / name / "checkpoint-4" / PINCH_STATE, weights_only=True)
-              for name in ("straight", "killed")]
-    assert states[0]["lagrangian"]["lambda_1"] == states[1]["lagrangian"]["lambda_1"]
-    for a, b in zip(states[0]["threshold_optimizer"]["state"].values(), states[1]["threshold_optimizer"]["state"].values()):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    # and both finished as the same pruned model
-    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b)
+    assert len(thresholds) == 24
+    for name in ("killed", "again"):
+        other = load_file(tmp_path / name / "checkpoint-4" / "model.safetensors")
+        assert one.keys() == other.keys()
+        for key in one:  # the thresholds, the weights their masks come from, everything
+            assert torch.equal(one[key], other[key]), (name, key)
+        states = [torch.load(tmp_path / run_name / "checkpoint-4" / PINCH_STATE, weights_only=True)
+                  for run_name in ("straight", name)]
+        assert states[0]["lagrangian"]["lambda_1"] == states[1]["lagrangian"]["lambda_1"]
+        for a, b in zip(states[0]["threshold_optimizer"]["state"].values(),
+                        states[1]["threshold_optimizer"]["state"].values()):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    # and all finished as the same pruned model
+    for finished in (resumed, again):
+        for a, b in zip(straight.model.state_dict().values(), finished.model.state_dict().values()):
+            assert torch.equal(a, b)

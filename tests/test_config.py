@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pinch_ray.config import SYNTH_SPLITS, ConfigError, PipelineConfig, check_paths, dump_pipeline, load_pipeline
+from pinch_ray.config import (MAGNITUDE_METHODS, METHODS, RANKED_METHODS, SYNTH_SPLITS, ConfigError, GateConfig,
+                              PipelineConfig, check_paths, dump_pipeline, load_pipeline)
 
 PIPELINES = sorted((Path(__file__).parents[1] / "pipelines").glob("*.yaml"))
 
@@ -277,6 +278,25 @@ def test_baseline_settings_and_the_fair_dense_reference():
     # a problem of training is reported once, under training
     error = problems_of(None, ["training.lr=-1", "baseline_training={max_steps: 10}"])
     assert [p.split(":")[0] for p in error.problems] == ["training.lr"]
+
+
+def test_what_a_method_does_not_read_names_gate_settings_and_agrees_with_for_method():
+    """GateConfig.unread_by (what lets a finished run be reused across a change) names real gate
+    settings, and its layer set is exactly what for_method overrides for the magnitude and ranked
+    methods: a setting for_method starts overriding must be listed, or a change of it would stop
+    the sweep for nothing; one it stops overriding must leave the list, or a change of it would be
+    ignored."""
+    fields = {f.name for f in dataclasses.fields(GateConfig)}
+    assert set(GateConfig.SSPG_ONLY + GateConfig.RANKED_ONLY + GateConfig.LAYER_SET) <= fields
+    unlike = GateConfig(granularity="neuron", gate_feature_encoder=True, gate_pos_conv=True)
+    for method in METHODS:
+        used = unlike.for_method(method)
+        overridden = {name for name in fields if getattr(used, name) != getattr(unlike, name)}
+        assert overridden <= set(GateConfig.unread_by(method)), method
+        if method in MAGNITUDE_METHODS + RANKED_METHODS:
+            assert overridden == set(GateConfig.LAYER_SET), method
+    assert "masked_update" in GateConfig.unread_by("gmp") and "masked_update" not in GateConfig.unread_by("sspg")
+    assert "mask_ranking" in GateConfig.unread_by("sspg") and "mask_ranking" not in GateConfig.unread_by("parp")
 
 
 def test_a_run_is_named_after_its_pipeline_file(in_tmp_dir):

@@ -173,6 +173,23 @@ class GateConfig:
     # target). The last update is at the end of the ramp (gmp) or of training (movement, parp).
     mask_update_every: int = 10
 
+    # Settings one family of methods alone reads: the sspg methods' (thresholds, temperature,
+    # Lagrangian, calibration, the masked update) and the ranked peers' (gmp, movement, parp). The
+    # layer set and granularity are what for_method overrides for the magnitude and ranked methods.
+    SSPG_ONLY: typing.ClassVar[tuple[str, ...]] = (
+        "neuron_units", "unit_noise", "tau_start", "tau_end", "threshold_init", "threshold_update", "shared_threshold",
+        "regrow", "lagrangian_gain", "penalty", "calibrate", "calibration_tolerance", "threshold_max_grad_norm",
+        "threshold_schedule", "masked_update")
+    RANKED_ONLY: typing.ClassVar[tuple[str, ...]] = ("mask_ranking", "mask_update_every")
+    LAYER_SET: typing.ClassVar[tuple[str, ...]] = ("granularity", "gate_feature_encoder", "gate_pos_conv")
+
+    @classmethod
+    def unread_by(cls, method: str) -> tuple[str, ...]:
+        """The settings a trial of ``method`` does not read: it trains the same whatever they say."""
+        return ((() if method in SSPG_METHODS else cls.SSPG_ONLY)
+                + (() if method in RANKED_METHODS else cls.RANKED_ONLY)
+                + (cls.LAYER_SET if method in MAGNITUDE_METHODS + RANKED_METHODS else ()))
+
     def for_method(self, method: str) -> "GateConfig":
         """These settings as a trial of ``method`` uses them: sspg-neuron at granularity neuron; ump,
         two-stage and the peers (gmp, movement, parp) at weight granularity over the patterns alone

@@ -402,6 +402,8 @@ class Pinch:
             self.lagrangian.load_state_dict(state["lagrangian"])
         self.step_count = int(state["step"])
         self.sparsity_start = float(state["sparsity_start"])
+        # a step this Pinch was in when its loop stopped (an exception in the same process) is dropped
+        self._sums, self._terms, self._masked = {}, 0, []
         self._set_tau()
 
     def finish(self) -> dict:

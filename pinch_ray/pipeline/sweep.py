@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from pinch_ray import storage
-from pinch_ray.config import (DENSE, MAGNITUDE_METHODS, RANKED_METHODS, RUNS_DIR, SSPG_METHODS, ConfigError,
-                              PipelineConfig, ResourcesConfig, TrainConfig, load_pipeline)
+from pinch_ray.config import (DENSE, RUNS_DIR, ConfigError, GateConfig, PipelineConfig, ResourcesConfig, TrainConfig,
+                              load_pipeline)
 from pinch_ray.core import models
 from pinch_ray.pipeline import runs
 from pinch_ray.pipeline.worker import MetricsLog, run_training, tune_report_callback, worker_config
@@ -118,27 +118,14 @@ SETTINGS_ADDED = {"gates.regrow": False, "gates.threshold_schedule": "lr", "gate
                   "gates.mask_ranking": "global", "gates.mask_update_every": 10}
 
 
-# Gate settings one family of methods alone reads: the sspg methods' (thresholds, temperature,
-# Lagrangian, calibration, the masked update) and the ranked peers' (gmp, movement, parp); the
-# magnitude and ranked methods always prune one layer set at weight granularity (GateConfig.for_method).
-# A trial of another method trains the same whatever they say, so a change of one (a new default
-# included) leaves its finished runs reusable.
-SSPG_ONLY_SETTINGS = ("neuron_units", "unit_noise", "tau_start", "tau_end", "threshold_init", "threshold_update",
-                      "shared_threshold", "regrow", "lagrangian_gain", "penalty", "calibrate", "calibration_tolerance",
-                      "threshold_max_grad_norm", "threshold_schedule", "masked_update")
-RANKED_ONLY_SETTINGS = ("mask_ranking", "mask_update_every")
-LAYER_SET_SETTINGS = ("granularity", "gate_feature_encoder", "gate_pos_conv")
-
-
 def _read_by_method(settings: dict) -> dict:
-    """``settings`` without the gate settings its ``method`` does not read (all kept where the
-    method is not recorded)."""
+    """``settings`` without the gate settings its ``method`` does not read (``GateConfig.unread_by``;
+    all kept where the method is not recorded): a change of one of those, a new default included,
+    leaves the method's finished runs reusable."""
     method, gate_settings = settings.get("method"), settings.get("gates")
     if method is None or not isinstance(gate_settings, dict):
         return settings
-    unread = ((() if method in SSPG_METHODS else SSPG_ONLY_SETTINGS)
-              + (() if method in RANKED_METHODS else RANKED_ONLY_SETTINGS)
-              + (LAYER_SET_SETTINGS if method in MAGNITUDE_METHODS + RANKED_METHODS else ()))
+    unread = GateConfig.unread_by(method)
     return {**settings, "gates": {key: value for key, value in gate_settings.items() if key not in unread}}
 
 
