@@ -119,6 +119,21 @@ def test_resources_that_starve_the_data_stream_are_refused(prepared, tmp_path):
                      name="starved", storage_path=str(tmp_path))
 
 
+def test_a_trial_run_twice_trains_the_same_model(prepared, tmp_path):
+    """Same settings and seed, same model: the seed covers the weights' start, the batch order,
+    dropout and SpecAugment's time masks (transformers draws those from numpy's generator)."""
+    assert TrainConfig().seed == 0 and load_model("tiny")[0].config.mask_time_prob > 0
+    models = []
+    for name in ("once", "twice"):
+        result = run(prepared, tmp_path, name, steps=4, checkpoint_every=4)
+        assert result.error is None
+        with result.checkpoint.as_directory() as directory:
+            models.append(load_checkpoint_state(directory)["compressor"]["model"])
+    assert models[0].keys() == models[1].keys()
+    for key in models[0]:
+        assert torch.equal(models[0][key], models[1][key]), key
+
+
 def test_ump_runs_through_the_same_worker(prepared, tmp_path):
     """(dense runs through it in every pipeline test: test_pipeline, test_real_size, test_job_submit)"""
     method, target = "ump", 0.5

@@ -353,7 +353,7 @@ class TrainConfig:
     # Intra-op CPU threads of each training worker (torch.set_num_threads); 0: Ray's default, the
     # worker's CPUs rounded up. More threads than cores, counting every run at once, is much slower.
     torch_threads: int = 0
-    seed: int = 0  # initialisation of a tiny preset's weights or of a fresh CTC head, and the batch order
+    seed: int = 0  # a tiny preset's weights or a fresh CTC head, the batch order, dropout and SpecAugment's masks
     # Distillation from the model each compression trial starts from (frozen, on the same worker;
     # the dense reference trains on CTC alone). Weights of the two terms, 0: off.
     # distill_logits: KL of the CTC output distributions, used only where that model's CTC head was

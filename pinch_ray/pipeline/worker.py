@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 
+import numpy as np
 import ray
 import ray.data
 import ray.train
@@ -115,8 +116,12 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # Ray names that logger by file
 
 
-def _build(config: dict, train_cfg: TrainConfig, gate_cfg: GateConfig, world: int):
+def _build(config: dict, train_cfg: TrainConfig, gate_cfg: GateConfig, rank: int, world: int):
     """This rank's :class:`Compressor` on its device, and the model's processor."""
+    # transformers draws SpecAugment's time masks and layerdrop from numpy's global generator (and
+    # torch's, which load_model seeds): unseeded, two runs of a trial trained different models. Each
+    # rank its own masks. A resumed run draws them afresh from here, not where the checkpoint was.
+    np.random.seed(train_cfg.seed + rank)
     if train_cfg.torch_threads:
         torch.set_num_threads(train_cfg.torch_threads)
     device = ray.train.torch.get_device()
@@ -281,7 +286,7 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     train_cfg, gate_cfg = TrainConfig(**config["training"]), GateConfig(**config["gates"])
-    run, processor = _build(config, train_cfg, gate_cfg, world)
+    run, processor = _build(config, train_cfg, gate_cfg, rank, world)
     progress = _resume(run, rank)
     if world > 1:
         run.model = data_parallel(run.model, run.device)
